@@ -1,0 +1,5 @@
+"""symbn: normalization-layer gradients derived symbolically, proven, and turned into kernels."""
+from .derive import Derivation, derive
+from .spec import BUILTINS, Layout, Norm, Notation, SpecError
+
+__all__ = ["BUILTINS", "Derivation", "Layout", "Norm", "Notation", "SpecError", "derive"]

@@ -1,0 +1,76 @@
+"""``python -m symbn``: derive, show and prove normalization gradients from the command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .derive import MODES, derive
+from .render import FORMATS, FORMS, to_document, to_json, to_latex, to_text
+from .spec import BUILTINS
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit status 2, never a traceback."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = _Parser(prog="python -m symbn", description="Normalization-layer gradients, derived symbolically and proven.")
+    commands = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
+
+    derive_cmd = commands.add_parser("derive", help="derive the backward pass of a normalization and show it",
+                                     description="Derive the backward pass from the forward definition, for symbolic m.")
+    derive_cmd.add_argument("norm", nargs="?", default="batchnorm", choices=list(BUILTINS), metavar="NORM",
+                            help=f"one of: {', '.join(BUILTINS)} (default: batchnorm)")
+    derive_cmd.add_argument("--mode", choices=MODES, default="train",
+                            help="train: batch statistics (functions of x); eval: population statistics (constants)")
+    derive_cmd.add_argument("--form", choices=FORMS, default="both", help="paper (staged), compact, or both")
+    derive_cmd.add_argument("--format", choices=FORMATS, default="text", help="text (default), latex or json")
+    derive_cmd.add_argument("--proofs", action="store_true",
+                            help="also prove every identity (symbolic m, and brute force at m = 1..6); takes seconds")
+    derive_cmd.add_argument("--document", action="store_true",
+                            help="with --format latex: a complete article (both modes, both forms, every proof)")
+    derive_cmd.add_argument("-o", "--output", type=Path, metavar="FILE", help="write to FILE instead of standard output")
+
+    commands.add_parser("list", help="list the built-in normalizations", description="List the built-in normalizations.")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "list":
+        width = max(map(len, BUILTINS))
+        for name, norm in BUILTINS.items():
+            print(f"{name:<{width}}  {norm.description}; layout {norm.layout.name}: {norm.layout.description}")
+        return 0
+    if args.document and args.format != "latex":
+        _fail("derive", "--document needs --format latex")
+    output = _derive_output(args)
+    if args.output:
+        try:
+            args.output.write_text(output, encoding="utf-8")
+        except OSError as err:
+            _fail("derive", f"cannot write {args.output}: {err.strerror}")
+    else:
+        sys.stdout.write(output)
+    return 0
+
+
+def _derive_output(args: argparse.Namespace) -> str:
+    if args.document:
+        return to_document(args.norm)
+    d = derive(args.norm, args.mode)
+    proofs = d.proofs if args.proofs else None
+    if args.format == "latex":
+        return to_latex(d, args.form)
+    if args.format == "json":
+        return to_json(d, args.form, proofs)
+    return to_text(d, args.form, proofs)
+
+
+def _fail(command: str, message: str) -> None:
+    sys.stderr.write(f"python -m symbn {command}: error: {message}\n")
+    raise SystemExit(2)

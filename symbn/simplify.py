@@ -1,0 +1,83 @@
+"""Closed forms: the derived adjoints rewritten in xhat and hoisted group reductions.
+
+The paper's staged adjoints reference each other. Inlining them and then writing every x_k
+back in terms of xhat_k (inverting the normalize step) leaves an expression in x̂_i, ∂l/∂y_i
+and sums over the group. The statistics' own definitions say what the sums of pure powers
+of xhat are (for batch norm Σ x̂_k = 0, the reason the σ²→μ path vanishes, and
+Σ x̂_k² = mσ²/(σ²+ε)); substituting them leaves only sums that involve ∂l/∂y: exactly the
+reductions a kernel hoists (Σ ∂l/∂y_k and Σ ∂l/∂y_k·x̂_k for batch norm).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import sympy as sp
+
+from .sums import I, K, M, expand_sums, group_sum
+
+if TYPE_CHECKING:
+    from .derive import Derivation
+
+
+def compact_forms(d: Derivation) -> dict[str, sp.Expr]:
+    """Closed forms of ∂l/∂x_i, ∂l/∂γ and ∂l/∂β in terms of xhat and group reductions."""
+    return {name: rewrite(d, d.gradients[name]) for name in ("x", "gamma", "beta")}
+
+
+def rewrite(d: Derivation, expr: sp.Expr) -> sp.Expr:
+    """``expr`` inlined down to the inputs, then rewritten in xhat, the statistics and reductions."""
+    in_x = d.inline(expr, keep=d.stats)
+    rules = _xhat_sum_rules(d)
+    atomised = expand_sums(_to_xhat(d, in_x)).xreplace(rules)
+    return _tidy(d, atomised)
+
+
+def _inverse(d: Derivation) -> sp.Expr:
+    """x as a function of xhat (at index i): the normalize step solved for x."""
+    step = next(s for s in d.forward if s.name == "xhat")
+    t, x_i = sp.Dummy("t"), d.symbols["x"][I]
+    solutions = sp.solve(sp.Eq(t, step.definition), x_i)
+    if len(solutions) != 1:
+        raise NotImplementedError(f"{d.norm.name}: the normalize step is not invertible in x (solutions: {solutions})")
+    return solutions[0].xreplace({t: d.symbols["xhat"][I]})
+
+
+def _to_xhat(d: Derivation, expr: sp.Expr) -> sp.Expr:
+    x, inverse = d.symbols["x"], _inverse(d)
+    return expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base == x, lambda e: inverse.xreplace({I: e.indices[0]}))
+
+
+def _xhat_sum_rules(d: Derivation) -> dict[sp.Sum, sp.Expr]:
+    """Sums of pure powers of xhat fixed by the statistics' definitions, e.g. Σ x̂_k = 0.
+
+    Statistic s = (1/m) Σ f(x_k) gives the equation m·s = Σ f(x(x̂_k)); each equation fixes
+    one new sum of xhat powers, solved for here in the order the statistics are defined.
+    """
+    rules: dict[sp.Sum, sp.Expr] = {}
+    for step in d.forward:
+        if step.kind != "group":
+            continue
+        (total,) = step.definition.atoms(sp.Sum)
+        equation = expand_sums(_to_xhat(d, total)).xreplace(rules) - M * step.target
+        unknown = sorted(equation.atoms(sp.Sum) - set(rules), key=sp.default_sort_key)
+        pure = [a for a in unknown if _only(d, a, "xhat")]
+        if len(pure) != 1:
+            continue
+        rules[pure[0]] = sp.solve(equation, pure[0])[0]
+    return rules
+
+
+def _only(d: Derivation, total: sp.Sum, name: str) -> bool:
+    return {e.base for e in total.function.atoms(sp.Indexed)} == {d.symbols[name]}
+
+
+def _tidy(d: Derivation, expr: sp.Expr) -> sp.Expr:
+    """One fraction, common factors pulled out, square-root arguments cancelled."""
+    expr = expr.replace(is_root, lambda p: sp.Pow(sp.cancel(p.base), p.exp))
+    numerator, denominator = sp.fraction(sp.cancel(sp.expand(expr)))
+    return sp.factor_terms(numerator) / sp.factor(denominator)
+
+
+def is_root(p: sp.Basic) -> bool:
+    """A power with a non-integer rational exponent, such as (var + eps)^(-3/2)."""
+    return isinstance(p, sp.Pow) and p.exp.is_Rational and not p.exp.is_integer
