@@ -195,11 +195,15 @@ def _symbols(norm: Norm, mode: str) -> tuple[dict[str, sp.Basic], dict[sp.Basic,
 
 def _adjoint_symbol(name: str, primal: sp.Basic, notation: dict[sp.Basic, Notation]) -> sp.Basic:
     """∂l/∂name: an IndexedBase for per-element quantities, a Symbol for per-group ones."""
-    adjoint = sp.IndexedBase(f"d{name}", real=True) if isinstance(primal, sp.IndexedBase) else sp.Symbol(f"d{name}", real=True)
     written = notation[primal]
-    # Per-element notation is a format template ({i} is the index, braces doubled); per-group is plain.
-    opening, closing = (r"\frac{{\partial \ell}}{{\partial ", "}}") if isinstance(adjoint, sp.IndexedBase) else (r"\frac{\partial \ell}{\partial ", "}")
-    notation[adjoint] = Notation(f"∂l/∂{written.text}", opening + written.latex + closing)
+    if isinstance(primal, sp.IndexedBase):
+        # Per-element notation is a format template: {i} is the index, literal braces doubled.
+        adjoint = sp.IndexedBase(f"d{name}", real=True)
+        latex = r"\frac{{\partial \ell}}{{\partial " + written.latex + "}}"
+    else:
+        adjoint = sp.Symbol(f"d{name}", real=True)
+        latex = r"\frac{\partial \ell}{\partial " + written.latex + "}"
+    notation[adjoint] = Notation(f"∂l/∂{written.text}", latex)
     return adjoint
 
 

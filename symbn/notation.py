@@ -30,8 +30,7 @@ class TextPrinter(_PaperOrder, StrPrinter):
     printmethod = "_symbn_text"  # not "_sympystr": Indexed would print itself as x[i]
 
     def __init__(self, notation: Mapping[sp.Basic, Notation], settings: dict | None = None):
-        # 1/m Σ x_k and 1/(2(σ²+ε)^{3/2}) Σ ...: the paper's layout, and no fraction nested in another.
-        super().__init__({"long_frac_ratio": 0, "fold_frac_powers": True, **(settings or {})})
+        super().__init__(settings)
         self.notation = notation
 
     def _print_Symbol(self, expr: sp.Symbol) -> str:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import sympy as sp
 
-from .sums import I, K, M, expand_sums, group_sum
+from .sums import I, M, expand_sums
 
 if TYPE_CHECKING:
     from .derive import Derivation
@@ -21,57 +21,62 @@ if TYPE_CHECKING:
 
 def compact_forms(d: Derivation) -> dict[str, sp.Expr]:
     """Closed forms of ∂l/∂x_i, ∂l/∂γ and ∂l/∂β in terms of xhat and group reductions."""
-    return {name: rewrite(d, d.gradients[name]) for name in ("x", "gamma", "beta")}
+    basis = XhatBasis(d)
+    return {name: basis.rewrite(d.gradients[name]) for name in ("x", "gamma", "beta")}
 
 
-def rewrite(d: Derivation, expr: sp.Expr) -> sp.Expr:
-    """``expr`` inlined down to the inputs, then rewritten in xhat, the statistics and reductions."""
-    in_x = d.inline(expr, keep=d.stats)
-    rules = _xhat_sum_rules(d)
-    atomised = expand_sums(_to_xhat(d, in_x)).xreplace(rules)
-    return _tidy(d, atomised)
+class XhatBasis:
+    """Rewrites expressions of a derivation in xhat, the statistics and group reductions."""
 
+    def __init__(self, d: Derivation):
+        self.d = d
+        self.inverse = self._inverse()
+        self.rules = self._xhat_sum_rules()
 
-def _inverse(d: Derivation) -> sp.Expr:
-    """x as a function of xhat (at index i): the normalize step solved for x."""
-    step = next(s for s in d.forward if s.name == "xhat")
-    t, x_i = sp.Dummy("t"), d.symbols["x"][I]
-    solutions = sp.solve(sp.Eq(t, step.definition), x_i)
-    if len(solutions) != 1:
-        raise NotImplementedError(f"{d.norm.name}: the normalize step is not invertible in x (solutions: {solutions})")
-    return solutions[0].xreplace({t: d.symbols["xhat"][I]})
+    def rewrite(self, expr: sp.Expr) -> sp.Expr:
+        """``expr`` inlined down to the inputs, then rewritten in xhat, the statistics and reductions."""
+        in_x = self.d.inline(expr, keep=self.d.stats)
+        return _tidy(expand_sums(self._to_xhat(in_x)).xreplace(self.rules))
 
+    def _inverse(self) -> sp.Expr:
+        """x as a function of xhat (at index i): the normalize step solved for x."""
+        d = self.d
+        step = next(s for s in d.forward if s.name == "xhat")
+        t, x_i = sp.Dummy("t"), d.symbols["x"][I]
+        solutions = sp.solve(sp.Eq(t, step.definition), x_i)
+        if len(solutions) != 1:
+            raise NotImplementedError(f"{d.norm.name}: the normalize step is not invertible in x (solutions: {solutions})")
+        return solutions[0].xreplace({t: d.symbols["xhat"][I]})
 
-def _to_xhat(d: Derivation, expr: sp.Expr) -> sp.Expr:
-    x, inverse = d.symbols["x"], _inverse(d)
-    return expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base == x, lambda e: inverse.xreplace({I: e.indices[0]}))
+    def _to_xhat(self, expr: sp.Expr) -> sp.Expr:
+        x = self.d.symbols["x"]
+        return expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base == x,
+                            lambda e: self.inverse.xreplace({I: e.indices[0]}))
 
+    def _xhat_sum_rules(self) -> dict[sp.Sum, sp.Expr]:
+        """Sums of pure powers of xhat fixed by the statistics' definitions, e.g. Σ x̂_k = 0.
 
-def _xhat_sum_rules(d: Derivation) -> dict[sp.Sum, sp.Expr]:
-    """Sums of pure powers of xhat fixed by the statistics' definitions, e.g. Σ x̂_k = 0.
-
-    Statistic s = (1/m) Σ f(x_k) gives the equation m·s = Σ f(x(x̂_k)); each equation fixes
-    one new sum of xhat powers, solved for here in the order the statistics are defined.
-    """
-    rules: dict[sp.Sum, sp.Expr] = {}
-    for step in d.forward:
-        if step.kind != "group":
-            continue
-        (total,) = step.definition.atoms(sp.Sum)
-        equation = expand_sums(_to_xhat(d, total)).xreplace(rules) - M * step.target
-        unknown = sorted(equation.atoms(sp.Sum) - set(rules), key=sp.default_sort_key)
-        pure = [a for a in unknown if _only(d, a, "xhat")]
-        if len(pure) != 1:
-            continue
-        rules[pure[0]] = sp.solve(equation, pure[0])[0]
-    return rules
+        Statistic s = (1/m) Σ f(x_k) gives the equation m·s = Σ f(x(x̂_k)); each equation fixes
+        one new sum of xhat powers, solved for here in the order the statistics are defined.
+        """
+        rules: dict[sp.Sum, sp.Expr] = {}
+        for step in self.d.forward:
+            if step.kind != "group":
+                continue
+            (total,) = step.definition.atoms(sp.Sum)
+            equation = expand_sums(self._to_xhat(total)).xreplace(rules) - M * step.target
+            unknown = sorted(equation.atoms(sp.Sum) - set(rules), key=sp.default_sort_key)
+            pure = [a for a in unknown if _only(self.d, a, "xhat")]
+            if len(pure) == 1:
+                rules[pure[0]] = sp.solve(equation, pure[0])[0]
+        return rules
 
 
 def _only(d: Derivation, total: sp.Sum, name: str) -> bool:
     return {e.base for e in total.function.atoms(sp.Indexed)} == {d.symbols[name]}
 
 
-def _tidy(d: Derivation, expr: sp.Expr) -> sp.Expr:
+def _tidy(expr: sp.Expr) -> sp.Expr:
     """One fraction, common factors pulled out, square-root arguments cancelled."""
     expr = expr.replace(is_root, lambda p: sp.Pow(sp.cancel(p.base), p.exp))
     numerator, denominator = sp.fraction(sp.cancel(sp.expand(expr)))

@@ -1,0 +1,95 @@
+"""The command line as a user runs it: output, exit codes, one-line errors, files, LaTeX."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import NORMS
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "symbn", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_default_prints_the_six_paper_expressions_and_the_compact_form():
+    out = run("derive")
+    assert out.returncode == 0, out.stderr
+    for lhs in ("∂l/∂x̂_i = γ·∂l/∂y_i", "∂l/∂σ²_B = ", "∂l/∂μ_B = ", "∂l/∂x_i = ", "∂l/∂γ = ", "∂l/∂β = "):
+        assert lhs in out.stdout
+    assert "∂l/∂x_i = γ·(m·∂l/∂y_i - Σ_k ∂l/∂y_k - x̂_i·Σ_k (∂l/∂y_k·x̂_k))/(m·√(σ²_B + ε))" in out.stdout
+    assert "3 paths" in out.stdout
+
+
+def test_eval_mode_and_forms():
+    out = run("derive", "batchnorm", "--mode", "eval", "--form", "compact")
+    assert out.returncode == 0
+    assert "∂l/∂x_i = γ·∂l/∂y_i/√(Var[x] + ε)" in out.stdout
+    assert "paper form" not in out.stdout and "1 path" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["derive", "groupnorm9"], "invalid choice: 'groupnorm9' (choose from 'batchnorm', 'layernorm', 'rmsnorm')"),
+    (["derive", "--mode", "test"], "choose from 'train', 'eval'"),
+    (["derive", "--form", "short"], "choose from 'paper', 'compact', 'both'"),
+    (["derive", "--format", "html"], "choose from 'text', 'latex', 'json'"),
+    (["derive", "--document"], "--document needs --format latex"),
+    (["derive", "--bogus"], "unrecognized arguments: --bogus"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([], "required: COMMAND"),
+])
+def test_bad_usage_exits_2_with_one_line(args, message):
+    out = run(*args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path):
+    out = run("derive", "-o", str(tmp_path / "missing" / "x.txt"))
+    assert out.returncode == 2 and "cannot write" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_help_and_list():
+    for args in (["--help"], ["derive", "--help"], ["list", "--help"]):
+        assert run(*args).returncode == 0
+    listed = run("list").stdout.splitlines()
+    assert [line.split()[0] for line in listed] == list(NORMS)
+
+
+def test_json_has_stable_keys(tmp_path):
+    target = tmp_path / "bn.json"
+    assert run("derive", "--format", "json", "-o", str(target)).returncode == 0
+    doc = json.loads(target.read_text())
+    assert doc["norm"] == "batchnorm" and doc["mode"] == "train"
+    assert list(doc["gradients"]) == ["xhat", "var", "mean", "x", "gamma", "beta"]
+    assert [t["via"] for t in doc["gradients"]["x"]["terms"]] == ["xhat", "var", "mean"]
+    assert set(doc["compact"]) == {"x", "gamma", "beta"}
+    assert {"text", "latex", "sympy"} <= set(doc["compact"]["x"]["rhs"])
+    assert "proofs" not in doc
+
+
+@pytest.mark.slow
+def test_json_proofs():
+    doc = json.loads(run("derive", "rmsnorm", "--format", "json", "--proofs").stdout)
+    status = {p["key"]: p["status"] for p in doc["proofs"]}
+    assert status["paper_equals_direct[x]"] == "proven" and status["sum_dx_zero"] == "refuted"
+    assert status["brute_force[m=6]"] == "proven"
+
+
+def test_latex_equations():
+    out = run("derive", "--format", "latex").stdout
+    assert r"\begin{align*}" in out and r"\frac{\partial \ell}{\partial \sigma^{2}_{\mathcal{B}}}" in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed (CI installs it)")
+@pytest.mark.parametrize("norm", NORMS)
+def test_document_compiles(tmp_path, norm):
+    tex = tmp_path / f"{norm}.tex"
+    assert run("derive", norm, "--format", "latex", "--document", "-o", str(tex)).returncode == 0
+    compiled = subprocess.run(["pdflatex", "-halt-on-error", "-interaction=nonstopmode", tex.name],
+                              cwd=tmp_path, capture_output=True, text=True)
+    assert compiled.returncode == 0, compiled.stdout[-2000:]
+    assert (tmp_path / f"{norm}.pdf").stat().st_size > 10_000
