@@ -15,7 +15,7 @@ from __future__ import annotations
 import ast
 import keyword
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import sympy as sp
@@ -194,14 +194,12 @@ BATCHNORM = Norm(
     notation=_MOMENTS,
 )
 
-LAYERNORM = Norm(
+LAYERNORM = replace(
+    BATCHNORM,  # the same statistics; only which elements share them, and the parameters' axes, differ
     name="layernorm",
-    stats={"mean": "x", "var": "(x - mean)**2"},
-    normalized="(x - mean) / sqrt(var + eps)",
     affine="element",
     layout=TRAILING,
     description="Layer normalization (Ba et al. 2016): each sample over its features",
-    notation=_MOMENTS,
 )
 
 RMSNORM = Norm(
