@@ -1,4 +1,6 @@
 """symbn: normalization-layer gradients derived symbolically, proven, and turned into kernels."""
+__version__ = "0.1.0"
+
 from .derive import Derivation, derive
 from .spec import BUILTINS, Layout, Norm, Notation, SpecError
 

@@ -7,25 +7,27 @@ from pathlib import Path
 
 import jinja2
 
-_CHECKOUT = Path(__file__).resolve().parent.parent / "templates"
+_CHECKOUT = Path(__file__).resolve().parent.parent
 
 
-def template_root() -> Path:
-    """``templates/`` of a checkout, else the copy installed as ``symbn.templates``."""
-    if _CHECKOUT.is_dir():
-        return _CHECKOUT
-    return Path(str(resources.files("symbn.templates")))
+def resource_dir(name: str) -> Path:
+    """``templates/`` or ``generated/`` of a checkout, else the copy installed as ``symbn.<name>``."""
+    if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "templates").is_dir():
+        return _CHECKOUT / name
+    return Path(str(resources.files(f"symbn.{name}")))
 
 
 @cache
 def environment(kind: str) -> jinja2.Environment:
-    """``"latex"``: delimiters that do not clash with TeX braces (``<< >>``, ``<% %>``, ``<# #>``)."""
+    """``"code"``: Jinja's usual delimiters; ``"latex"``: ones that do not clash with TeX braces
+    (``<< >>``, ``<% %>``, ``<# #>``)."""
     delimiters = {
+        "code": {},
         "latex": dict(variable_start_string="<<", variable_end_string=">>", block_start_string="<%",
                       block_end_string="%>", comment_start_string="<#", comment_end_string="#>"),
     }[kind]
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(template_root()), undefined=jinja2.StrictUndefined,
+        loader=jinja2.FileSystemLoader(resource_dir("templates")), undefined=jinja2.StrictUndefined,
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False, **delimiters,
     )
     env.filters["tex"] = tex_escape

@@ -48,34 +48,37 @@ class SpecError(ValueError):
 class Layout:
     """How a tensor maps onto groups of elements that share statistics.
 
-    ``channel``: x is (N, C, *spatial); one group per channel, over N and the spatial axes;
-    gamma and beta have shape (C,). ``trailing``: x is (*batch, *normalized_shape); one group
-    per leading index, over the trailing axes; gamma and beta have shape normalized_shape.
+    Every layout views x as (outer, Q, P, L, S): a group is one (q, p) pair, its members run
+    over (outer, L, S), gamma and beta are indexed by (p, l), running statistics by p. The
+    generated kernels use exactly this view (see ``templates/``).
     """
 
     name: str
     description: str
 
     def reduce_axes(self, ndim: int, normalized_ndim: int = 1) -> tuple[int, ...]:
-        """The axes of an ``ndim``-dimensional x that one group's statistics reduce over."""
-        if self.name == "channel":
-            if ndim < 2:
-                raise ValueError(f"{self.name} layout needs x of at least 2 dimensions (N, C, ...), got {ndim}")
-            return (0,) + tuple(range(2, ndim))
-        if not 1 <= normalized_ndim <= ndim:
-            raise ValueError(f"normalized_shape of {normalized_ndim} dims does not fit x of {ndim} dims")
-        return tuple(range(ndim - normalized_ndim, ndim))
+        """The axes of an ``ndim``-dimensional x that one group's statistics reduce over
+        (for ``groups``: the channel axis within one group of channels, and the spatial axes)."""
+        if self.name == "trailing":
+            if not 1 <= normalized_ndim <= ndim:
+                raise ValueError(f"normalized_shape of {normalized_ndim} dims does not fit x of {ndim} dims")
+            return tuple(range(ndim - normalized_ndim, ndim))
+        least = 2 if self.name == "channel" else 3
+        if ndim < least:
+            raise ValueError(f"{self.name} layout needs x of at least {least} dimensions (N, C, ...), got {ndim}")
+        first = {"channel": (0,), "instance": (), "groups": (1,)}[self.name]
+        return first + tuple(range(2, ndim))
 
     def param_axes(self, ndim: int, normalized_ndim: int = 1) -> tuple[int, ...]:
         """The axes of x along which gamma and beta vary."""
-        if self.name == "channel":
-            return (1,)
-        return self.reduce_axes(ndim, normalized_ndim)
+        return self.reduce_axes(ndim, normalized_ndim) if self.name == "trailing" else (1,)
 
 
 CHANNEL = Layout("channel", "x: (N, C, *spatial); statistics per channel over N and spatial; gamma, beta: (C,)")
+INSTANCE = Layout("instance", "x: (N, C, *spatial); statistics per sample and channel over spatial; gamma, beta: (C,)")
+GROUPS = Layout("groups", "x: (N, C, *spatial); statistics per sample and group of C/num_groups channels; gamma, beta: (C,)")
 TRAILING = Layout("trailing", "x: (*batch, *normalized_shape); statistics per row over the trailing dims; gamma, beta: normalized_shape")
-LAYOUTS = {layout.name: layout for layout in (CHANNEL, TRAILING)}
+LAYOUTS = {layout.name: layout for layout in (CHANNEL, INSTANCE, GROUPS, TRAILING)}
 
 
 @dataclass(frozen=True)
@@ -110,14 +113,19 @@ class Norm:
     layout: Layout
     description: str = ""
     notation: Mapping[str, Notation] = field(default_factory=dict)
+    unbiased: tuple[str, ...] = ()
+    """Statistics whose running estimate uses Bessel's correction m/(m-1), as PyTorch does for the variance."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stats", tuple(tuple(s) for s in dict(self.stats).items()))
+        object.__setattr__(self, "unbiased", tuple(self.unbiased))
         _check_name(self.name, "norm name", reserved=False)
         if self.affine not in AFFINE:
             raise SpecError(f"{self.name}: affine must be one of {', '.join(AFFINE)}, got {self.affine!r}")
         if not isinstance(self.layout, Layout):
             raise SpecError(f"{self.name}: layout must be a Layout ({', '.join(LAYOUTS)})")
+        if self.affine == "group" and self.layout.name not in ("channel", "instance"):
+            raise SpecError(f"{self.name}: with layout {self.layout.name}, gamma varies within a group: use affine='element'")
         if not self.stats:
             raise SpecError(f"{self.name}: a normalization needs at least one statistic")
         known = {"x", "eps"}
@@ -126,6 +134,9 @@ class Norm:
             parse(text, known, where=f"{self.name}: statistic {stat}")
             known.add(stat)
         normalized = parse(self.normalized, known, where=f"{self.name}: normalized")
+        unknown = set(self.unbiased) - set(self.stat_names)
+        if unknown:
+            raise SpecError(f"{self.name}: unbiased names unknown statistics {sorted(unknown)}; statistics: {', '.join(self.stat_names)}")
         if sp.Symbol("x") not in normalized.free_symbols:
             raise SpecError(f"{self.name}: normalized must depend on x")
 
@@ -192,6 +203,7 @@ BATCHNORM = Norm(
     layout=CHANNEL,
     description="Batch normalization (Ioffe & Szegedy 2015): each channel over the mini-batch",
     notation=_MOMENTS,
+    unbiased=("var",),
 )
 
 LAYERNORM = replace(
@@ -212,7 +224,22 @@ RMSNORM = Norm(
     notation={"ms": Notation("ν_B", r"\nu_{\mathcal{B}}", "E[x²]", r"\mathrm{E}[x^{2}]")},
 )
 
-BUILTINS: dict[str, Norm] = {norm.name: norm for norm in (BATCHNORM, LAYERNORM, RMSNORM)}
+INSTANCENORM = replace(
+    BATCHNORM,
+    name="instancenorm",
+    layout=INSTANCE,
+    description="Instance normalization (Ulyanov et al. 2016): each sample and channel over its spatial positions",
+)
+
+GROUPNORM = replace(
+    BATCHNORM,
+    name="groupnorm",
+    affine="element",  # gamma is per channel, and a group holds several channels
+    layout=GROUPS,
+    description="Group normalization (Wu & He 2018): each sample over groups of channels and their spatial positions",
+)
+
+BUILTINS: dict[str, Norm] = {norm.name: norm for norm in (BATCHNORM, LAYERNORM, RMSNORM, INSTANCENORM, GROUPNORM)}
 
 
 def resolve(norm: str | Norm) -> Norm:

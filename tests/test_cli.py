@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from conftest import NORMS
+from symbn import BUILTINS
 
 
 def run(*args, cwd=None):
@@ -30,7 +31,7 @@ def test_eval_mode_and_forms():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["derive", "groupnorm9"], "invalid choice: 'groupnorm9' (choose from 'batchnorm', 'layernorm', 'rmsnorm')"),
+    (["derive", "groupnorm9"], "invalid choice: 'groupnorm9' (choose from 'batchnorm', 'layernorm', 'rmsnorm', 'instancenorm', 'groupnorm')"),
     (["derive", "--mode", "test"], "choose from 'train', 'eval'"),
     (["derive", "--form", "short"], "choose from 'paper', 'compact', 'both'"),
     (["derive", "--format", "html"], "choose from 'text', 'latex', 'json'"),
@@ -55,7 +56,7 @@ def test_help_and_list():
     for args in (["--help"], ["derive", "--help"], ["list", "--help"]):
         assert run(*args).returncode == 0
     listed = run("list").stdout.splitlines()
-    assert [line.split()[0] for line in listed] == list(NORMS)
+    assert [line.split()[0] for line in listed] == list(BUILTINS)
 
 
 def test_json_has_stable_keys(tmp_path):

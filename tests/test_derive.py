@@ -101,7 +101,7 @@ def test_staged_numbers_agree_between_modes_when_statistics_coincide(derivations
 
 
 def test_unknown_norm_and_mode_are_clear_errors():
-    with pytest.raises(SpecError, match="choose from: batchnorm, layernorm, rmsnorm"):
+    with pytest.raises(SpecError, match="choose from: batchnorm, layernorm, rmsnorm, instancenorm, groupnorm"):
         derive("groupnorm2")
     with pytest.raises(ValueError, match="choose from: train, eval"):
         derive("batchnorm", "test")

@@ -3,7 +3,7 @@ import pytest
 import sympy as sp
 
 from symbn import BUILTINS, Norm, SpecError
-from symbn.spec import CHANNEL, TRAILING, parse
+from symbn.spec import CHANNEL, GROUPS, INSTANCE, TRAILING, parse
 
 
 def make(**changes):
@@ -12,7 +12,7 @@ def make(**changes):
 
 
 def test_builtins():
-    assert list(BUILTINS) == ["batchnorm", "layernorm", "rmsnorm"]
+    assert list(BUILTINS) == ["batchnorm", "layernorm", "rmsnorm", "instancenorm", "groupnorm"]
     assert BUILTINS["rmsnorm"].stat_names == ("ms",)
     assert BUILTINS["batchnorm"].affine == "group" and BUILTINS["layernorm"].affine == "element"
 
@@ -31,6 +31,7 @@ def test_builtins():
     (dict(normalized="mean"), "must depend on x"),
     (dict(affine="channel"), "affine must be one of"),
     (dict(name="bad name"), "must match"),
+    (dict(unbiased=("var",)), "unknown statistics"),
 ])
 def test_bad_specs_are_refused(changes, message):
     with pytest.raises(SpecError, match=message):
@@ -48,7 +49,10 @@ def test_layouts():
     assert CHANNEL.reduce_axes(4) == (0, 2, 3) and CHANNEL.param_axes(4) == (1,)
     assert CHANNEL.reduce_axes(2) == (0,)
     assert TRAILING.reduce_axes(3, 2) == (1, 2) and TRAILING.param_axes(3, 2) == (1, 2)
+    assert INSTANCE.reduce_axes(4) == (2, 3) and GROUPS.reduce_axes(3) == (1, 2) and GROUPS.param_axes(3) == (1,)
     with pytest.raises(ValueError):
         CHANNEL.reduce_axes(1)
+    with pytest.raises(ValueError):
+        INSTANCE.reduce_axes(2)
     with pytest.raises(ValueError):
         TRAILING.reduce_axes(2, 3)
