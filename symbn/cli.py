@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .build import BACKENDS
 from .derive import MODES, derive
 from .render import FORMATS, FORMS, to_document, to_json, to_latex, to_text
 from .spec import BUILTINS
@@ -15,6 +16,13 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         raise SystemExit(2)
+
+
+def _builtin(name: str) -> str:
+    """A built-in norm's name (argparse's ``choices`` cannot be used with ``nargs='*'``)."""
+    if name not in BUILTINS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(map(repr, BUILTINS))})")
+    return name
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,6 +44,15 @@ def parser() -> argparse.ArgumentParser:
     derive_cmd.add_argument("-o", "--output", type=Path, metavar="FILE", help="write to FILE instead of standard output")
 
     commands.add_parser("list", help="list the built-in normalizations", description="List the built-in normalizations.")
+
+    generate_cmd = commands.add_parser("generate", help="regenerate the kernels under generated/",
+                                       description="Write the NumPy and C kernels of every built-in norm, deterministically.")
+    generate_cmd.add_argument("-o", "--output", type=Path, metavar="DIR", help="write into DIR instead of generated/")
+
+    check_cmd = commands.add_parser("check", help="check every backend against the others, finite differences and PyTorch",
+                                    description="Compare NumPy vs C vs central finite differences vs PyTorch (when installed).")
+    check_cmd.add_argument("norms", nargs="*", type=_builtin, metavar="NORM", help=f"norms to check: {', '.join(BUILTINS)} (default: all)")
+    check_cmd.add_argument("--backend", choices=BACKENDS, action="append", help="backends to check (default: all; repeatable)")
     return top
 
 
@@ -46,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, norm in BUILTINS.items():
             print(f"{name:<{width}}  {norm.description}; layout {norm.layout.name}: {norm.layout.description}")
         return 0
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "check":
+        return _check(args)
     if args.document and args.format != "latex":
         _fail("derive", "--document needs --format latex")
     output = _derive_output(args)
@@ -69,6 +90,29 @@ def _derive_output(args: argparse.Namespace) -> str:
     if args.format == "json":
         return to_json(d, args.form, proofs)
     return to_text(d, args.form, proofs)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .emit import generate
+
+    for path in generate(args.output):
+        print(path)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .build import CompilerError
+    from .check import check, format_row, header
+
+    print(header(), flush=True)
+    try:
+        rows = check(tuple(args.norms) or tuple(BUILTINS), tuple(args.backend or BACKENDS),
+                     progress=lambda row: print(format_row(row), flush=True))
+    except CompilerError as err:
+        _fail("check", f"{err} (check the NumPy backend alone with --backend numpy)")
+    bad = sum(not row.ok for row in rows)
+    print(f"check: {len(rows)} combinations, {bad} mismatches")
+    return 1 if bad else 0
 
 
 def _fail(command: str, message: str) -> None:

@@ -1,0 +1,202 @@
+"""``python -m symbn check``: every backend against the others, finite differences and PyTorch.
+
+For each norm x backend x dtype x layout x mode, on small seeded problems: the kernels'
+outputs against the NumPy kernels in float64, their gradients against central finite
+differences of the float64 forward, and everything against PyTorch (autograd, running
+statistics) where PyTorch is installed and has the norm. Errors are max |a - b| / max |b|.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .build import BACKENDS, load
+from .spec import BUILTINS
+
+DTYPES = (np.float64, np.float32)
+MODES = ("train", "eval")
+TOLERANCE = {"float64": {"numpy64": 1e-12, "fd": 1e-6, "torch": 1e-10},
+             "float32": {"numpy64": 2e-6, "fd": 1e-6, "torch": 2e-5}}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One problem: a norm, a shape, and the options its layout needs."""
+
+    norm: str
+    shape: tuple[int, ...]
+    options: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        extra = "".join(f" {k}={v}" for k, v in self.options.items())
+        return f"{'x'.join(map(str, self.shape))}{extra}"
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        return tuple(self.options.get("normalized_shape", self.shape[1:2]))
+
+
+def cases(norm: str) -> list[Case]:
+    """Small problems in each layout the norm takes: 2-D and 4-D, or two normalized shapes."""
+    layout = BUILTINS[norm].layout.name
+    return {
+        "channel": [Case(norm, (6, 3)), Case(norm, (2, 3, 2, 3))],
+        "instance": [Case(norm, (2, 3, 5)), Case(norm, (2, 3, 2, 3))],
+        "groups": [Case(norm, (2, 6, 4), {"num_groups": 3}), Case(norm, (2, 4, 2, 2), {"num_groups": 2})],
+        "trailing": [Case(norm, (4, 6), {"normalized_shape": (6,)}), Case(norm, (3, 2, 5), {"normalized_shape": (2, 5)})],
+    }[layout]
+
+
+def problem(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded float64 inputs: an offset x, a random cotangent, parameters and running statistics."""
+    rng = np.random.default_rng(seed)
+    stats = BUILTINS[case.norm].stat_names
+    groups = case.options.get("num_groups", case.param_shape[0] if case.norm in ("batchnorm", "instancenorm") else 1)
+    return {
+        "x": rng.normal(0.5, 2.0, case.shape), "dy": rng.normal(size=case.shape),
+        "gamma": rng.normal(1.0, 0.3, case.param_shape), "beta": rng.normal(size=case.param_shape),
+        **{f"running_{s}": (rng.uniform(0.5, 2.0, groups) if s != "mean" else rng.normal(size=groups)) for s in stats},
+    }
+
+
+def _options(case: Case) -> dict:
+    return dict(case.options)
+
+
+def run(kernels, case: Case, data: dict, mode: str, dtype=np.float64) -> dict[str, np.ndarray]:
+    """Forward and backward of one mode; arrays are cast to ``dtype``."""
+    cast = {k: v.astype(dtype) for k, v in data.items()}
+    norm = BUILTINS[case.norm]
+    running = [cast[f"running_{s}"] for s in norm.stat_names]
+    if mode == "train":
+        y, *saved = kernels.forward_train(cast["x"], cast["gamma"], cast["beta"], **_options(case))
+        dx, dgamma, dbeta = kernels.backward_train(cast["dy"], cast["x"], cast["gamma"], *saved, **_options(case))
+        updated = [r.copy() for r in running]
+        kernels.forward_train(cast["x"], cast["gamma"], cast["beta"], **_options(case),
+                              **{f"running_{s}": r for s, r in zip(norm.stat_names, updated)})
+        return {"y": y, "dx": dx, "dgamma": dgamma, "dbeta": dbeta,
+                **{f"running_{s}": r for s, r in zip(norm.stat_names, updated)}}
+    y = kernels.forward_eval(cast["x"], cast["gamma"], cast["beta"], *running, **_options(case))
+    dx, dgamma, dbeta = kernels.backward_eval(cast["dy"], cast["x"], cast["gamma"], *running, **_options(case))
+    return {"y": y, "dx": dx, "dgamma": dgamma, "dbeta": dbeta}
+
+
+def finite_differences(case: Case, data: dict, mode: str, h: float = 1e-6) -> dict[str, np.ndarray]:
+    """dl/dx, dl/dgamma, dl/dbeta of l = Σ dy·y by central differences of the float64 NumPy forward."""
+    kernels = load(case.norm, "numpy")
+    norm = BUILTINS[case.norm]
+    running = [data[f"running_{s}"] for s in norm.stat_names]
+
+    def loss(**changed) -> float:
+        args = {**{k: data[k] for k in ("x", "gamma", "beta")}, **changed}
+        if mode == "train":
+            y = kernels.forward_train(args["x"], args["gamma"], args["beta"], **_options(case))[0]
+        else:
+            y = kernels.forward_eval(args["x"], args["gamma"], args["beta"], *running, **_options(case))
+        return float(np.sum(data["dy"] * y))
+
+    out = {}
+    for name in ("x", "gamma", "beta"):
+        value = data[name]
+        grad = np.empty_like(value)
+        for index in np.ndindex(value.shape):
+            step = h * max(1.0, abs(value[index]))
+            up, down = value.copy(), value.copy()
+            up[index] += step
+            down[index] -= step
+            grad[index] = (loss(**{name: up}) - loss(**{name: down})) / (2 * step)
+        out[f"d{name}"] = grad
+    return out
+
+
+def torch_reference(case: Case, data: dict, mode: str, dtype=np.float64) -> dict[str, np.ndarray] | None:
+    """The same quantities from PyTorch (autograd for the gradients), or None where it has no such norm."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    t = {k: torch.tensor(v.astype(dtype), requires_grad=k in ("x", "gamma", "beta")) for k, v in data.items()}
+    options, train = case.options, mode == "train"
+    running = {k: t[k].detach().clone() for k in data if k.startswith("running_")}
+    if case.norm == "batchnorm":
+        y = F.batch_norm(t["x"], running["running_mean"], running["running_var"], t["gamma"], t["beta"], training=train, eps=1e-5)
+    elif case.norm == "instancenorm":
+        y = F.instance_norm(t["x"], running["running_mean"], running["running_var"], t["gamma"], t["beta"],
+                            use_input_stats=train, eps=1e-5)
+    elif not train:
+        return None  # PyTorch's layer, group and RMS norms have no inference mode with population statistics
+    elif case.norm == "groupnorm":
+        y = F.group_norm(t["x"], options["num_groups"], t["gamma"], t["beta"], eps=1e-5)
+    elif case.norm == "layernorm":
+        y = F.layer_norm(t["x"], options["normalized_shape"], t["gamma"], t["beta"], eps=1e-5)
+    else:
+        y = F.rms_norm(t["x"], options["normalized_shape"], t["gamma"], eps=1e-5) + t["beta"]
+    y.backward(t["dy"])
+    out = {"y": y, "dx": t["x"].grad, "dgamma": t["gamma"].grad, "dbeta": t["beta"].grad}
+    if case.norm in ("batchnorm", "instancenorm") and train:
+        out.update(running)
+    return {k: v.detach().numpy() for k, v in out.items()}
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| / max |b| (absolute where b is all zeros)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30)) if b.size else 0.0
+
+
+@dataclass(frozen=True)
+class Row:
+    norm: str
+    mode: str
+    case: str
+    dtype: str
+    backend: str
+    errors: dict[str, float | None]
+
+    @property
+    def ok(self) -> bool:
+        return all(e is None or e <= TOLERANCE[self.dtype][k] for k, e in self.errors.items())
+
+
+def check(norms: tuple[str, ...] = tuple(BUILTINS), backends: tuple[str, ...] = BACKENDS, progress=None) -> list[Row]:
+    """Every combination; ``progress`` (if given) is called with each row as it is done."""
+    rows = []
+    for norm in norms:
+        kernels = {backend: load(norm, backend) for backend in backends}
+        for case in cases(norm):
+            data = problem(case)
+            for mode in MODES:
+                reference = run(load(norm, "numpy"), case, data, mode)
+                fd = finite_differences(case, data, mode)
+                for dtype in DTYPES:
+                    torch_out = torch_reference(case, data, mode, dtype)
+                    for backend, k in kernels.items():
+                        out = run(k, case, data, mode, dtype)
+                        errors = {
+                            "numpy64": max(relative_error(out[q], reference[q]) for q in out),
+                            "fd": max(relative_error(out[f], fd[f]) for f in fd) if dtype == np.float64 else None,
+                            "torch": None if torch_out is None else max(relative_error(out[q], torch_out[q]) for q in torch_out),
+                        }
+                        row = Row(norm, mode, case.label, np.dtype(dtype).name, backend, errors)
+                        rows.append(row)
+                        if progress:
+                            progress(row)
+    return rows
+
+
+def format_row(row: Row) -> str:
+    cells = ["-" if row.errors[k] is None else f"{row.errors[k]:.1e}" for k in ("numpy64", "fd", "torch")]
+    return (f"{row.norm:<13}{row.mode:<6}{row.case:<26}{row.dtype:<8}{row.backend:<6}"
+            + "".join(f"{c:>10}" for c in cells) + ("   ok" if row.ok else "   MISMATCH"))
+
+
+def header() -> str:
+    tolerance = "; ".join(f"{d}: " + ", ".join(f"{k} <= {v:.0e}" for k, v in t.items()) for d, t in TOLERANCE.items())
+    return (f"max relative error against: numpy64 (NumPy kernels, float64), fd (central differences of the float64 "
+            f"forward; float64 rows), torch (PyTorch autograd, same dtype)\ntolerances: {tolerance}\n"
+            f"{'norm':<13}{'mode':<6}{'case':<26}{'dtype':<8}{'backend':<6}{'numpy64':>10}{'fd':>10}{'torch':>10}")
