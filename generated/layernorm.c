@@ -31,7 +31,7 @@ int symbn_layernorm_forward_train_f32(const float *x, const float *gamma, const 
             const ptrdiff_t row = (n * groups + g) * ls;
             for (ptrdiff_t l = 0; l < ls; ++l) {
                 const double x_v = (double)x[row + l];
-                stat_var += (-stat_mean + x_v)*(-stat_mean + x_v);
+                stat_var += ((-stat_mean + x_v)*(-stat_mean + x_v));
             }
         }
         stat_var /= m;
@@ -189,7 +189,7 @@ int symbn_layernorm_forward_train_f64(const double *x, const double *gamma, cons
             const ptrdiff_t row = (n * groups + g) * ls;
             for (ptrdiff_t l = 0; l < ls; ++l) {
                 const double x_v = (double)x[row + l];
-                stat_var += (-stat_mean + x_v)*(-stat_mean + x_v);
+                stat_var += ((-stat_mean + x_v)*(-stat_mean + x_v));
             }
         }
         stat_var /= m;

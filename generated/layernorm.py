@@ -23,9 +23,9 @@ import numpy
 
 NORM = "layernorm"
 LAYOUT = "trailing"
-STATS = ['mean', 'var']
-SAVED = ['mean', 'invstd']
-UNBIASED = ['var']
+STATS = ('mean', 'var')
+SAVED = ('mean', 'invstd')
+UNBIASED = ('var',)
 DTYPES = (numpy.float32, numpy.float64)
 
 Geometry = namedtuple("Geometry", "outer q p l s group_shape param_shape")

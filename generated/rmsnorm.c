@@ -21,7 +21,7 @@ int symbn_rmsnorm_forward_train_f32(const float *x, const float *gamma, const fl
             const ptrdiff_t row = (n * groups + g) * ls;
             for (ptrdiff_t l = 0; l < ls; ++l) {
                 const double x_v = (double)x[row + l];
-                stat_ms += x_v*x_v;
+                stat_ms += (x_v*x_v);
             }
         }
         stat_ms /= m;
@@ -162,7 +162,7 @@ int symbn_rmsnorm_forward_train_f64(const double *x, const double *gamma, const 
             const ptrdiff_t row = (n * groups + g) * ls;
             for (ptrdiff_t l = 0; l < ls; ++l) {
                 const double x_v = (double)x[row + l];
-                stat_ms += x_v*x_v;
+                stat_ms += (x_v*x_v);
             }
         }
         stat_ms /= m;

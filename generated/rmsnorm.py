@@ -23,9 +23,9 @@ import numpy
 
 NORM = "rmsnorm"
 LAYOUT = "trailing"
-STATS = ['ms']
-SAVED = ['invstd']
-UNBIASED = []
+STATS = ('ms',)
+SAVED = ('invstd',)
+UNBIASED = ()
 DTYPES = (numpy.float32, numpy.float64)
 
 Geometry = namedtuple("Geometry", "outer q p l s group_shape param_shape")

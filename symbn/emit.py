@@ -26,7 +26,9 @@ class CKernelPrinter(C99CodePrinter):
         base, exp = expr.base, expr.exp
         if exp.is_Integer and 1 <= abs(exp) <= 4:
             product = "*".join([self.parenthesize(base, PRECEDENCE["Mul"], strict=True)] * abs(int(exp)))
-            return product if exp > 0 else f"1.0/({product})"
+            if abs(exp) > 1:
+                product = f"({product})"  # a power is one operand: m/(m*m), never m/m*m
+            return product if exp > 0 else f"1.0/{product}"
         if exp == sp.S.Half:
             return f"sqrt({self._print(base)})"
         if exp == -sp.S.Half:
@@ -63,8 +65,8 @@ def _printed(p: KernelPlan, printer) -> dict:
     return {
         "norm": norm.name, "NAME": norm.name.upper(), "description": norm.description or norm.name,
         "layout": norm.layout.name, "layout_description": norm.layout.description,
-        "element_affine": p.element_affine, "stat_names": list(p.stat_names), "saved_names": list(p.saved_names),
-        "unbiased": list(norm.unbiased),
+        "element_affine": p.element_affine, "stat_names": tuple(p.stat_names), "saved_names": tuple(p.saved_names),
+        "unbiased": tuple(norm.unbiased),
         "running_args": [f"running_{s}" for s in p.stat_names],
         "running_kwargs": [f"running_{s}=None" for s in p.stat_names],
         "running_locals": [f"run_{s}" for s in p.stat_names],

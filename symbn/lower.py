@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import sympy as sp
 
 from .derive import ELEMENT, Derivation, derive
-from .simplify import is_root
 from .spec import Norm, resolve
 from .sums import I, K, M
 
@@ -138,10 +137,10 @@ def _body(expr: sp.Expr) -> sp.Expr:
 
 
 def _saved(xhat: sp.Expr, stats: tuple[Assign, ...]) -> tuple[tuple[Assign, ...], dict[sp.Expr, sp.Symbol]]:
-    """What the backward needs: each root involving eps (the inverse standard deviation),
+    """What the backward needs: each power involving eps (the inverse standard deviation),
     and the statistics xhat uses outside of it (the mean). Returns the assignments and the
     map from those expressions to the saved symbols."""
-    roots = sorted({p for p in xhat.atoms(sp.Pow) if is_root(p) and p.base.has(EPS)}, key=sp.default_sort_key)
+    roots = sorted({p for p in xhat.atoms(sp.Pow) if p.base.has(EPS)}, key=sp.default_sort_key)
     names = ["invstd"] if len(roots) == 1 else [f"invstd{j}" for j in range(len(roots))]
     outside = xhat.xreplace({r: sp.Dummy() for r in roots}).free_symbols
     kept = [Assign(f"saved_{a.name.removeprefix('stat_')}", a.symbol) for a in stats if a.symbol in outside]
@@ -158,8 +157,9 @@ def _in_saved(expr: sp.Expr, to_saved: dict[sp.Expr, sp.Symbol]) -> sp.Expr:
         symbol, exp = roots[p.base]
         return symbol ** (p.exp / exp)
 
+    bare = {base: symbol ** (1 / exp) for base, (symbol, exp) in roots.items()}
     stats = {k: v for k, v in to_saved.items() if not isinstance(k, sp.Pow)}
-    return expr.replace(lambda e: isinstance(e, sp.Pow) and e.base in roots, in_saved).xreplace(stats)
+    return expr.replace(lambda e: isinstance(e, sp.Pow) and e.base in roots, in_saved).xreplace(bare).xreplace(stats)
 
 
 def _group_level(element_affine: bool) -> set[sp.Symbol]:

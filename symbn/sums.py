@@ -44,7 +44,8 @@ def diff_element(expr: sp.Expr, base: sp.IndexedBase, i: sp.Symbol = I) -> sp.Ex
         (k, lo, hi), = expr.limits
         return contract(diff_element(expr.function, base, i), k, lo, hi)
     opaque = _opaque_parts(expr, base)
-    stand_ins = {part: sp.Dummy() for part in opaque}
+    # stand-ins keep the parts' realness: d|x|/dx is sign(x) only for a real x
+    stand_ins = {part: sp.Dummy(real=True) if part.is_real else sp.Dummy() for part in opaque}
     flat = expr.xreplace(stand_ins)
     back = {d: part for part, d in stand_ins.items()}
     return sp.Add(*(sp.diff(flat, d).xreplace(back) * diff_element(part, base, i) for part, d in stand_ins.items()))

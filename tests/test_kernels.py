@@ -1,0 +1,261 @@
+"""The generated kernels against PyTorch autograd and float64 finite differences, with random
+cotangents; layouts, dtypes, optional parameters, strided input, m = 1, 2 and large."""
+import numpy as np
+import pytest
+
+import symbn
+from symbn.spec import BUILTINS
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+BACKENDS = ("numpy", "c")
+NORMS = tuple(BUILTINS)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def kernels(norm, backend):
+    return symbn.load(norm, backend)
+
+
+SHAPES = {  # norm -> (x shape, options) with m = 1, 2 and larger groups
+    "batchnorm": [((1, 3), {}), ((2, 3), {}), ((64, 5), {}), ((4, 3, 5, 6), {}), ((1, 2, 1, 1), {})],
+    "instancenorm": [((2, 3, 1), {}), ((2, 3, 2), {}), ((3, 4, 5, 6), {})],
+    "groupnorm": [((2, 4, 1), {"num_groups": 4}), ((3, 6, 5, 4), {"num_groups": 3}), ((2, 4, 7), {"num_groups": 1})],
+    "layernorm": [((5, 1), {}), ((5, 2), {}), ((6, 4, 10), {"normalized_shape": (4, 10)}), ((33,), {})],
+    "rmsnorm": [((5, 1), {}), ((5, 2), {}), ((6, 4, 10), {"normalized_shape": (4, 10)})],
+}
+
+
+def param_shape(norm, shape, options):
+    return tuple(options.get("normalized_shape", shape[-1:])) if BUILTINS[norm].layout.name == "trailing" else shape[1:2]
+
+
+def torch_forward(norm, x, gamma, beta, options, running=None, training=True):
+    # aten's own entry points: F.batch_norm refuses one value per channel, which is valid math (y = beta)
+    if norm == "batchnorm":
+        return torch.batch_norm(x, gamma, beta, *(running or (None, None)), training, 0.1, 1e-5, False)
+    if norm == "instancenorm":
+        return torch.instance_norm(x, gamma, beta, *(running or (None, None)), training, 0.1, 1e-5, False)
+    if norm == "groupnorm":
+        return F.group_norm(x, options["num_groups"], gamma, beta, eps=1e-5)
+    shape = tuple(options.get("normalized_shape", x.shape[-1:]))
+    if norm == "layernorm":
+        return F.layer_norm(x, shape, gamma, beta, eps=1e-5)
+    y = F.rms_norm(x, shape, gamma, eps=1e-5)
+    return y if beta is None else y + beta
+
+
+def data(norm, shape, options, dtype, seed=0, offset=0.5):
+    rng = np.random.default_rng(seed)
+    p = param_shape(norm, shape, options)
+    return (rng.normal(offset, 2.0, shape).astype(dtype), rng.normal(size=shape).astype(dtype),
+            rng.normal(1.0, 0.3, p).astype(dtype), rng.normal(size=p).astype(dtype))
+
+
+def autograd(norm, x, dy, gamma, beta, options):
+    """PyTorch autograd in float64 on the very same values (float32 inputs are widened exactly),
+    so that a float32 kernel is judged against the exact answer, not against PyTorch's rounding."""
+    t = [None if v is None else torch.tensor(v.astype(np.float64), requires_grad=True) for v in (x, gamma, beta)]
+    y = torch_forward(norm, t[0], t[1], t[2], options)
+    y.backward(torch.tensor(dy.astype(np.float64)))
+    grads = [None if v is None else v.grad.numpy() for v in t]
+    return y.detach().numpy(), grads
+
+
+def close(a, b, dtype):
+    rtol, atol = (1e-10, 1e-12) if dtype == np.float64 else (1e-5, 1e-6)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * max(1.0, float(np.max(np.abs(b)))))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("norm, shape, options", [(n, s, o) for n in NORMS for s, o in SHAPES[n]])
+def test_train_against_autograd(backend, norm, shape, options, dtype):
+    x, dy, gamma, beta = data(norm, shape, options, dtype)
+    k = kernels(norm, backend)
+    y, *saved = k.forward_train(x, gamma, beta, **options)
+    dx, dgamma, dbeta = k.backward_train(dy, x, gamma, *saved, **options)
+    ty, (tdx, tdgamma, tdbeta) = autograd(norm, x, dy, gamma, beta, options)
+    assert y.dtype == dx.dtype == dgamma.dtype == np.dtype(dtype) and y.shape == x.shape
+    for mine, theirs in ((y, ty), (dx, tdx), (dgamma, tdgamma), (dbeta, tdbeta)):
+        close(mine, theirs, dtype)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("with_gamma, with_beta", [(False, False), (True, False), (False, True), (True, True)])
+def test_optional_parameters(backend, norm, with_gamma, with_beta):
+    shape, options = SHAPES[norm][-1]
+    x, dy, gamma, beta = data(norm, shape, options, np.float64, seed=1)
+    gamma, beta = (gamma if with_gamma else None), (beta if with_beta else None)
+    k = kernels(norm, backend)
+    y, *saved = k.forward_train(x, gamma, beta, **options)
+    dx, dgamma, dbeta = k.backward_train(dy, x, gamma, *saved, **options)
+    # None means gamma = 1, beta = 0 (PyTorch's group_norm cannot backpropagate with weight=None, bias given);
+    # with gamma absent, dl/dgamma is still the gradient at gamma = 1: Σ dy·xhat
+    ones = np.ones(param_shape(norm, shape, options))
+    ty, (tdx, tdgamma, tdbeta) = autograd(norm, x, dy, ones if gamma is None else gamma, ones * 0 if beta is None else beta, options)
+    for mine, theirs in ((y, ty), (dx, tdx), (dgamma, tdgamma), (dbeta, tdbeta)):
+        close(mine, theirs, np.float64)
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "instancenorm"])
+def test_running_statistics_match_pytorch(backend, norm):
+    shape, options = (4, 3, 5, 6), {}
+    x, _, gamma, beta = data(norm, shape, options, np.float32, seed=2)
+    channels = shape[1]
+    mine = [np.zeros(channels, np.float32), np.ones(channels, np.float32)]
+    theirs = [torch.zeros(channels), torch.ones(channels)]
+    for step in range(3):
+        kernels(norm, backend).forward_train(x + step, gamma, beta, running_mean=mine[0], running_var=mine[1], momentum=0.2, **options)
+        fn = F.batch_norm if norm == "batchnorm" else F.instance_norm
+        kwargs = {"training": True} if norm == "batchnorm" else {"use_input_stats": True}
+        fn(torch.tensor(x + step), theirs[0], theirs[1], torch.tensor(gamma), torch.tensor(beta), momentum=0.2, eps=1e-5, **kwargs)
+    close(mine[0], theirs[0].numpy(), np.float32)
+    close(mine[1], theirs[1].numpy(), np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("norm", ["batchnorm", "instancenorm"])
+def test_eval_against_autograd(backend, norm, dtype):
+    shape, options = SHAPES[norm][-1]
+    x, dy, gamma, beta = data(norm, shape, options, dtype, seed=3)
+    rng = np.random.default_rng(4)
+    running = [rng.normal(size=shape[1]).astype(dtype), rng.uniform(0.5, 2, shape[1]).astype(dtype)]
+    k = kernels(norm, backend)
+    y = k.forward_eval(x, gamma, beta, *running, **options)
+    dx, dgamma, dbeta = k.backward_eval(dy, x, gamma, *running, **options)
+    t = [torch.tensor(v, requires_grad=True) for v in (x, gamma, beta)]
+    ty = torch_forward(norm, *t, options, running=[torch.tensor(r) for r in running], training=False)
+    ty.backward(torch.tensor(dy))
+    for mine, theirs in ((y, ty.detach()), (dx, t[0].grad), (dgamma, t[1].grad), (dbeta, t[2].grad)):
+        close(mine, theirs.numpy(), dtype)
+
+
+def finite_difference(f, v, h=1e-6):
+    grad = np.empty_like(v)
+    for index in np.ndindex(v.shape):
+        up, down = v.copy(), v.copy()
+        up[index] += h
+        down[index] -= h
+        grad[index] = (f(up) - f(down)) / (2 * h)
+    return grad
+
+
+def independent_forward(norm, x, gamma, beta, options, running=None):
+    """The forward pass written here with NumPy, from the papers, for every layout."""
+    eps = 1e-5
+    if norm in ("batchnorm", "instancenorm", "groupnorm"):
+        n, c = x.shape[:2]
+        groups = {"batchnorm": None, "instancenorm": c, "groupnorm": options.get("num_groups")}[norm]
+        if norm == "batchnorm":
+            axes, view = (0, *range(2, x.ndim)), x
+        else:
+            view, axes = x.reshape(n, groups, -1), (2,)
+        if running is None:
+            mean = view.mean(axis=axes, keepdims=True)
+            var = ((view - mean) ** 2).mean(axis=axes, keepdims=True)
+        else:
+            shape = (1, -1) + (1,) * (view.ndim - 2)
+            mean, var = running[0].reshape(shape), running[1].reshape(shape)
+        xhat = ((view - mean) / np.sqrt(var + eps)).reshape(x.shape)
+        param = (1, -1) + (1,) * (x.ndim - 2)
+        return xhat * gamma.reshape(param) + beta.reshape(param)
+    k = len(options.get("normalized_shape", (1,)))
+    axes = tuple(range(x.ndim - k, x.ndim))
+    if norm == "layernorm":
+        mean = x.mean(axis=axes, keepdims=True) if running is None else running[0]
+        var = ((x - x.mean(axis=axes, keepdims=True)) ** 2).mean(axis=axes, keepdims=True) if running is None else running[1]
+        return (x - mean) / np.sqrt(var + eps) * gamma + beta
+    ms = (x**2).mean(axis=axes, keepdims=True) if running is None else running[0]
+    return x / np.sqrt(ms + eps) * gamma + beta
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("norm", NORMS)
+def test_against_finite_differences(backend, norm, mode):
+    shape, options = SHAPES[norm][1] if norm != "batchnorm" else ((3, 2, 2, 2), {})
+    x, dy, gamma, beta = data(norm, shape, options, np.float64, seed=5)
+    k = kernels(norm, backend)
+    stats = BUILTINS[norm].stat_names
+    groups = options.get("num_groups", shape[1] if norm in ("batchnorm", "instancenorm") else 1)
+    rng = np.random.default_rng(6)
+    running = [rng.uniform(0.5, 2.0, groups) for _ in stats]
+    reference_running = running if mode == "eval" else None
+
+    def loss(x=x, gamma=gamma, beta=beta):
+        return float(np.sum(dy * independent_forward(norm, x, gamma, beta, options, reference_running)))
+
+    if mode == "train":
+        y, *saved = k.forward_train(x, gamma, beta, **options)
+        dx, dgamma, dbeta = k.backward_train(dy, x, gamma, *saved, **options)
+    else:
+        y = k.forward_eval(x, gamma, beta, *running, **options)
+        dx, dgamma, dbeta = k.backward_eval(dy, x, gamma, *running, **options)
+    np.testing.assert_allclose(y, independent_forward(norm, x, gamma, beta, options, reference_running), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dx, finite_difference(lambda v: loss(x=v), x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dgamma, finite_difference(lambda v: loss(gamma=v), gamma), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dbeta, finite_difference(lambda v: loss(beta=v), beta), rtol=1e-6, atol=1e-7)
+
+
+def test_a_batch_of_one_is_valid(backend):
+    x = np.array([[3.0, -1.0, 2.0]])
+    k = kernels("batchnorm", backend)
+    beta = np.array([0.5, 0.0, -1.0])
+    y, mean, invstd = k.forward_train(x, np.ones(3), beta)
+    np.testing.assert_array_equal(y, beta[None])  # var = 0: xhat = 0, y = beta
+    dx, _, dbeta = k.backward_train(np.ones_like(x), x, np.ones(3), mean, invstd)
+    np.testing.assert_array_equal(dx, 0.0)
+    np.testing.assert_array_equal(dbeta, [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="more than one value per group"):
+        k.forward_train(x, running_mean=np.zeros(3), running_var=np.ones(3))
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "layernorm", "groupnorm"])
+def test_strided_input_is_never_misread(backend, norm):
+    shape, options = SHAPES[norm][-2] if norm != "layernorm" else (((6, 4, 10)), {"normalized_shape": (4, 10)})
+    x, dy, gamma, beta = data(norm, shape, options, np.float64, seed=7)
+    wide = np.zeros(shape[:-1] + (shape[-1] * 2,))
+    wide[..., ::2] = x
+    strided = wide[..., ::2]
+    assert not strided.flags.c_contiguous
+    k = kernels(norm, backend)
+    np.testing.assert_array_equal(k.forward_train(strided, gamma, beta, **options)[0], k.forward_train(x, gamma, beta, **options)[0])
+    transposed = np.ascontiguousarray(dy.T).T  # Fortran order
+    y, *saved = k.forward_train(x, gamma, beta, **options)
+    np.testing.assert_array_equal(k.backward_train(transposed, x, gamma, *saved, **options)[0],
+                                  k.backward_train(dy, x, gamma, *saved, **options)[0])
+
+
+def test_float32_with_a_large_offset_stays_accurate(backend):
+    """1e4 + noise: E[x²] - E[x]² would cancel catastrophically in float32; two passes in double do not."""
+    rng = np.random.default_rng(8)
+    x64 = 1e4 + rng.normal(size=(4096, 4))
+    x32 = x64.astype(np.float32)
+    dy = rng.normal(size=x32.shape).astype(np.float32)
+    k = kernels("batchnorm", backend)
+    y, mean, invstd = k.forward_train(x32, None, None)
+    reference = x32.astype(np.float64)
+    expected = (reference - reference.mean(0)) / np.sqrt(reference.var(0) + 1e-5)
+    np.testing.assert_allclose(y, expected, atol=2e-6)
+    np.testing.assert_allclose(1 / invstd**2 - 1e-5, reference.var(0), rtol=1e-6)
+    dx = k.backward_train(dy, x32, None, mean, invstd)[0]
+    tx = torch.tensor(reference, requires_grad=True)
+    F.batch_norm(tx, None, None, training=True, eps=1e-5).backward(torch.tensor(dy.astype(np.float64)))
+    np.testing.assert_allclose(dx, tx.grad.numpy(), atol=2e-5)
+
+
+def test_numpy_and_c_agree_on_large_problems():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(16, 8, 12, 12)).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    gamma, beta = rng.normal(size=8).astype(np.float32), rng.normal(size=8).astype(np.float32)
+    a, b = kernels("groupnorm", "numpy"), kernels("groupnorm", "c")
+    ya, *sa = a.forward_train(x, gamma, beta, num_groups=4)
+    yb, *sb = b.forward_train(x, gamma, beta, num_groups=4)
+    np.testing.assert_allclose(ya, yb, rtol=1e-6, atol=1e-6)
+    for u, v in zip(a.backward_train(dy, x, gamma, *sa, num_groups=4), b.backward_train(dy, x, gamma, *sb, num_groups=4)):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5)
