@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from functools import cache
-from importlib import resources
 from pathlib import Path
 
 import jinja2
@@ -14,7 +13,7 @@ def resource_dir(name: str) -> Path:
     """``templates/`` or ``generated/`` of a checkout, else the copy installed as ``symbn.<name>``."""
     if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "templates").is_dir():
         return _CHECKOUT / name
-    return Path(str(resources.files(f"symbn.{name}")))
+    return Path(__file__).resolve().parent / name  # installed: package-dir maps them to symbn/<name>
 
 
 @cache

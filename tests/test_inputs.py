@@ -1,0 +1,83 @@
+"""Bad input gets a clear error naming the argument, on both backends; never a crash or a wrong answer."""
+import numpy as np
+import pytest
+
+import symbn
+
+
+@pytest.fixture(params=["numpy", "c"])
+def bn(request):
+    return symbn.load("batchnorm", request.param)
+
+
+@pytest.fixture(params=["numpy", "c"])
+def gn(request):
+    return symbn.load("groupnorm", request.param)
+
+
+@pytest.fixture(params=["numpy", "c"])
+def ln(request):
+    return symbn.load("layernorm", request.param)
+
+
+X = np.arange(12.0).reshape(4, 3)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda k: k.forward_train([[1.0, 2.0]]), TypeError, "x must be a numpy.ndarray"),
+    (lambda k: k.forward_train(np.arange(12).reshape(4, 3)), TypeError, "x must be float32 or float64, got int64"),
+    (lambda k: k.forward_train(X.astype(np.float16)), TypeError, "float32 or float64"),
+    (lambda k: k.forward_train(np.arange(4.0)), ValueError, r"x must have shape \(N, C, \*spatial\)"),
+    (lambda k: k.forward_train(np.zeros((0, 3))), ValueError, "x is empty"),
+    (lambda k: k.forward_train(X, np.ones(4)), ValueError, r"gamma must have shape \(3,\)"),
+    (lambda k: k.forward_train(X, np.ones(3, np.float32)), TypeError, "gamma has dtype float32, but x has float64"),
+    (lambda k: k.forward_train(X, None, np.ones(3, np.float32)), TypeError, "beta has dtype float32"),
+    (lambda k: k.forward_train(X, eps=0.0), ValueError, "eps must be a positive finite number, got 0.0"),
+    (lambda k: k.forward_train(X, eps=-1e-5), ValueError, "eps must be a positive"),
+    (lambda k: k.forward_train(X, eps=float("nan")), ValueError, "eps must be a positive"),
+    (lambda k: k.forward_train(X, eps="1e-5"), ValueError, "eps must be a positive"),
+    (lambda k: k.forward_train(np.where(X > 5, np.nan, X)), ValueError, "x contains NaN or infinity"),
+    (lambda k: k.forward_train(np.where(X > 5, np.inf, X).astype(np.float32)), ValueError, "x contains NaN or infinity"),
+    (lambda k: k.forward_train(X, np.array([1.0, np.nan, 1.0])), ValueError, "gamma contains NaN"),
+    (lambda k: k.backward_train(np.ones((4, 2)), X, None, np.zeros(3), np.ones(3)), ValueError, r"dy must have shape \(4, 3\)"),
+    (lambda k: k.backward_train(np.ones((4, 3), np.float32), X, None, np.zeros(3), np.ones(3)), TypeError, "dy has dtype float32"),
+    (lambda k: k.backward_train(np.ones((4, 3)), X, None, np.zeros(2), np.ones(3)), ValueError, r"mean must have shape \(3,\)"),
+    (lambda k: k.backward_train(np.ones((4, 3)), X, None, np.zeros(3), np.full(3, np.nan)), ValueError, "invstd contains NaN"),
+    (lambda k: k.forward_eval(X, None, None, np.zeros(2), np.ones(3)), ValueError, r"running_mean must have shape \(3,\)"),
+    (lambda k: k.forward_train(X, running_mean=np.zeros(3)), TypeError, "running_var must be a numpy.ndarray"),
+    (lambda k: k.forward_train(X, running_mean=np.zeros(3), running_var=np.ones(3), momentum=2), ValueError, "momentum"),
+    (lambda k: k.forward_train(X, running_mean=np.zeros(6)[::2], running_var=np.ones(3)), ValueError, "writable C-contiguous"),
+])
+def test_batchnorm_refuses_bad_input(bn, call, error, message):
+    with pytest.raises(error, match=message):
+        call(bn)
+
+
+def test_groupnorm_needs_a_dividing_number_of_groups(gn):
+    x = np.ones((2, 6, 3))
+    for groups in (None, 0, 4, 2.0, True):
+        with pytest.raises(ValueError, match="num_groups must be a positive integer dividing C = 6"):
+            gn.forward_train(x, num_groups=groups)
+
+
+def test_layernorm_shape_must_match(ln):
+    with pytest.raises(ValueError, match=r"normalized_shape \(4,\) must match the trailing dims of x \(2, 3\)"):
+        ln.forward_train(np.ones((2, 3)), np.ones(4))
+    with pytest.raises(ValueError, match="must match"):
+        ln.forward_train(np.ones((2, 3)), normalized_shape=(2,))
+    y, mean, invstd = ln.forward_train(np.arange(6.0).reshape(2, 3), normalized_shape=(2, 3))
+    assert mean.shape == () and y.shape == (2, 3)
+
+
+def test_errors_leave_outputs_and_running_statistics_untouched(bn):
+    running = [np.zeros(3), np.ones(3)]
+    with pytest.raises(ValueError):
+        bn.forward_train(np.ones((1, 3)), running_mean=running[0], running_var=running[1])
+    assert running[0].tolist() == [0, 0, 0] and running[1].tolist() == [1, 1, 1]
+
+
+def test_read_only_input_is_fine(bn):
+    x = X.copy()
+    x.flags.writeable = False
+    y, *_ = bn.forward_train(x)
+    assert y.shape == x.shape
