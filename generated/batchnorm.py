@@ -229,6 +229,18 @@ class Kernels:
         running = [running_mean, running_var]
         if any(r is not None for r in running):
             running = updatable(running, geo, momentum)
+        y, stats, saved = self._forward_train(x, gamma, beta, eps, geo)
+        if running[0] is not None:
+            update_running(running, stats, geo, momentum)
+        return (y, *(s.reshape(geo.group_shape) for s in saved))
+
+    def batch_statistics(self, x, eps=1e-5, *, normalized_shape=None, num_groups=None):
+        """This batch's statistics (mean, var): float64, one per group."""
+        x, _, _, geo = prepare(x, None, None, normalized_shape, num_groups)
+        _, stats, _ = self._forward_train(x, None, None, positive("eps", eps), geo)
+        return tuple(s.reshape(geo.group_shape) for s in stats)
+
+    def _forward_train(self, x, gamma, beta, eps, geo):
         y = numpy.empty_like(x)
         stats = numpy.empty((len(STATS), geo.q, geo.p))
         saved = numpy.empty((len(SAVED), geo.q, geo.p))
@@ -237,9 +249,7 @@ class Kernels:
         else:
             _call(self._c["forward_train", x.dtype], x.ctypes.data, _pointer(gamma), _pointer(beta), y.ctypes.data,
                   stats.ctypes.data, saved.ctypes.data, geo.outer, geo.q, geo.p, geo.l, geo.s, eps)
-        if running[0] is not None:
-            update_running(running, stats, geo, momentum)
-        return (y, *(s.reshape(geo.group_shape) for s in saved))
+        return y, stats, saved
 
     def backward_train(self, dy, x, gamma, mean, invstd, *, normalized_shape=None, num_groups=None):
         """dl/dx, dl/dgamma, dl/dbeta from dy and what forward_train saved."""

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from .build import BACKENDS
+from .explain import FORMATS as EXPLAIN_FORMATS
 from .derive import MODES, derive
 from .render import FORMATS, FORMS, to_document, to_json, to_latex, to_text
 from .spec import BUILTINS
@@ -45,6 +46,19 @@ def parser() -> argparse.ArgumentParser:
 
     commands.add_parser("list", help="list the built-in normalizations", description="List the built-in normalizations.")
 
+    explain_cmd = commands.add_parser("explain", help="why the moments get gradients: paths, numbers, the paper's argument",
+                                      description="Answer 'why do the mean and variance get gradients?' with the derivation and measurements.")
+    explain_cmd.add_argument("norm", nargs="?", default="batchnorm", choices=list(BUILTINS), metavar="NORM",
+                             help=f"one of: {', '.join(BUILTINS)} (default: batchnorm)")
+    explain_cmd.add_argument("--format", choices=EXPLAIN_FORMATS, default="text", help="text (default), json or latex (the report's source)")
+    explain_cmd.add_argument("-o", "--output", type=Path, metavar="FILE", help="write to FILE instead of standard output")
+
+    report_cmd = commands.add_parser("report", help="the explanation as a PDF (or .tex) document",
+                                     description="Write the report: FILE.pdf compiles with pdflatex (the .tex is kept beside it); FILE.tex writes the source only.")
+    report_cmd.add_argument("norm", nargs="?", default="batchnorm", choices=list(BUILTINS), metavar="NORM",
+                            help=f"one of: {', '.join(BUILTINS)} (default: batchnorm)")
+    report_cmd.add_argument("-o", "--output", type=Path, metavar="FILE", required=True, help="FILE.pdf or FILE.tex")
+
     generate_cmd = commands.add_parser("generate", help="regenerate the kernels under generated/",
                                        description="Write the NumPy and C kernels of every built-in norm, deterministically.")
     generate_cmd.add_argument("-o", "--output", type=Path, metavar="DIR", help="write into DIR instead of generated/")
@@ -65,19 +79,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "generate":
         return _generate(args)
+    if args.command == "explain":
+        return _explain(args)
+    if args.command == "report":
+        return _report(args)
     if args.command == "check":
         return _check(args)
     if args.document and args.format != "latex":
         _fail("derive", "--document needs --format latex")
-    output = _derive_output(args)
-    if args.output:
-        try:
-            args.output.write_text(output, encoding="utf-8")
-        except OSError as err:
-            _fail("derive", f"cannot write {args.output}: {err.strerror}")
-    else:
-        sys.stdout.write(output)
+    _emit(_derive_output(args), args.output, "derive")
     return 0
+
+
+def _emit(output: str, target: Path | None, command: str) -> None:
+    """Standard output, or the file named by -o."""
+    if target is None:
+        sys.stdout.write(output)
+        return
+    try:
+        target.write_text(output, encoding="utf-8")
+    except OSError as err:
+        _fail(command, f"cannot write {target}: {err.strerror}")
 
 
 def _derive_output(args: argparse.Namespace) -> str:
@@ -90,6 +112,28 @@ def _derive_output(args: argparse.Namespace) -> str:
     if args.format == "json":
         return to_json(d, args.form, proofs)
     return to_text(d, args.form, proofs)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .explain import explain, to_json, to_latex, to_text
+
+    render = {"text": to_text, "json": to_json, "latex": to_latex}[args.format]
+    _emit(render(explain(args.norm)), args.output, "explain")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .explain import LatexError, explain, write_report
+
+    if args.output.suffix not in (".pdf", ".tex"):
+        _fail("report", f"-o must name a .pdf or .tex file, got {args.output}")
+    try:
+        print(write_report(explain(args.norm), args.output))
+    except LatexError as err:
+        _fail("report", str(err))
+    except OSError as err:
+        _fail("report", f"cannot write {args.output}: {err.strerror}")
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:

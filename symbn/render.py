@@ -130,8 +130,8 @@ def to_json(d: Derivation, form: str = "both", proofs: list[Proof] | None = None
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
-def to_document(norm) -> str:
-    """A complete LaTeX article for ``norm``: both modes, both forms, every proof's outcome."""
+def document_context(norm) -> dict:
+    """What the LaTeX templates need for ``norm``: both modes, both forms, every proof."""
     modes = []
     for mode in ("train", "eval"):
         d = derive(norm, mode)
@@ -147,7 +147,10 @@ def to_document(norm) -> str:
             "stats": [(show(d.symbols[s]), s) for s in d.stats],
         })
     train = modes[0]["derivation"]
-    return environment("latex").get_template("derivation.tex.j2").render(
-        norm=train.norm, modes=modes, titles=TITLES,
-        symbols={name: latex(d.value(name), train.notation) for name in ("x", "xhat", "y")},
-    )
+    return {"norm": train.norm, "modes": modes, "titles": TITLES,
+            "symbols": {name: latex(train.value(name), train.notation) for name in ("x", "xhat", "y")}}
+
+
+def to_document(norm) -> str:
+    """A complete LaTeX article for ``norm``: both modes, both forms, every proof's outcome."""
+    return environment("latex").get_template("derivation.tex.j2").render(**document_context(norm))
