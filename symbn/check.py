@@ -97,18 +97,19 @@ def finite_differences(case: Case, data: dict, mode: str, h: float = 1e-6) -> di
             y = kernels.forward_eval(args["x"], args["gamma"], args["beta"], *running, **_options(case))
         return float(np.sum(data["dy"] * y))
 
-    out = {}
-    for name in ("x", "gamma", "beta"):
-        value = data[name]
-        grad = np.empty_like(value)
-        for index in np.ndindex(value.shape):
-            step = h * max(1.0, abs(value[index]))
-            up, down = value.copy(), value.copy()
-            up[index] += step
-            down[index] -= step
-            grad[index] = (loss(**{name: up}) - loss(**{name: down})) / (2 * step)
-        out[f"d{name}"] = grad
-    return out
+    return {f"d{name}": central_differences(lambda v, name=name: loss(**{name: v}), data[name], h) for name in ("x", "gamma", "beta")}
+
+
+def central_differences(loss, value: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    """d loss / d value by central differences, entry by entry, with a step relative to each entry."""
+    grad = np.empty_like(value)
+    for index in np.ndindex(value.shape):
+        step = h * max(1.0, abs(value[index]))
+        up, down = value.copy(), value.copy()
+        up[index] += step
+        down[index] -= step
+        grad[index] = (loss(up) - loss(down)) / (2 * step)
+    return grad
 
 
 def torch_reference(case: Case, data: dict, mode: str, dtype=np.float64) -> dict[str, np.ndarray] | None:

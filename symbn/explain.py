@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .build import load, module
+from .check import central_differences
 from .derive import Derivation, derive
 from .evaluate import evaluate
 from .jinja import environment
@@ -50,16 +51,6 @@ def _one_group(norm: Norm, m: int) -> tuple[tuple[int, ...], dict]:
         "instance": ((1, 1, m), {}),
         "groups": ((1, m, 1), {"num_groups": 1}),
     }[norm.layout.name]
-
-
-def _central_differences(loss, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    grad = np.empty_like(x)
-    for index in np.ndindex(x.shape):
-        up, down = x.copy(), x.copy()
-        up[index] += h
-        down[index] -= h
-        grad[index] = (loss(up) - loss(down)) / (2 * h)
-    return grad
 
 
 def relative_error(a, b) -> float:
@@ -101,7 +92,7 @@ def explain(norm: str | Norm = "batchnorm", m: int = 16, seed: int = 0, steps: i
     full = kernels.backward_train(dy.reshape(shape), x.reshape(shape), gamma, *saved, **options)[0].ravel()
     batch_stats = [s.reshape(1) for s in kernels.batch_statistics(x.reshape(shape), EPS, **options)]
     frozen = kernels.backward_eval(dy.reshape(shape), x.reshape(shape), gamma, *batch_stats, EPS, **options)[0].ravel()
-    fd = _central_differences(lambda v: float(dy @ forward_train(v)[0].ravel()), x)
+    fd = central_differences(lambda v: float(dy @ forward_train(v)[0].ravel()), x)
 
     values = evaluate(train, x, dy, gamma if element else gamma[0], beta if element else beta[0], EPS)
     terms = {via: np.broadcast_to(v, (m,)).astype(float) for via, v in values.terms["x"].items()}
@@ -123,7 +114,7 @@ def explain(norm: str | Norm = "batchnorm", m: int = 16, seed: int = 0, steps: i
 
     population = [np.array([POPULATION[s]]) for s in norm.stat_names]
     evaluated = kernels.backward_eval(dy.reshape(shape), x.reshape(shape), gamma, *population, EPS, **options)[0].ravel()
-    eval_fd = _central_differences(
+    eval_fd = central_differences(
         lambda v: float(dy @ kernels.forward_eval(v.reshape(shape), gamma, beta, *population, EPS, **options).ravel()), x)
 
     out.numbers = {

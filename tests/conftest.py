@@ -28,7 +28,7 @@ def finite_difference(f, v, h=1e-6):
     """Central differences of scalar f at every entry of the float64 array v (or at the float v)."""
     v = np.atleast_1d(np.asarray(v, dtype=np.float64))
     grad = np.empty_like(v)
-    for j in range(v.size):
+    for j in np.ndindex(v.shape):
         up, down = v.copy(), v.copy()
         up[j] += h
         down[j] -= h

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import symbn
+from conftest import finite_difference
 from symbn.spec import BUILTINS
 
 torch = pytest.importorskip("torch")
@@ -133,16 +134,6 @@ def test_eval_against_autograd(backend, norm, dtype):
     ty.backward(torch.tensor(dy))
     for mine, theirs in ((y, ty.detach()), (dx, t[0].grad), (dgamma, t[1].grad), (dbeta, t[2].grad)):
         close(mine, theirs.numpy(), dtype)
-
-
-def finite_difference(f, v, h=1e-6):
-    grad = np.empty_like(v)
-    for index in np.ndindex(v.shape):
-        up, down = v.copy(), v.copy()
-        up[index] += h
-        down[index] -= h
-        grad[index] = (f(up) - f(down)) / (2 * h)
-    return grad
 
 
 def independent_forward(norm, x, gamma, beta, options, running=None):
