@@ -17,14 +17,18 @@
  * running: 2 x p_count doubles, [statistic][p]
  * gamma and beta may be NULL (1 and 0); dgamma and dbeta may be NULL (not computed) and
  * are accumulated into (+=), in double precision.
- * Every function returns SYMBN_OK, or an error code and writes nothing.
+ * Every function returns SYMBN_OK, or an error code and writes nothing. Compiled with OpenMP,
+ * they split the work over threads (all available, or set_num_threads(n); 0 restores the default).
  */
 #define SYMBN_OK 0
 #define SYMBN_ENULL 1
 #define SYMBN_ESIZE 2
+#define SYMBN_ENOMEM 3
 
 #define SYMBN_BATCHNORM_NSTATS 2
 #define SYMBN_BATCHNORM_NSAVED 2
+
+void symbn_batchnorm_set_num_threads(int threads);
 
 int symbn_batchnorm_forward_train_f32(const float *x, const float *gamma, const float *beta, float *y, double *stats, double *saved, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps);
 int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const float *gamma, const double *saved, float *dx, double *dgamma, double *dbeta, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count);

@@ -60,6 +60,19 @@ def array(name, value, dtype=None, shape=None):
     return numpy.ascontiguousarray(value)
 
 
+def output(name, out, like):
+    """A preallocated result buffer (reused across calls: no page faults on fresh memory), or a new one."""
+    if out is None:
+        return numpy.empty_like(like)
+    if not isinstance(out, numpy.ndarray) or out.dtype != like.dtype or out.shape != like.shape:
+        raise ValueError(f"{name} must be a {like.dtype} array of shape {like.shape}")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError(f"{name} must be C-contiguous and writable")
+    if numpy.shares_memory(out, like):
+        raise ValueError(f"{name} must not overlap the input")
+    return out
+
+
 def positive(name, value):
     """A finite number > 0 (eps), as a float."""
     if isinstance(value, bool) or not isinstance(value, Real) or not isfinite(value) or value <= 0:
@@ -188,6 +201,7 @@ def _bind(library):
         "forward_eval": [ptr] * 5 + [size] * 5 + [real],
         "backward_eval": [ptr] * 7 + [size] * 5 + [real],
     }
+    lib[f"symbn_{NORM}_set_num_threads"].argtypes = [ctypes.c_int]
     functions = {}
     for dtype, suffix in ((numpy.float32, "f32"), (numpy.float64, "f64")):
         for name, argtypes in signatures.items():
@@ -207,14 +221,23 @@ class Kernels:
     """forward_train, backward_train, forward_eval and backward_eval of rmsnorm, on NumPy
     (``library=None``) or on the shared library compiled from rmsnorm.c; same semantics."""
 
-    def __init__(self, library=None):
+    def __init__(self, library=None, threads=None):
         self.backend = "numpy" if library is None else "c"
         self.library, self._c = (None, None) if library is None else _bind(library)
+        if threads is not None:
+            self.set_threads(threads)
+
+    def set_threads(self, threads):
+        """Cap the C kernels' thread team (0: every core); NumPy ignores it."""
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise ValueError(f"threads must be a non-negative integer, got {threads!r}")
+        if self.library is not None:
+            self.library[f"symbn_{NORM}_set_num_threads"](threads)
 
     def __repr__(self):
         return f"<{NORM} kernels, {self.backend} backend>"
 
-    def forward_train(self, x, gamma=None, beta=None, eps=1e-5, *, running_ms=None, momentum=0.1, normalized_shape=None, num_groups=None):
+    def forward_train(self, x, gamma=None, beta=None, eps=1e-5, *, running_ms=None, momentum=0.1, normalized_shape=None, num_groups=None, out=None):
         """y and the saved statistics (invstd, float64, one per group); updates
         running statistics in place when given, as PyTorch's training mode does."""
         x, gamma, beta, geo = prepare(x, gamma, beta, normalized_shape, num_groups)
@@ -222,7 +245,7 @@ class Kernels:
         running = [running_ms]
         if any(r is not None for r in running):
             running = updatable(running, geo, momentum)
-        y, stats, saved = self._forward_train(x, gamma, beta, eps, geo)
+        y, stats, saved = self._forward_train(x, gamma, beta, eps, geo, output("out", out, x))
         if running[0] is not None:
             update_running(running, stats, geo, momentum)
         return (y, *(s.reshape(geo.group_shape) for s in saved))
@@ -233,8 +256,8 @@ class Kernels:
         _, stats, _ = self._forward_train(x, None, None, positive("eps", eps), geo)
         return tuple(s.reshape(geo.group_shape) for s in stats)
 
-    def _forward_train(self, x, gamma, beta, eps, geo):
-        y = numpy.empty_like(x)
+    def _forward_train(self, x, gamma, beta, eps, geo, y=None):
+        y = numpy.empty_like(x) if y is None else y
         stats = numpy.empty((len(STATS), geo.q, geo.p))
         saved = numpy.empty((len(SAVED), geo.q, geo.p))
         if self._c is None:
@@ -244,12 +267,12 @@ class Kernels:
                   stats.ctypes.data, saved.ctypes.data, geo.outer, geo.q, geo.p, geo.l, geo.s, eps)
         return y, stats, saved
 
-    def backward_train(self, dy, x, gamma, invstd, *, normalized_shape=None, num_groups=None):
+    def backward_train(self, dy, x, gamma, invstd, *, normalized_shape=None, num_groups=None, out=None):
         """dl/dx, dl/dgamma, dl/dbeta from dy and what forward_train saved."""
         x, gamma, _, geo = prepare(x, gamma, None, normalized_shape, num_groups)
         dy = array("dy", dy, x.dtype, x.shape)
         saved = numpy.ascontiguousarray(numpy.stack(saved_arrays((invstd,), geo)).reshape(len(SAVED), geo.q, geo.p))
-        dx, dgamma, dbeta = numpy.empty_like(x), numpy.zeros(geo.p * geo.l), numpy.zeros(geo.p * geo.l)
+        dx, dgamma, dbeta = output("out", out, x), numpy.zeros(geo.p * geo.l), numpy.zeros(geo.p * geo.l)
         if self._c is None:
             _numpy_backward_train(dy, x, gamma, saved, geo, dx, dgamma, dbeta)
         else:
@@ -257,12 +280,12 @@ class Kernels:
                   dx.ctypes.data, dgamma.ctypes.data, dbeta.ctypes.data, geo.outer, geo.q, geo.p, geo.l, geo.s)
         return dx, dgamma.astype(x.dtype).reshape(geo.param_shape), dbeta.astype(x.dtype).reshape(geo.param_shape)
 
-    def forward_eval(self, x, gamma, beta, running_ms, eps=1e-5, *, normalized_shape=None, num_groups=None):
+    def forward_eval(self, x, gamma, beta, running_ms, eps=1e-5, *, normalized_shape=None, num_groups=None, out=None):
         """y with the running (population) statistics in place of the batch's."""
         x, gamma, beta, geo = prepare(x, gamma, beta, normalized_shape, num_groups)
         eps = positive("eps", eps)
         running = _running_block((running_ms,), geo)
-        y = numpy.empty_like(x)
+        y = output("out", out, x)
         if self._c is None:
             _numpy_forward_eval(x, gamma, beta, running, eps, geo, y)
         else:
@@ -270,13 +293,13 @@ class Kernels:
                   y.ctypes.data, geo.outer, geo.q, geo.p, geo.l, geo.s, eps)
         return y
 
-    def backward_eval(self, dy, x, gamma, running_ms, eps=1e-5, *, normalized_shape=None, num_groups=None):
+    def backward_eval(self, dy, x, gamma, running_ms, eps=1e-5, *, normalized_shape=None, num_groups=None, out=None):
         """dl/dx, dl/dgamma, dl/dbeta with the statistics constant: the direct path only."""
         x, gamma, _, geo = prepare(x, gamma, None, normalized_shape, num_groups)
         eps = positive("eps", eps)
         dy = array("dy", dy, x.dtype, x.shape)
         running = _running_block((running_ms,), geo)
-        dx, dgamma, dbeta = numpy.empty_like(x), numpy.zeros(geo.p * geo.l), numpy.zeros(geo.p * geo.l)
+        dx, dgamma, dbeta = output("out", out, x), numpy.zeros(geo.p * geo.l), numpy.zeros(geo.p * geo.l)
         if self._c is None:
             _numpy_backward_eval(dy, x, gamma, running, eps, geo, dx, dgamma, dbeta)
         else:

@@ -22,6 +22,7 @@ from .spec import BUILTINS, Norm, resolve
 
 BACKENDS = ("numpy", "c")
 FLAGS = ("-std=c99", "-O3", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror", "-pedantic")
+OPENMP = ("-fopenmp",)
 LIBS = ("-lm",)
 
 
@@ -55,24 +56,31 @@ def _version(command: list[str]) -> str:
 
 
 def compile_library(source: Path) -> Path:
-    """The shared library built from ``source`` (its header beside it), from the cache if there."""
+    """The shared library built from ``source`` (its header beside it), from the cache if there.
+
+    Built with OpenMP where the compiler has it, else serial (the same source, pragmas off)."""
     command = compiler()
-    header = source.with_suffix(".h")
-    key = hashlib.sha256()
-    for part in (source.read_bytes(), header.read_bytes(), " ".join(FLAGS + LIBS).encode(), _version(command).encode(), " ".join(command).encode()):
-        key.update(part)
-    target = cache_dir() / "lib" / f"lib{source.stem}-{key.hexdigest()[:20]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        built = Path(scratch) / target.name
-        done = subprocess.run([*command, *FLAGS, "-I", str(source.parent), str(source), "-o", str(built), *LIBS],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise CompilerError(f"compiling {source.name} failed:\n{done.stderr.strip()}")
-        os.replace(built, target)  # atomic: another process sees the old name or the whole file
-    return target
+    version = _version(command)
+    failure = ""
+    for extra in (OPENMP, ()):
+        flags = FLAGS + extra
+        key = hashlib.sha256()
+        for part in (source.read_bytes(), source.with_suffix(".h").read_bytes(), " ".join(flags + LIBS).encode(),
+                     version.encode(), " ".join(command).encode()):
+            key.update(part)
+        target = cache_dir() / "lib" / f"lib{source.stem}-{key.hexdigest()[:20]}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            done = subprocess.run([*command, *flags, "-I", str(source.parent), str(source), "-o", str(built), *LIBS],
+                                  capture_output=True, text=True)
+            if done.returncode == 0:
+                os.replace(built, target)  # atomic: another process sees the old name or the whole file
+                return target
+            failure = done.stderr.strip()
+    raise CompilerError(f"compiling {source.name} failed:\n{failure}")
 
 
 def sources_dir(norm: str | Norm) -> Path:
@@ -112,13 +120,14 @@ def module(norm: str | Norm) -> ModuleType:
     return _MODULES[path]
 
 
-def load(norm: str | Norm = "batchnorm", backend: str = "numpy"):
+def load(norm: str | Norm = "batchnorm", backend: str = "numpy", threads: int | None = None):
     """The kernels of ``norm`` (a built-in name or a spec) on ``backend`` (``"numpy"`` or ``"c"``):
-    an object with forward_train, backward_train, forward_eval, backward_eval."""
+    an object with forward_train, backward_train, forward_eval, backward_eval. ``threads`` caps the
+    C kernels' OpenMP team (default: every core)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}")
     norm = resolve(norm)
     kernels = module(norm).Kernels
     if backend == "numpy":
         return kernels()
-    return kernels(compile_library(sources_dir(norm) / f"{norm.name}.c"))
+    return kernels(compile_library(sources_dir(norm) / f"{norm.name}.c"), threads=threads)

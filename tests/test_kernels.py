@@ -250,3 +250,47 @@ def test_numpy_and_c_agree_on_large_problems():
     np.testing.assert_allclose(ya, yb, rtol=1e-6, atol=1e-6)
     for u, v in zip(a.backward_train(dy, x, gamma, *sa, num_groups=4), b.backward_train(dy, x, gamma, *sb, num_groups=4)):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm, shape, options", [
+    ("batchnorm", (2048, 48), {}),                              # runs of one element: vectorized across channels
+    ("batchnorm", (8, 6, 40, 40), {}),                          # spatial runs per channel
+    ("layernorm", (512, 300), {}),                              # one parameter per element
+    ("groupnorm", (8, 12, 30, 30), {"num_groups": 4}),          # several channels per group
+    ("instancenorm", (6, 5, 60, 60), {}),
+])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_threaded_c_matches_numpy_on_large_problems(norm, shape, options, mode):
+    """Problems large enough for a thread team, in each loop shape: 1 and 2 threads agree with NumPy."""
+    x, dy, gamma, beta = data(norm, shape, options, np.float64, seed=10)
+    numpy_k = kernels(norm, "numpy")
+    stats = BUILTINS[norm].stat_names
+    groups = options.get("num_groups", shape[1] if norm in ("batchnorm", "instancenorm") else 1)
+    running = [np.random.default_rng(11).uniform(0.5, 2.0, groups) for _ in stats]
+
+    def both(k):
+        if mode == "train":
+            y, *saved = k.forward_train(x, gamma, beta, **options)
+            return (y, *k.backward_train(dy, x, gamma, *saved, **options))
+        return (k.forward_eval(x, gamma, beta, *running, **options), *k.backward_eval(dy, x, gamma, *running, **options))
+
+    expected = both(numpy_k)
+    for threads in (1, 2):
+        for mine, theirs in zip(both(symbn.load(norm, "c", threads=threads)), expected):
+            np.testing.assert_allclose(mine, theirs, rtol=1e-10, atol=1e-10)
+
+
+def test_out_buffers_are_used_and_checked(backend):
+    x, dy, gamma, beta = data("batchnorm", (64, 8), {}, np.float32, seed=12)
+    k = kernels("batchnorm", backend)
+    y = np.empty_like(x)
+    result, mean, invstd = k.forward_train(x, gamma, beta, out=y)
+    assert result is y
+    dx = np.empty_like(x)
+    assert k.backward_train(dy, x, gamma, mean, invstd, out=dx)[0] is dx
+    with pytest.raises(ValueError, match="out must be a float32 array of shape"):
+        k.forward_train(x, gamma, beta, out=np.empty((64, 8)))
+    with pytest.raises(ValueError, match="must not overlap the input"):
+        k.forward_train(x, gamma, beta, out=x)
+    with pytest.raises(ValueError, match="threads must be a non-negative integer"):
+        k.set_threads(-1)
