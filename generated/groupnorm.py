@@ -44,8 +44,11 @@ def geometry(shape, param_shape=None, normalized_shape=None, num_groups=None):
     return Geometry(1, n, num_groups, c // num_groups, spatial, (n, num_groups), (c,))
 
 
-def array(name, value, dtype=None, shape=None):
-    """``value`` as a C-contiguous array (strided input is copied, never misread), after checks."""
+def array(name, value, dtype=None, shape=None, finite=True):
+    """``value`` as a C-contiguous array (strided input is copied, never misread), after checks.
+
+    ``finite=False`` leaves the NaN check to the caller, which then checks the kernel's sums over
+    the array instead of making one more pass over it."""
     if not isinstance(value, numpy.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(value).__name__}")
     if dtype is None and value.dtype not in DTYPES:
@@ -56,7 +59,7 @@ def array(name, value, dtype=None, shape=None):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {value.shape}")
     if value.size == 0:
         raise ValueError(f"{name} is empty")
-    if not isfinite(value.sum(dtype=numpy.float64)):
+    if finite and not isfinite(value.sum(dtype=numpy.float64)):
         raise ValueError(f"{name} contains NaN or infinity")
     return numpy.ascontiguousarray(value)
 
@@ -81,9 +84,15 @@ def positive(name, value):
     return float(value)
 
 
-def prepare(x, gamma, beta, normalized_shape=None, num_groups=None):
+def finite_sums(sums, names):
+    """Raise when a kernel's sums over its inputs are not finite: those inputs held NaN or infinity."""
+    if not numpy.isfinite(sums).all():
+        raise ValueError(f"{names} contains NaN or infinity (or its sums overflow)")
+
+
+def prepare(x, gamma, beta, normalized_shape=None, num_groups=None, finite=True):
     """Checked, contiguous x, gamma, beta (None stays None) and the geometry."""
-    x = array("x", x)
+    x = array("x", x, finite=finite)
     shape = next((v.shape for v in (gamma, beta) if isinstance(v, numpy.ndarray)), None)
     geo = geometry(x.shape, shape, normalized_shape, num_groups)
     params = [None if v is None else array(name, v, x.dtype, geo.param_shape) for name, v in (("gamma", gamma), ("beta", beta))]
@@ -249,20 +258,22 @@ class Kernels:
     def forward_train(self, x, gamma=None, beta=None, eps=1e-5, *, running_mean=None, running_var=None, momentum=0.1, normalized_shape=None, num_groups=None, out=None):
         """y and the saved statistics (mean, invstd, float64, one per group); updates
         running statistics in place when given, as PyTorch's training mode does."""
-        x, gamma, beta, geo = prepare(x, gamma, beta, normalized_shape, num_groups)
+        x, gamma, beta, geo = prepare(x, gamma, beta, normalized_shape, num_groups, finite=False)
         eps = positive("eps", eps)
         running = [running_mean, running_var]
         if any(r is not None for r in running):
             running = updatable(running, geo, momentum)
         y, stats, saved = self._forward_train(x, gamma, beta, eps, geo, output("out", out, x))
+        finite_sums(stats, "x")
         if running[0] is not None:
             update_running(running, stats, geo, momentum)
         return (y, *(s.reshape(geo.group_shape) for s in saved))
 
     def batch_statistics(self, x, eps=1e-5, *, normalized_shape=None, num_groups=None):
         """This batch's statistics (mean, var): float64, one per group."""
-        x, _, _, geo = prepare(x, None, None, normalized_shape, num_groups)
+        x, _, _, geo = prepare(x, None, None, normalized_shape, num_groups, finite=False)
         _, stats, _ = self._forward_train(x, None, None, positive("eps", eps), geo)
+        finite_sums(stats, "x")
         return tuple(s.reshape(geo.group_shape) for s in stats)
 
     def _forward_train(self, x, gamma, beta, eps, geo, y=None):
@@ -270,7 +281,8 @@ class Kernels:
         stats = numpy.empty((len(STATS), geo.q, geo.p))
         saved = numpy.empty((len(SAVED), geo.q, geo.p))
         if self._c is None:
-            _numpy_forward_train(x, gamma, beta, eps, geo, y, stats, saved)
+            with numpy.errstate(all="ignore"):  # NaN and infinity are reported below, as for C
+                _numpy_forward_train(x, gamma, beta, eps, geo, y, stats, saved)
         else:
             _call(self._c["forward_train", x.dtype], x.ctypes.data, _pointer(gamma), _pointer(beta), y.ctypes.data,
                   stats.ctypes.data, saved.ctypes.data, geo.outer, geo.q, geo.p, geo.l, geo.s, eps)
@@ -278,15 +290,17 @@ class Kernels:
 
     def backward_train(self, dy, x, gamma, mean, invstd, *, normalized_shape=None, num_groups=None, out=None):
         """dl/dx, dl/dgamma, dl/dbeta from dy and what forward_train saved."""
-        x, gamma, _, geo = prepare(x, gamma, None, normalized_shape, num_groups)
-        dy = array("dy", dy, x.dtype, x.shape)
+        x, gamma, _, geo = prepare(x, gamma, None, normalized_shape, num_groups, finite=False)
+        dy = array("dy", dy, x.dtype, x.shape, finite=False)
         saved = numpy.ascontiguousarray(numpy.stack(saved_arrays((mean, invstd,), geo)).reshape(len(SAVED), geo.q, geo.p))
         dx, dgamma, dbeta = output("out", out, x), numpy.zeros(geo.p * geo.l), numpy.zeros(geo.p * geo.l)
         if self._c is None:
-            _numpy_backward_train(dy, x, gamma, saved, geo, dx, dgamma, dbeta)
+            with numpy.errstate(all="ignore"):  # NaN and infinity are reported below, as for C
+                _numpy_backward_train(dy, x, gamma, saved, geo, dx, dgamma, dbeta)
         else:
             _call(self._c["backward_train", x.dtype], dy.ctypes.data, x.ctypes.data, _pointer(gamma), saved.ctypes.data,
                   dx.ctypes.data, dgamma.ctypes.data, dbeta.ctypes.data, geo.outer, geo.q, geo.p, geo.l, geo.s)
+        finite_sums((dgamma, dbeta), "x or dy")
         return dx, dgamma.astype(x.dtype).reshape(geo.param_shape), dbeta.astype(x.dtype).reshape(geo.param_shape)
 
     def forward_eval(self, x, gamma, beta, running_mean, running_var, eps=1e-5, *, normalized_shape=None, num_groups=None, out=None):
@@ -296,7 +310,8 @@ class Kernels:
         running = _running_block((running_mean, running_var,), geo)
         y = output("out", out, x)
         if self._c is None:
-            _numpy_forward_eval(x, gamma, beta, running, eps, geo, y)
+            with numpy.errstate(all="ignore"):  # NaN and infinity are reported below, as for C
+                _numpy_forward_eval(x, gamma, beta, running, eps, geo, y)
         else:
             _call(self._c["forward_eval", x.dtype], x.ctypes.data, _pointer(gamma), _pointer(beta), running.ctypes.data,
                   y.ctypes.data, geo.outer, geo.q, geo.p, geo.l, geo.s, eps)
@@ -304,16 +319,18 @@ class Kernels:
 
     def backward_eval(self, dy, x, gamma, running_mean, running_var, eps=1e-5, *, normalized_shape=None, num_groups=None, out=None):
         """dl/dx, dl/dgamma, dl/dbeta with the statistics constant: the direct path only."""
-        x, gamma, _, geo = prepare(x, gamma, None, normalized_shape, num_groups)
+        x, gamma, _, geo = prepare(x, gamma, None, normalized_shape, num_groups, finite=False)
         eps = positive("eps", eps)
-        dy = array("dy", dy, x.dtype, x.shape)
+        dy = array("dy", dy, x.dtype, x.shape, finite=False)
         running = _running_block((running_mean, running_var,), geo)
         dx, dgamma, dbeta = output("out", out, x), numpy.zeros(geo.p * geo.l), numpy.zeros(geo.p * geo.l)
         if self._c is None:
-            _numpy_backward_eval(dy, x, gamma, running, eps, geo, dx, dgamma, dbeta)
+            with numpy.errstate(all="ignore"):  # NaN and infinity are reported below, as for C
+                _numpy_backward_eval(dy, x, gamma, running, eps, geo, dx, dgamma, dbeta)
         else:
             _call(self._c["backward_eval", x.dtype], dy.ctypes.data, x.ctypes.data, _pointer(gamma), running.ctypes.data,
                   dx.ctypes.data, dgamma.ctypes.data, dbeta.ctypes.data, geo.outer, geo.q, geo.p, geo.l, geo.s, eps)
+        finite_sums((dgamma, dbeta), "x or dy")
         return dx, dgamma.astype(x.dtype).reshape(geo.param_shape), dbeta.astype(x.dtype).reshape(geo.param_shape)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ from .spec import BUILTINS, Norm, resolve
 
 BACKENDS = ("numpy", "c")
 FLAGS = ("-std=c99", "-O3", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror", "-pedantic")
-OPENMP = ("-fopenmp",)
+VARIANTS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())  # the first that builds: vector units, threads, plain
 LIBS = ("-lm",)
 
 
@@ -55,18 +56,29 @@ def _version(command: list[str]) -> str:
     return done.stdout + done.stderr
 
 
+def _cpu() -> str:
+    """What -march=native compiles for: the machine and its instruction-set flags (Linux), so that a
+    cache shared between machines never hands one a library built for another."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {flags}"
+
+
 def compile_library(source: Path) -> Path:
     """The shared library built from ``source`` (its header beside it), from the cache if there.
 
-    Built with OpenMP where the compiler has it, else serial (the same source, pragmas off)."""
+    Built for this CPU's vector units and with OpenMP where the compiler can, else plainer
+    (the same source: without OpenMP its pragmas are off and it runs serially)."""
     command = compiler()
     version = _version(command)
     failure = ""
-    for extra in (OPENMP, ()):
+    for extra in VARIANTS:
         flags = FLAGS + extra
         key = hashlib.sha256()
         for part in (source.read_bytes(), source.with_suffix(".h").read_bytes(), " ".join(flags + LIBS).encode(),
-                     version.encode(), " ".join(command).encode()):
+                     version.encode(), " ".join(command).encode(), _cpu().encode()):
             key.update(part)
         target = cache_dir() / "lib" / f"lib{source.stem}-{key.hexdigest()[:20]}.so"
         if target.exists():
