@@ -59,6 +59,14 @@ def parser() -> argparse.ArgumentParser:
                             help=f"one of: {', '.join(BUILTINS)} (default: batchnorm)")
     report_cmd.add_argument("-o", "--output", type=Path, metavar="FILE", required=True, help="FILE.pdf or FILE.tex")
 
+    bench_cmd = commands.add_parser("bench", help="time the generated kernels against PyTorch and NumPy",
+                                    description="Time C, NumPy, PyTorch and the paper's staged NumPy in one process; report ms, GB/s, "
+                                                "fraction of the measured triad bandwidth and the ratio to PyTorch.")
+    bench_cmd.add_argument("--quick", action="store_true", help="three batch-norm cases, fewer repeats (under a minute)")
+    bench_cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench_cmd.add_argument("--threads", type=int, default=2, help="threads for the C kernels and PyTorch (default 2)")
+    bench_cmd.add_argument("--plot", type=Path, metavar="FILE.svg", help="also draw the ratios to PyTorch as an SVG bar chart")
+
     generate_cmd = commands.add_parser("generate", help="regenerate the kernels under generated/",
                                        description="Write the NumPy and C kernels of every built-in norm, deterministically.")
     generate_cmd.add_argument("-o", "--output", type=Path, metavar="DIR", help="write into DIR instead of generated/")
@@ -79,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "generate":
         return _generate(args)
+    if args.command == "bench":
+        from .bench import main as bench
+
+        if args.threads < 1:
+            _fail("bench", f"--threads must be at least 1, got {args.threads}")
+        sys.stdout.write(bench(args.quick, args.json, args.threads, args.plot))
+        return 0
     if args.command == "explain":
         return _explain(args)
     if args.command == "report":

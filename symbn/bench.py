@@ -1,0 +1,207 @@
+"""``python -m symbn bench``: the generated kernels' speed against PyTorch and NumPy, in one process.
+
+Each case times, as medians over repeats after warm-up: the generated C kernels, the generated
+NumPy kernels, PyTorch's own CPU kernels (ATen, same thread count; when installed), the paper's
+staged backward written in NumPy (batch norm), and a STREAM-like triad on the same working set,
+which gives the memory bandwidth the kernels are measured against. Bytes are counted as two
+passes over the inputs plus one write of the output. Nothing here is a test: speed is reported,
+never asserted.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from .build import cache_dir, compile_library, load
+
+FULL = [
+    ("batchnorm", (8192, 1024), {}),
+    ("batchnorm", (32, 64, 56, 56), {}),
+    ("batchnorm", (256, 64), {}),
+    ("layernorm", (8192, 1024), {}),
+    ("rmsnorm", (8192, 1024), {}),
+    ("groupnorm", (32, 64, 56, 56), {"num_groups": 8}),
+]
+QUICK = FULL[:3]
+
+TRIAD = r"""
+#include <stddef.h>
+#include "triad.h"
+void triad(float *a, const float *b, const float *c, ptrdiff_t n, int threads)
+{
+    (void)threads;
+#ifdef _OPENMP
+    #pragma omp parallel for simd num_threads(threads) schedule(static)
+#endif
+    for (ptrdiff_t i = 0; i < n; ++i) a[i] = b[i] + 3.0f * c[i];
+}
+"""
+
+
+def median_ms(call, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _triad(threads: int):
+    """A compiled triad a = b + 3c with OpenMP, built like the kernels."""
+    directory = cache_dir() / "sources" / "triad"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "triad.c").write_text(TRIAD)
+    (directory / "triad.h").write_text("#include <stddef.h>\nvoid triad(float *a, const float *b, const float *c, ptrdiff_t n, int threads);\n")
+    function = ctypes.CDLL(str(compile_library(directory / "triad.c"))).triad
+    function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_ssize_t, ctypes.c_int]
+    return lambda a, b, c: function(a.ctypes.data, b.ctypes.data, c.ctypes.data, a.size, threads)
+
+
+def _staged_backward(dy, x, gamma, eps=1e-5):
+    """The paper's page-4 backward, stage by stage, in NumPy (batch norm): the baseline the
+    compact form is measured against, written here as a reader of the paper would."""
+    axes = (0, *range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    m = x.size // x.shape[1]
+    mu = x.mean(axis=axes, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
+    xhat = (x - mu) / np.sqrt(var + eps)
+    dxhat = dy * gamma.reshape(shape)
+    dvar = np.sum(dxhat * (x - mu) * -0.5 * (var + eps) ** -1.5, axis=axes, keepdims=True)
+    dmu = np.sum(dxhat * -1 / np.sqrt(var + eps), axis=axes, keepdims=True) + dvar * np.sum(-2 * (x - mu), axis=axes, keepdims=True) / m
+    dx = dxhat / np.sqrt(var + eps) + dvar * 2 * (x - mu) / m + dmu / m
+    return dx, np.sum(dy * xhat, axis=axes), np.sum(dy, axis=axes)
+
+
+def _torch(norm: str, x, dy, gamma, beta, options, threads: int):
+    """(forward, backward) calls of PyTorch's ATen kernels, or None without PyTorch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    aten = torch.ops.aten
+    tx, tdy, tg, tb = (torch.from_numpy(v) for v in (x, dy, gamma, beta))
+    if norm == "batchnorm":
+        _, mean, invstd = aten.native_batch_norm(tx, tg, tb, None, None, True, 0.1, 1e-5)
+        return (lambda: aten.native_batch_norm(tx, tg, tb, None, None, True, 0.1, 1e-5),
+                lambda: aten.native_batch_norm_backward(tdy, tx, tg, None, None, mean, invstd, True, 1e-5, [True] * 3))
+    if norm == "layernorm":
+        shape = list(x.shape[-1:])
+        _, mean, rstd = aten.native_layer_norm(tx, shape, tg, tb, 1e-5)
+        return (lambda: aten.native_layer_norm(tx, shape, tg, tb, 1e-5),
+                lambda: aten.native_layer_norm_backward(tdy, tx, shape, mean, rstd, tg, tb, [True] * 3))
+    if norm == "groupnorm":
+        n, c, hw, g = x.shape[0], x.shape[1], int(np.prod(x.shape[2:])), options["num_groups"]
+        _, mean, rstd = aten.native_group_norm(tx, tg, tb, n, c, hw, g, 1e-5)
+        return (lambda: aten.native_group_norm(tx, tg, tb, n, c, hw, g, 1e-5),
+                lambda: aten.native_group_norm_backward(tdy, tx, mean, rstd, tg, n, c, hw, g, [True] * 3))
+    shape = list(x.shape[-1:])
+    leaf, weight = tx.clone().requires_grad_(), tg.clone().requires_grad_()
+    return (lambda: torch.nn.functional.rms_norm(tx, shape, tg, 1e-5),
+            lambda: torch.autograd.grad(torch.nn.functional.rms_norm(leaf, shape, weight, 1e-5), (leaf, weight), tdy))
+
+
+def bench(quick: bool = False, threads: int = 2, progress=None) -> dict:
+    """Every case, every implementation; times in ms, bandwidth in GB/s."""
+    cases, repeats = (QUICK, 5) if quick else (FULL, 15)
+    triad = _triad(threads)
+    results = []
+    for number, (norm, shape, options) in enumerate(cases, 1):
+        if progress:
+            progress(f"[{number}/{len(cases)}] {norm} {'x'.join(map(str, shape))} float32, {threads} threads")
+        rng = np.random.default_rng(number)
+        x, dy = rng.normal(size=shape).astype(np.float32), rng.normal(size=shape).astype(np.float32)
+        params = x.shape[1:2] if norm in ("batchnorm", "groupnorm") else x.shape[-1:]
+        gamma, beta = rng.normal(1, 0.2, params).astype(np.float32), rng.normal(size=params).astype(np.float32)
+        a, b, c = np.empty_like(x), np.ones_like(x), np.ones_like(x)
+        triad_ms = median_ms(lambda: triad(a, b, c), repeats)
+        bandwidth = 3 * x.nbytes / triad_ms / 1e6
+        timings = {}
+        for backend in ("c", "numpy"):
+            kernels = load(norm, backend, threads=threads if backend == "c" else None)
+            y, dx = np.empty_like(x), np.empty_like(x)
+            _, *saved = kernels.forward_train(x, gamma, beta, **options)
+            timings[backend] = (
+                median_ms(lambda: kernels.forward_train(x, gamma, beta, out=y, **options), repeats),
+                median_ms(lambda: kernels.backward_train(dy, x, gamma, *saved, out=dx, **options), repeats))
+        torch_calls = _torch(norm, x, dy, gamma, beta, options, threads)
+        if torch_calls:
+            timings["torch"] = tuple(median_ms(call, repeats) for call in torch_calls)
+        if norm == "batchnorm":
+            timings["staged numpy"] = (None, median_ms(lambda: _staged_backward(dy, x, gamma), repeats))
+        forward_bytes, backward_bytes = 3 * x.nbytes, 5 * x.nbytes
+        rows = {}
+        for name, (fwd, bwd) in timings.items():
+            rows[name] = {
+                "forward_ms": fwd, "backward_ms": bwd,
+                "forward_gbs": None if fwd is None else forward_bytes / fwd / 1e6,
+                "backward_gbs": backward_bytes / bwd / 1e6,
+                "forward_vs_torch": None if fwd is None or "torch" not in timings else fwd / timings["torch"][0],
+                "backward_vs_torch": None if "torch" not in timings else bwd / timings["torch"][1],
+            }
+            for key in ("forward", "backward"):
+                rows[name][f"{key}_of_triad"] = None if rows[name][f"{key}_gbs"] is None else rows[name][f"{key}_gbs"] / bandwidth
+        results.append({"norm": norm, "shape": list(shape), "options": options, "dtype": "float32", "threads": threads,
+                        "triad_gbs": bandwidth, "results": rows})
+    return {"cases": results, "quick": quick, "repeats": repeats,
+            "allocation": "symbn: outputs preallocated (out=), reused every call; PyTorch: fresh outputs from its "
+                          "allocator every call; staged NumPy: fresh temporaries",
+            "bytes": "forward 3|x| (two passes over x, one write of y); backward 5|x| (two passes over x and dy, one write of dx)"}
+
+
+def to_text(report: dict) -> str:
+    lines = [f"median of {report['repeats']} runs after warm-up, float32; {report['allocation']}",
+             f"bytes counted: {report['bytes']}", ""]
+    header = f"{'case':<34}{'impl':<14}{'fwd ms':>9}{'bwd ms':>9}{'fwd GB/s':>10}{'bwd GB/s':>10}{'fwd %triad':>11}{'bwd %triad':>11}{'fwd/torch':>10}{'bwd/torch':>10}"
+    lines.append(header)
+    for case in report["cases"]:
+        label = f"{case['norm']} {'x'.join(map(str, case['shape']))} ({case['triad_gbs']:.0f} GB/s)"
+        for name, r in case["results"].items():
+            cells = [_cell(r["forward_ms"], ".3f"), _cell(r["backward_ms"], ".3f"), _cell(r["forward_gbs"], ".1f"),
+                     _cell(r["backward_gbs"], ".1f"), _cell(r["forward_of_triad"], ".0%"), _cell(r["backward_of_triad"], ".0%"),
+                     _cell(r["forward_vs_torch"], ".2f"), _cell(r["backward_vs_torch"], ".2f")]
+            lines.append(f"{label:<34}{name:<14}" + "".join(f"{c:>{w}}" for c, w in zip(cells, (9, 9, 10, 10, 11, 11, 10, 10))))
+            label = ""
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def to_svg(report: dict) -> str:
+    """Bars of time relative to PyTorch (1 = as fast; lower is faster), forward and backward, per case."""
+    bars = [(f"{c['norm']} {'x'.join(map(str, c['shape']))}", name, key, c["results"][name][f"{key}_vs_torch"])
+            for c in report["cases"] for name in ("c", "numpy") if name in c["results"]
+            for key in ("forward", "backward") if c["results"][name][f"{key}_vs_torch"] is not None]
+    height, top, scale = 22 * len(bars) + 60, 40, 120.0
+    limit = max([1.0, *(min(v, 4.0) for *_, v in bars)])
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="760" height="{height}" font-family="sans-serif" font-size="12">',
+           '<text x="10" y="20" font-size="14">time relative to PyTorch, same threads (1 = as fast, lower is faster)</text>']
+    for j, (case, name, key, value) in enumerate(bars):
+        y = top + 22 * j
+        width = scale * min(value, 4.0) / limit * 3
+        colour = {"c": "#2b6cb0", "numpy": "#dd6b20"}[name]
+        out.append(f'<text x="10" y="{y + 14}">{case} {name} {key}</text>')
+        out.append(f'<rect x="300" y="{y}" width="{width:.1f}" height="16" fill="{colour}" opacity="{0.6 if key == "forward" else 1}"/>')
+        out.append(f'<text x="{305 + width:.1f}" y="{y + 13}">{value:.2f}{"+" if value > 4 else ""}</text>')
+    x_one = 300 + scale / limit * 3
+    out.append(f'<line x1="{x_one:.1f}" y1="{top - 5}" x2="{x_one:.1f}" y2="{height - 15}" stroke="black" stroke-dasharray="4"/>')
+    out.append(f'<text x="{x_one - 20:.1f}" y="{height - 3}">PyTorch</text></svg>')
+    return "\n".join(out) + "\n"
+
+
+def main(quick: bool, as_json: bool, threads: int, plot=None) -> str:
+    report = bench(quick, threads, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    if plot:
+        plot.write_text(to_svg(report))
+    return json.dumps(report, indent=2) + "\n" if as_json else to_text(report)
