@@ -8,6 +8,8 @@
 
 #include "groupnorm.h"
 
+#define LONG_RUN 32 /* runs at least this long: a thread takes whole groups, every pass back to back */
+
 #ifdef _OPENMP
 #define SYMBN_PRAGMA(text) _Pragma(#text)
 #else
@@ -62,6 +64,125 @@ int symbn_groupnorm_forward_train_f32(const float *x, const float *gamma, const 
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            double stat_mean;
+            {
+                double acc_0 = 0.0;
+
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+                        acc_0 += x_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+                            acc_0 += x_v;
+                            
+                        }
+                    }
+                }
+
+            }
+
+                stat_mean = acc_0 / m;
+            }
+            stats[0 * groups + g] = stat_mean;
+            double stat_var;
+            {
+                double acc_0 = 0.0;
+
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+                        acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                        
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+                            acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    }
+                }
+
+            }
+
+                stat_var = acc_0 / m;
+            }
+            stats[1 * groups + g] = stat_var;
+            const double saved_mean = stat_mean;
+            saved[0 * groups + g] = saved_mean;
+            const double saved_invstd = 1.0/sqrt(eps + stat_var);
+            saved[1 * groups + g] = saved_invstd;
+            
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                        const double y_v = beta_v + gamma_v*xhat_v;
+
+                        y[idx] = (float)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                            const double y_v = beta_v + gamma_v*xhat_v;
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const coef = malloc((0 * (size_t)groups + 1) * sizeof(double));
     if (!coef) {
         free(partial);
@@ -89,37 +210,35 @@ int symbn_groupnorm_forward_train_f32(const float *x, const float *gamma, const 
                     mine[0 * groups + g] += x_v;
                     
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    (void)g;
-                    double acc_0 = 0.0;
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        acc_0 += x_v;
-                        
-                    }
-                    mine[0 * groups + g] += acc_0;
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
                     (void)g;
                     double acc_0 = 0.0;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
+
+                    if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
                             acc_0 += x_v;
                             
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                acc_0 += x_v;
+                                
+                            }
+                        }
                     }
+
                     mine[0 * groups + g] += acc_0;
                 }
             }
@@ -155,39 +274,36 @@ int symbn_groupnorm_forward_train_f32(const float *x, const float *gamma, const 
                     mine[0 * groups + g] += ((-stat_mean + x_v)*(-stat_mean + x_v));
                     
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
-                    (void)g;
-                    double acc_0 = 0.0;
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                        
-                    }
-                    mine[0 * groups + g] += acc_0;
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
                     const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
                     (void)g;
                     double acc_0 = 0.0;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
+
+                    if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
                             acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
                             
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                
+                            }
+                        }
                     }
+
                     mine[0 * groups + g] += acc_0;
                 }
             }
@@ -242,36 +358,18 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                     y[idx] = (float)y_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (float)y_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
                     const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
                     const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
 
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
@@ -280,15 +378,32 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                             y[idx] = (float)y_v;
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                                const double y_v = beta_v + gamma_v*xhat_v;
+
+                                y[idx] = (float)y_v;
+                            }
+                        }
                     }
+
                 }
             }
         }
     }
 
+    free(coef);
+    }
     free(partial);
     free(pgrad);
-    free(coef);
     return SYMBN_OK;
 }
 
@@ -310,6 +425,111 @@ int symbn_groupnorm_backward_train_f32(const float *dy, const float *x, const fl
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+            
+            double red_0;
+            double red_1;
+            {
+                double acc_0 = 0.0;
+                double acc_1 = 0.0;
+
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                        (void)dy_v;
+                        acc_0 += dy_v*gamma_v;
+                        acc_1 += dy_v*gamma_v*xhat_v;
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        double pacc_0 = 0.0;
+                        double pacc_1 = 0.0;
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                            (void)dy_v;
+                            acc_0 += dy_v*gamma_v;
+                            acc_1 += dy_v*gamma_v*xhat_v;
+                            pacc_0 += dy_v*xhat_v;
+                            pacc_1 += dy_v;
+                            
+                        }
+                        mine_params[0 * pl + pidx] += pacc_0;
+                        mine_params[1 * pl + pidx] += pacc_1;
+                    }
+                }
+
+            }
+
+                red_0 = acc_0;
+                red_1 = acc_1;
+            }
+            const double c_dx_v_0 = saved_invstd/m;
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                        const double dx_v = -c_dx_v_0*(-dy_v*gamma_v*m + red_0 + red_1*xhat_v);
+
+                        dx[idx] = (float)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                            const double dx_v = -c_dx_v_0*(-dy_v*gamma_v*m + red_0 + red_1*xhat_v);
+
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const sums = malloc((2 * (size_t)groups + 1) * sizeof(double));
     double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
     if (!sums || !coef) {
@@ -356,32 +576,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     mine_params[1 * pl + pidx] += dy_v;
                     
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-                    double acc_0 = 0.0;
-                    double acc_1 = 0.0;
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        (void)dy_v;
-                        acc_0 += dy_v*gamma_v;
-                        acc_1 += dy_v*gamma_v*xhat_v;
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        
-                    }
-                    mine[0 * groups + g] += acc_0;
-                    mine[1 * groups + g] += acc_1;
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -390,14 +584,12 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                     double acc_0 = 0.0;
                     double acc_1 = 0.0;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
@@ -405,13 +597,35 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             (void)dy_v;
                             acc_0 += dy_v*gamma_v;
                             acc_1 += dy_v*gamma_v*xhat_v;
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
                             
                         }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                                (void)dy_v;
+                                acc_0 += dy_v*gamma_v;
+                                acc_1 += dy_v*gamma_v*xhat_v;
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
                     }
+
                     mine[0 * groups + g] += acc_0;
                     mine[1 * groups + g] += acc_1;
                 }
@@ -425,16 +639,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (int t = 0; t < team; ++t) total += partial[((size_t)t * 2 + (size_t)j) * (size_t)groups + (size_t)g];
             sums[j * groups + g] = total;
         }
-
-    for (ptrdiff_t k = 0; k < pl; ++k) {
-        double dgamma_k = 0.0, dbeta_k = 0.0;
-        for (int t = 0; t < team; ++t) {
-            dgamma_k += pgrad[((size_t)t * 2) * (size_t)pl + (size_t)k];
-            dbeta_k += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
-        }
-        if (dgamma) dgamma[k] += dgamma_k;
-        if (dbeta) dbeta[k] += dbeta_k;
-    }
 
     /* per-group coefficients of dx, then pass 2: dx */
 for (ptrdiff_t g = 0; g < groups; ++g) {
@@ -477,28 +681,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                     dx[idx] = (float)dx_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double red_0 = sums[0 * groups + g]; (void)red_0;
-                    const double red_1 = sums[1 * groups + g]; (void)red_1;
-                    const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
-
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        const double dx_v = -c_dx_v_0*(-dy_v*gamma_v*m + red_0 + red_1*xhat_v);
-
-                        dx[idx] = (float)dx_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -508,11 +690,12 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     const double red_1 = sums[1 * groups + g]; (void)red_1;
                     const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
 
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
@@ -521,16 +704,43 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                             dx[idx] = (float)dx_v;
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                                const double dx_v = -c_dx_v_0*(-dy_v*gamma_v*m + red_0 + red_1*xhat_v);
+
+                                dx[idx] = (float)dx_v;
+                            }
+                        }
                     }
+
                 }
             }
         }
     }
 
-    free(partial);
-    free(pgrad);
     free(sums);
     free(coef);
+    }
+    for (ptrdiff_t k = 0; k < pl; ++k) {
+        double dgamma_k = 0.0, dbeta_k = 0.0;
+        for (int t = 0; t < team; ++t) {
+            dgamma_k += pgrad[((size_t)t * 2) * (size_t)pl + (size_t)k];
+            dbeta_k += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
+        }
+        if (dgamma) dgamma[k] += dgamma_k;
+        if (dbeta) dbeta[k] += dbeta_k;
+    }
+
+    free(partial);
+    free(pgrad);
     return SYMBN_OK;
 }
 
@@ -551,6 +761,57 @@ int symbn_groupnorm_forward_eval_f32(const float *x, const float *gamma, const f
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+            const double run_var = running[1 * p_count + p]; (void)run_var;
+
+            
+            const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                        const double y_v = beta_v + gamma_v*xhat_v;
+
+                        y[idx] = (float)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                            const double y_v = beta_v + gamma_v*xhat_v;
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
     if (!coef) {
         free(partial);
@@ -593,26 +854,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                     y[idx] = (float)y_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (float)y_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -620,11 +861,12 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     const double run_var = running[1 * p_count + p]; (void)run_var;
                     const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
 
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
@@ -633,15 +875,32 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                             y[idx] = (float)y_v;
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                                const double y_v = beta_v + gamma_v*xhat_v;
+
+                                y[idx] = (float)y_v;
+                            }
+                        }
                     }
+
                 }
             }
         }
     }
 
+    free(coef);
+    }
     free(partial);
     free(pgrad);
-    free(coef);
     return SYMBN_OK;
 }
 
@@ -663,6 +922,67 @@ int symbn_groupnorm_backward_eval_f32(const float *dy, const float *x, const flo
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+            const double run_var = running[1 * p_count + p]; (void)run_var;
+
+            
+            const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+            const double c_dx_v_0 = 1.0/sqrt(eps + run_var);
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        dx[idx] = (float)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        double pacc_0 = 0.0;
+                        double pacc_1 = 0.0;
+                        SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            pacc_0 += dy_v*xhat_v;
+                            pacc_1 += dy_v;
+                            dx[idx] = (float)dx_v;
+                        }
+                        mine_params[0 * pl + pidx] += pacc_0;
+                        mine_params[1 * pl + pidx] += pacc_1;
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const coef = malloc((2 * (size_t)groups + 1) * sizeof(double));
     if (!coef) {
         free(partial);
@@ -710,29 +1030,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     mine_params[1 * pl + pidx] += dy_v;
                     dx[idx] = (float)dx_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
-
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
-
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        dx[idx] = (float)dx_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -741,32 +1038,53 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
                     const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
 
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
                             const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
                             const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
                             dx[idx] = (float)dx_v;
                         }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                dx[idx] = (float)dx_v;
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
                     }
+
                 }
             }
         }
     }
 
+    free(coef);
+    }
     for (ptrdiff_t k = 0; k < pl; ++k) {
         double dgamma_k = 0.0, dbeta_k = 0.0;
         for (int t = 0; t < team; ++t) {
@@ -779,7 +1097,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
     free(partial);
     free(pgrad);
-    free(coef);
     return SYMBN_OK;
 }
 /* ---- double ---- */
@@ -801,6 +1118,125 @@ int symbn_groupnorm_forward_train_f64(const double *x, const double *gamma, cons
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            double stat_mean;
+            {
+                double acc_0 = 0.0;
+
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+                        acc_0 += x_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+                            acc_0 += x_v;
+                            
+                        }
+                    }
+                }
+
+            }
+
+                stat_mean = acc_0 / m;
+            }
+            stats[0 * groups + g] = stat_mean;
+            double stat_var;
+            {
+                double acc_0 = 0.0;
+
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+                        acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                        
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+                            acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    }
+                }
+
+            }
+
+                stat_var = acc_0 / m;
+            }
+            stats[1 * groups + g] = stat_var;
+            const double saved_mean = stat_mean;
+            saved[0 * groups + g] = saved_mean;
+            const double saved_invstd = 1.0/sqrt(eps + stat_var);
+            saved[1 * groups + g] = saved_invstd;
+            
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                        const double y_v = beta_v + gamma_v*xhat_v;
+
+                        y[idx] = (double)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                            const double y_v = beta_v + gamma_v*xhat_v;
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const coef = malloc((0 * (size_t)groups + 1) * sizeof(double));
     if (!coef) {
         free(partial);
@@ -828,37 +1264,35 @@ int symbn_groupnorm_forward_train_f64(const double *x, const double *gamma, cons
                     mine[0 * groups + g] += x_v;
                     
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    (void)g;
-                    double acc_0 = 0.0;
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        acc_0 += x_v;
-                        
-                    }
-                    mine[0 * groups + g] += acc_0;
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
                     (void)g;
                     double acc_0 = 0.0;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
+
+                    if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
                             acc_0 += x_v;
                             
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                acc_0 += x_v;
+                                
+                            }
+                        }
                     }
+
                     mine[0 * groups + g] += acc_0;
                 }
             }
@@ -894,39 +1328,36 @@ int symbn_groupnorm_forward_train_f64(const double *x, const double *gamma, cons
                     mine[0 * groups + g] += ((-stat_mean + x_v)*(-stat_mean + x_v));
                     
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
-                    (void)g;
-                    double acc_0 = 0.0;
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                        
-                    }
-                    mine[0 * groups + g] += acc_0;
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
                     const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
                     (void)g;
                     double acc_0 = 0.0;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
+
+                    if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
                             acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
                             
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                
+                            }
+                        }
                     }
+
                     mine[0 * groups + g] += acc_0;
                 }
             }
@@ -981,36 +1412,18 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                     y[idx] = (double)y_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (double)y_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
                     const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
                     const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
 
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
@@ -1019,15 +1432,32 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                             y[idx] = (double)y_v;
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                                const double y_v = beta_v + gamma_v*xhat_v;
+
+                                y[idx] = (double)y_v;
+                            }
+                        }
                     }
+
                 }
             }
         }
     }
 
+    free(coef);
+    }
     free(partial);
     free(pgrad);
-    free(coef);
     return SYMBN_OK;
 }
 
@@ -1049,6 +1479,111 @@ int symbn_groupnorm_backward_train_f64(const double *dy, const double *x, const 
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+            
+            double red_0;
+            double red_1;
+            {
+                double acc_0 = 0.0;
+                double acc_1 = 0.0;
+
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                        (void)dy_v;
+                        acc_0 += dy_v*gamma_v;
+                        acc_1 += dy_v*gamma_v*xhat_v;
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        double pacc_0 = 0.0;
+                        double pacc_1 = 0.0;
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                            (void)dy_v;
+                            acc_0 += dy_v*gamma_v;
+                            acc_1 += dy_v*gamma_v*xhat_v;
+                            pacc_0 += dy_v*xhat_v;
+                            pacc_1 += dy_v;
+                            
+                        }
+                        mine_params[0 * pl + pidx] += pacc_0;
+                        mine_params[1 * pl + pidx] += pacc_1;
+                    }
+                }
+
+            }
+
+                red_0 = acc_0;
+                red_1 = acc_1;
+            }
+            const double c_dx_v_0 = saved_invstd/m;
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                        const double dx_v = -c_dx_v_0*(-dy_v*gamma_v*m + red_0 + red_1*xhat_v);
+
+                        dx[idx] = (double)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                            const double dx_v = -c_dx_v_0*(-dy_v*gamma_v*m + red_0 + red_1*xhat_v);
+
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const sums = malloc((2 * (size_t)groups + 1) * sizeof(double));
     double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
     if (!sums || !coef) {
@@ -1095,32 +1630,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     mine_params[1 * pl + pidx] += dy_v;
                     
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-                    double acc_0 = 0.0;
-                    double acc_1 = 0.0;
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        (void)dy_v;
-                        acc_0 += dy_v*gamma_v;
-                        acc_1 += dy_v*gamma_v*xhat_v;
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        
-                    }
-                    mine[0 * groups + g] += acc_0;
-                    mine[1 * groups + g] += acc_1;
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -1129,14 +1638,12 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                     double acc_0 = 0.0;
                     double acc_1 = 0.0;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
@@ -1144,13 +1651,35 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             (void)dy_v;
                             acc_0 += dy_v*gamma_v;
                             acc_1 += dy_v*gamma_v*xhat_v;
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
                             
                         }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                                (void)dy_v;
+                                acc_0 += dy_v*gamma_v;
+                                acc_1 += dy_v*gamma_v*xhat_v;
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
                     }
+
                     mine[0 * groups + g] += acc_0;
                     mine[1 * groups + g] += acc_1;
                 }
@@ -1164,16 +1693,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (int t = 0; t < team; ++t) total += partial[((size_t)t * 2 + (size_t)j) * (size_t)groups + (size_t)g];
             sums[j * groups + g] = total;
         }
-
-    for (ptrdiff_t k = 0; k < pl; ++k) {
-        double dgamma_k = 0.0, dbeta_k = 0.0;
-        for (int t = 0; t < team; ++t) {
-            dgamma_k += pgrad[((size_t)t * 2) * (size_t)pl + (size_t)k];
-            dbeta_k += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
-        }
-        if (dgamma) dgamma[k] += dgamma_k;
-        if (dbeta) dbeta[k] += dbeta_k;
-    }
 
     /* per-group coefficients of dx, then pass 2: dx */
 for (ptrdiff_t g = 0; g < groups; ++g) {
@@ -1216,28 +1735,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                     dx[idx] = (double)dx_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double red_0 = sums[0 * groups + g]; (void)red_0;
-                    const double red_1 = sums[1 * groups + g]; (void)red_1;
-                    const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
-
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        const double dx_v = -c_dx_v_0*(-dy_v*gamma_v*m + red_0 + red_1*xhat_v);
-
-                        dx[idx] = (double)dx_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -1247,11 +1744,12 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     const double red_1 = sums[1 * groups + g]; (void)red_1;
                     const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
 
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
@@ -1260,16 +1758,43 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                             dx[idx] = (double)dx_v;
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                                const double dx_v = -c_dx_v_0*(-dy_v*gamma_v*m + red_0 + red_1*xhat_v);
+
+                                dx[idx] = (double)dx_v;
+                            }
+                        }
                     }
+
                 }
             }
         }
     }
 
-    free(partial);
-    free(pgrad);
     free(sums);
     free(coef);
+    }
+    for (ptrdiff_t k = 0; k < pl; ++k) {
+        double dgamma_k = 0.0, dbeta_k = 0.0;
+        for (int t = 0; t < team; ++t) {
+            dgamma_k += pgrad[((size_t)t * 2) * (size_t)pl + (size_t)k];
+            dbeta_k += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
+        }
+        if (dgamma) dgamma[k] += dgamma_k;
+        if (dbeta) dbeta[k] += dbeta_k;
+    }
+
+    free(partial);
+    free(pgrad);
     return SYMBN_OK;
 }
 
@@ -1290,6 +1815,57 @@ int symbn_groupnorm_forward_eval_f64(const double *x, const double *gamma, const
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+            const double run_var = running[1 * p_count + p]; (void)run_var;
+
+            
+            const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                        const double y_v = beta_v + gamma_v*xhat_v;
+
+                        y[idx] = (double)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                            const double y_v = beta_v + gamma_v*xhat_v;
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
     if (!coef) {
         free(partial);
@@ -1332,26 +1908,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                     y[idx] = (double)y_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (double)y_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -1359,11 +1915,12 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     const double run_var = running[1 * p_count + p]; (void)run_var;
                     const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
 
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
@@ -1372,15 +1929,32 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                             y[idx] = (double)y_v;
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                                const double y_v = beta_v + gamma_v*xhat_v;
+
+                                y[idx] = (double)y_v;
+                            }
+                        }
                     }
+
                 }
             }
         }
     }
 
+    free(coef);
+    }
     free(partial);
     free(pgrad);
-    free(coef);
     return SYMBN_OK;
 }
 
@@ -1402,6 +1976,67 @@ int symbn_groupnorm_backward_eval_f64(const double *dy, const double *x, const d
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+            const double run_var = running[1 * p_count + p]; (void)run_var;
+
+            
+            const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+            const double c_dx_v_0 = 1.0/sqrt(eps + run_var);
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        dx[idx] = (double)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        double pacc_0 = 0.0;
+                        double pacc_1 = 0.0;
+                        SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            pacc_0 += dy_v*xhat_v;
+                            pacc_1 += dy_v;
+                            dx[idx] = (double)dx_v;
+                        }
+                        mine_params[0 * pl + pidx] += pacc_0;
+                        mine_params[1 * pl + pidx] += pacc_1;
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const coef = malloc((2 * (size_t)groups + 1) * sizeof(double));
     if (!coef) {
         free(partial);
@@ -1449,29 +2084,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     mine_params[1 * pl + pidx] += dy_v;
                     dx[idx] = (double)dx_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
-
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
-
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        dx[idx] = (double)dx_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -1480,32 +2092,53 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
                     const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
 
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
                             const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
                             const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
                             dx[idx] = (double)dx_v;
                         }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                dx[idx] = (double)dx_v;
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
                     }
+
                 }
             }
         }
     }
 
+    free(coef);
+    }
     for (ptrdiff_t k = 0; k < pl; ++k) {
         double dgamma_k = 0.0, dbeta_k = 0.0;
         for (int t = 0; t < team; ++t) {
@@ -1518,6 +2151,5 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
     free(partial);
     free(pgrad);
-    free(coef);
     return SYMBN_OK;
 }

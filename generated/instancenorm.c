@@ -8,6 +8,8 @@
 
 #include "instancenorm.h"
 
+#define LONG_RUN 32 /* runs at least this long: a thread takes whole groups, every pass back to back */
+
 #ifdef _OPENMP
 #define SYMBN_PRAGMA(text) _Pragma(#text)
 #else
@@ -62,6 +64,124 @@ int symbn_instancenorm_forward_train_f32(const float *x, const float *gamma, con
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            double stat_mean;
+            {
+                double acc_0 = 0.0;
+
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+                        acc_0 += x_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+                            acc_0 += x_v;
+                            
+                        }
+                    }
+                }
+
+            }
+
+                stat_mean = acc_0 / m;
+            }
+            stats[0 * groups + g] = stat_mean;
+            double stat_var;
+            {
+                double acc_0 = 0.0;
+
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+                        acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                        
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+                            acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    }
+                }
+
+            }
+
+                stat_var = acc_0 / m;
+            }
+            stats[1 * groups + g] = stat_var;
+            const double saved_mean = stat_mean;
+            saved[0 * groups + g] = saved_mean;
+            const double saved_invstd = 1.0/sqrt(eps + stat_var);
+            saved[1 * groups + g] = saved_invstd;
+            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+            (void)gamma_v; (void)beta_v;
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+
+                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                        const double y_v = beta_v + gamma_v*xhat_v;
+
+                        y[idx] = (float)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+
+                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                            const double y_v = beta_v + gamma_v*xhat_v;
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const coef = malloc((0 * (size_t)groups + 1) * sizeof(double));
     if (!coef) {
         free(partial);
@@ -89,37 +209,35 @@ int symbn_instancenorm_forward_train_f32(const float *x, const float *gamma, con
                     mine[0 * groups + g] += x_v;
                     
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    (void)g;
-                    double acc_0 = 0.0;
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        acc_0 += x_v;
-                        
-                    }
-                    mine[0 * groups + g] += acc_0;
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
                     (void)g;
                     double acc_0 = 0.0;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
+
+                    if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
                             acc_0 += x_v;
                             
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                acc_0 += x_v;
+                                
+                            }
+                        }
                     }
+
                     mine[0 * groups + g] += acc_0;
                 }
             }
@@ -155,39 +273,36 @@ int symbn_instancenorm_forward_train_f32(const float *x, const float *gamma, con
                     mine[0 * groups + g] += ((-stat_mean + x_v)*(-stat_mean + x_v));
                     
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
-                    (void)g;
-                    double acc_0 = 0.0;
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                        
-                    }
-                    mine[0 * groups + g] += acc_0;
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
                     const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
                     (void)g;
                     double acc_0 = 0.0;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
+
+                    if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
                             acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
                             
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                
+                            }
+                        }
                     }
+
                     mine[0 * groups + g] += acc_0;
                 }
             }
@@ -243,25 +358,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                     y[idx] = (float)y_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (float)y_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -269,11 +365,12 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
                     const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
                     (void)gamma_v; (void)beta_v;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
 
                             const double xhat_v = -saved_invstd*(saved_mean - x_v);
@@ -281,15 +378,31 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                             y[idx] = (float)y_v;
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+
+                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                                const double y_v = beta_v + gamma_v*xhat_v;
+
+                                y[idx] = (float)y_v;
+                            }
+                        }
                     }
+
                 }
             }
         }
     }
 
+    free(coef);
+    }
     free(partial);
     free(pgrad);
-    free(coef);
     return SYMBN_OK;
 }
 
@@ -311,6 +424,108 @@ int symbn_instancenorm_backward_train_f32(const float *dy, const float *x, const
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+            (void)gamma_v; (void)beta_v;
+            double red_0;
+            double red_1;
+            {
+                double acc_0 = 0.0;
+                double acc_1 = 0.0;
+
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                        (void)dy_v;
+                        acc_0 += dy_v;
+                        acc_1 += dy_v*xhat_v;
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        double pacc_0 = 0.0;
+                        double pacc_1 = 0.0;
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                            (void)dy_v;
+                            acc_0 += dy_v;
+                            acc_1 += dy_v*xhat_v;
+                            pacc_0 += dy_v*xhat_v;
+                            pacc_1 += dy_v;
+                            
+                        }
+                        mine_params[0 * pl + pidx] += pacc_0;
+                        mine_params[1 * pl + pidx] += pacc_1;
+                    }
+                }
+
+            }
+
+                red_0 = acc_0;
+                red_1 = acc_1;
+            }
+            const double c_dx_v_0 = gamma_v*saved_invstd/m;
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                        const double dx_v = -c_dx_v_0*(-dy_v*m + red_0 + red_1*xhat_v);
+
+                        dx[idx] = (float)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                            const double dx_v = -c_dx_v_0*(-dy_v*m + red_0 + red_1*xhat_v);
+
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const sums = malloc((2 * (size_t)groups + 1) * sizeof(double));
     double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
     if (!sums || !coef) {
@@ -358,32 +573,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     mine_params[1 * pl + pidx] += dy_v;
                     
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    double acc_0 = 0.0;
-                    double acc_1 = 0.0;
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        (void)dy_v;
-                        acc_0 += dy_v;
-                        acc_1 += dy_v*xhat_v;
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        
-                    }
-                    mine[0 * groups + g] += acc_0;
-                    mine[1 * groups + g] += acc_1;
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -393,27 +582,46 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     (void)gamma_v; (void)beta_v;
                     double acc_0 = 0.0;
                     double acc_1 = 0.0;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                             const double xhat_v = -saved_invstd*(saved_mean - x_v);
                             (void)dy_v;
                             acc_0 += dy_v;
                             acc_1 += dy_v*xhat_v;
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
                             
                         }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                                (void)dy_v;
+                                acc_0 += dy_v;
+                                acc_1 += dy_v*xhat_v;
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
                     }
+
                     mine[0 * groups + g] += acc_0;
                     mine[1 * groups + g] += acc_1;
                 }
@@ -427,16 +635,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (int t = 0; t < team; ++t) total += partial[((size_t)t * 2 + (size_t)j) * (size_t)groups + (size_t)g];
             sums[j * groups + g] = total;
         }
-
-    for (ptrdiff_t k = 0; k < pl; ++k) {
-        double dgamma_k = 0.0, dbeta_k = 0.0;
-        for (int t = 0; t < team; ++t) {
-            dgamma_k += pgrad[((size_t)t * 2) * (size_t)pl + (size_t)k];
-            dbeta_k += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
-        }
-        if (dgamma) dgamma[k] += dgamma_k;
-        if (dbeta) dbeta[k] += dbeta_k;
-    }
 
     /* per-group coefficients of dx, then pass 2: dx */
 for (ptrdiff_t g = 0; g < groups; ++g) {
@@ -480,28 +678,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                     dx[idx] = (float)dx_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double red_0 = sums[0 * groups + g]; (void)red_0;
-                    const double red_1 = sums[1 * groups + g]; (void)red_1;
-                    const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        const double dx_v = -c_dx_v_0*(-dy_v*m + red_0 + red_1*xhat_v);
-
-                        dx[idx] = (float)dx_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -512,11 +688,12 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
                     const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
                     (void)gamma_v; (void)beta_v;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                             const double xhat_v = -saved_invstd*(saved_mean - x_v);
@@ -524,16 +701,42 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                             dx[idx] = (float)dx_v;
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                                const double dx_v = -c_dx_v_0*(-dy_v*m + red_0 + red_1*xhat_v);
+
+                                dx[idx] = (float)dx_v;
+                            }
+                        }
                     }
+
                 }
             }
         }
     }
 
-    free(partial);
-    free(pgrad);
     free(sums);
     free(coef);
+    }
+    for (ptrdiff_t k = 0; k < pl; ++k) {
+        double dgamma_k = 0.0, dbeta_k = 0.0;
+        for (int t = 0; t < team; ++t) {
+            dgamma_k += pgrad[((size_t)t * 2) * (size_t)pl + (size_t)k];
+            dbeta_k += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
+        }
+        if (dgamma) dgamma[k] += dgamma_k;
+        if (dbeta) dbeta[k] += dbeta_k;
+    }
+
+    free(partial);
+    free(pgrad);
     return SYMBN_OK;
 }
 
@@ -554,6 +757,56 @@ int symbn_instancenorm_forward_eval_f32(const float *x, const float *gamma, cons
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+            const double run_var = running[1 * p_count + p]; (void)run_var;
+
+            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+            (void)gamma_v; (void)beta_v;
+            const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+
+                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                        const double y_v = beta_v + gamma_v*xhat_v;
+
+                        y[idx] = (float)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+
+                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                            const double y_v = beta_v + gamma_v*xhat_v;
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
     if (!coef) {
         free(partial);
@@ -597,26 +850,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                     y[idx] = (float)y_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-
-                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (float)y_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -625,11 +858,12 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
                     const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
                     (void)gamma_v; (void)beta_v;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
 
                             const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
@@ -637,15 +871,31 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                             y[idx] = (float)y_v;
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+
+                                const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                                const double y_v = beta_v + gamma_v*xhat_v;
+
+                                y[idx] = (float)y_v;
+                            }
+                        }
                     }
+
                 }
             }
         }
     }
 
+    free(coef);
+    }
     free(partial);
     free(pgrad);
-    free(coef);
     return SYMBN_OK;
 }
 
@@ -667,6 +917,66 @@ int symbn_instancenorm_backward_eval_f32(const float *dy, const float *x, const 
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+            const double run_var = running[1 * p_count + p]; (void)run_var;
+
+            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+            (void)gamma_v; (void)beta_v;
+            const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+            const double c_dx_v_0 = gamma_v/sqrt(eps + run_var);
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                        const double dx_v = c_dx_v_0*dy_v;
+
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        dx[idx] = (float)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        double pacc_0 = 0.0;
+                        double pacc_1 = 0.0;
+                        SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                            const double dx_v = c_dx_v_0*dy_v;
+
+                            pacc_0 += dy_v*xhat_v;
+                            pacc_1 += dy_v;
+                            dx[idx] = (float)dx_v;
+                        }
+                        mine_params[0 * pl + pidx] += pacc_0;
+                        mine_params[1 * pl + pidx] += pacc_1;
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const coef = malloc((2 * (size_t)groups + 1) * sizeof(double));
     if (!coef) {
         free(partial);
@@ -715,29 +1025,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     mine_params[1 * pl + pidx] += dy_v;
                     dx[idx] = (float)dx_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                        const double dx_v = c_dx_v_0*dy_v;
-
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        dx[idx] = (float)dx_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -747,31 +1034,51 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
                     const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
                     (void)gamma_v; (void)beta_v;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                             const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
                             const double dx_v = c_dx_v_0*dy_v;
 
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
                             dx[idx] = (float)dx_v;
                         }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                                const double dx_v = c_dx_v_0*dy_v;
+
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                dx[idx] = (float)dx_v;
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
                     }
+
                 }
             }
         }
     }
 
+    free(coef);
+    }
     for (ptrdiff_t k = 0; k < pl; ++k) {
         double dgamma_k = 0.0, dbeta_k = 0.0;
         for (int t = 0; t < team; ++t) {
@@ -784,7 +1091,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
     free(partial);
     free(pgrad);
-    free(coef);
     return SYMBN_OK;
 }
 /* ---- double ---- */
@@ -806,6 +1112,124 @@ int symbn_instancenorm_forward_train_f64(const double *x, const double *gamma, c
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            double stat_mean;
+            {
+                double acc_0 = 0.0;
+
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+                        acc_0 += x_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+                            acc_0 += x_v;
+                            
+                        }
+                    }
+                }
+
+            }
+
+                stat_mean = acc_0 / m;
+            }
+            stats[0 * groups + g] = stat_mean;
+            double stat_var;
+            {
+                double acc_0 = 0.0;
+
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+                        acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                        
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+                            acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    }
+                }
+
+            }
+
+                stat_var = acc_0 / m;
+            }
+            stats[1 * groups + g] = stat_var;
+            const double saved_mean = stat_mean;
+            saved[0 * groups + g] = saved_mean;
+            const double saved_invstd = 1.0/sqrt(eps + stat_var);
+            saved[1 * groups + g] = saved_invstd;
+            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+            (void)gamma_v; (void)beta_v;
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+
+                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                        const double y_v = beta_v + gamma_v*xhat_v;
+
+                        y[idx] = (double)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+
+                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                            const double y_v = beta_v + gamma_v*xhat_v;
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const coef = malloc((0 * (size_t)groups + 1) * sizeof(double));
     if (!coef) {
         free(partial);
@@ -833,37 +1257,35 @@ int symbn_instancenorm_forward_train_f64(const double *x, const double *gamma, c
                     mine[0 * groups + g] += x_v;
                     
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    (void)g;
-                    double acc_0 = 0.0;
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        acc_0 += x_v;
-                        
-                    }
-                    mine[0 * groups + g] += acc_0;
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
                     (void)g;
                     double acc_0 = 0.0;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
+
+                    if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
                             acc_0 += x_v;
                             
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                acc_0 += x_v;
+                                
+                            }
+                        }
                     }
+
                     mine[0 * groups + g] += acc_0;
                 }
             }
@@ -899,39 +1321,36 @@ int symbn_instancenorm_forward_train_f64(const double *x, const double *gamma, c
                     mine[0 * groups + g] += ((-stat_mean + x_v)*(-stat_mean + x_v));
                     
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
-                    (void)g;
-                    double acc_0 = 0.0;
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                        
-                    }
-                    mine[0 * groups + g] += acc_0;
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
                     const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
                     (void)g;
                     double acc_0 = 0.0;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
+
+                    if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
                             acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
                             
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                
+                            }
+                        }
                     }
+
                     mine[0 * groups + g] += acc_0;
                 }
             }
@@ -987,25 +1406,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                     y[idx] = (double)y_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (double)y_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -1013,11 +1413,12 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
                     const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
                     (void)gamma_v; (void)beta_v;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
 
                             const double xhat_v = -saved_invstd*(saved_mean - x_v);
@@ -1025,15 +1426,31 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                             y[idx] = (double)y_v;
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+
+                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                                const double y_v = beta_v + gamma_v*xhat_v;
+
+                                y[idx] = (double)y_v;
+                            }
+                        }
                     }
+
                 }
             }
         }
     }
 
+    free(coef);
+    }
     free(partial);
     free(pgrad);
-    free(coef);
     return SYMBN_OK;
 }
 
@@ -1055,6 +1472,108 @@ int symbn_instancenorm_backward_train_f64(const double *dy, const double *x, con
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+            (void)gamma_v; (void)beta_v;
+            double red_0;
+            double red_1;
+            {
+                double acc_0 = 0.0;
+                double acc_1 = 0.0;
+
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                        (void)dy_v;
+                        acc_0 += dy_v;
+                        acc_1 += dy_v*xhat_v;
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        double pacc_0 = 0.0;
+                        double pacc_1 = 0.0;
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                            (void)dy_v;
+                            acc_0 += dy_v;
+                            acc_1 += dy_v*xhat_v;
+                            pacc_0 += dy_v*xhat_v;
+                            pacc_1 += dy_v;
+                            
+                        }
+                        mine_params[0 * pl + pidx] += pacc_0;
+                        mine_params[1 * pl + pidx] += pacc_1;
+                    }
+                }
+
+            }
+
+                red_0 = acc_0;
+                red_1 = acc_1;
+            }
+            const double c_dx_v_0 = gamma_v*saved_invstd/m;
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                        const double dx_v = -c_dx_v_0*(-dy_v*m + red_0 + red_1*xhat_v);
+
+                        dx[idx] = (double)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                            const double dx_v = -c_dx_v_0*(-dy_v*m + red_0 + red_1*xhat_v);
+
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const sums = malloc((2 * (size_t)groups + 1) * sizeof(double));
     double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
     if (!sums || !coef) {
@@ -1102,32 +1621,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     mine_params[1 * pl + pidx] += dy_v;
                     
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    double acc_0 = 0.0;
-                    double acc_1 = 0.0;
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        (void)dy_v;
-                        acc_0 += dy_v;
-                        acc_1 += dy_v*xhat_v;
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        
-                    }
-                    mine[0 * groups + g] += acc_0;
-                    mine[1 * groups + g] += acc_1;
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -1137,27 +1630,46 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     (void)gamma_v; (void)beta_v;
                     double acc_0 = 0.0;
                     double acc_1 = 0.0;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                             const double xhat_v = -saved_invstd*(saved_mean - x_v);
                             (void)dy_v;
                             acc_0 += dy_v;
                             acc_1 += dy_v*xhat_v;
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
                             
                         }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                                (void)dy_v;
+                                acc_0 += dy_v;
+                                acc_1 += dy_v*xhat_v;
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
                     }
+
                     mine[0 * groups + g] += acc_0;
                     mine[1 * groups + g] += acc_1;
                 }
@@ -1171,16 +1683,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (int t = 0; t < team; ++t) total += partial[((size_t)t * 2 + (size_t)j) * (size_t)groups + (size_t)g];
             sums[j * groups + g] = total;
         }
-
-    for (ptrdiff_t k = 0; k < pl; ++k) {
-        double dgamma_k = 0.0, dbeta_k = 0.0;
-        for (int t = 0; t < team; ++t) {
-            dgamma_k += pgrad[((size_t)t * 2) * (size_t)pl + (size_t)k];
-            dbeta_k += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
-        }
-        if (dgamma) dgamma[k] += dgamma_k;
-        if (dbeta) dbeta[k] += dbeta_k;
-    }
 
     /* per-group coefficients of dx, then pass 2: dx */
 for (ptrdiff_t g = 0; g < groups; ++g) {
@@ -1224,28 +1726,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                     dx[idx] = (double)dx_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double red_0 = sums[0 * groups + g]; (void)red_0;
-                    const double red_1 = sums[1 * groups + g]; (void)red_1;
-                    const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        const double dx_v = -c_dx_v_0*(-dy_v*m + red_0 + red_1*xhat_v);
-
-                        dx[idx] = (double)dx_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -1256,11 +1736,12 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
                     const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
                     (void)gamma_v; (void)beta_v;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                             const double xhat_v = -saved_invstd*(saved_mean - x_v);
@@ -1268,16 +1749,42 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                             dx[idx] = (double)dx_v;
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                                const double dx_v = -c_dx_v_0*(-dy_v*m + red_0 + red_1*xhat_v);
+
+                                dx[idx] = (double)dx_v;
+                            }
+                        }
                     }
+
                 }
             }
         }
     }
 
-    free(partial);
-    free(pgrad);
     free(sums);
     free(coef);
+    }
+    for (ptrdiff_t k = 0; k < pl; ++k) {
+        double dgamma_k = 0.0, dbeta_k = 0.0;
+        for (int t = 0; t < team; ++t) {
+            dgamma_k += pgrad[((size_t)t * 2) * (size_t)pl + (size_t)k];
+            dbeta_k += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
+        }
+        if (dgamma) dgamma[k] += dgamma_k;
+        if (dbeta) dbeta[k] += dbeta_k;
+    }
+
+    free(partial);
+    free(pgrad);
     return SYMBN_OK;
 }
 
@@ -1298,6 +1805,56 @@ int symbn_instancenorm_forward_eval_f64(const double *x, const double *gamma, co
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+            const double run_var = running[1 * p_count + p]; (void)run_var;
+
+            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+            (void)gamma_v; (void)beta_v;
+            const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+
+                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                        const double y_v = beta_v + gamma_v*xhat_v;
+
+                        y[idx] = (double)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+
+                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                            const double y_v = beta_v + gamma_v*xhat_v;
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
     if (!coef) {
         free(partial);
@@ -1341,26 +1898,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                     y[idx] = (double)y_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-
-                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (double)y_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -1369,11 +1906,12 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
                     const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
                     (void)gamma_v; (void)beta_v;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
 
                             const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
@@ -1381,15 +1919,31 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                             y[idx] = (double)y_v;
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+
+                                const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                                const double y_v = beta_v + gamma_v*xhat_v;
+
+                                y[idx] = (double)y_v;
+                            }
+                        }
                     }
+
                 }
             }
         }
     }
 
+    free(coef);
+    }
     free(partial);
     free(pgrad);
-    free(coef);
     return SYMBN_OK;
 }
 
@@ -1411,6 +1965,66 @@ int symbn_instancenorm_backward_eval_f64(const double *dy, const double *x, cons
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+            const double run_var = running[1 * p_count + p]; (void)run_var;
+
+            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+            (void)gamma_v; (void)beta_v;
+            const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+            const double c_dx_v_0 = gamma_v/sqrt(eps + run_var);
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                        const double dx_v = c_dx_v_0*dy_v;
+
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        dx[idx] = (double)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        double pacc_0 = 0.0;
+                        double pacc_1 = 0.0;
+                        SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                            const double dx_v = c_dx_v_0*dy_v;
+
+                            pacc_0 += dy_v*xhat_v;
+                            pacc_1 += dy_v;
+                            dx[idx] = (double)dx_v;
+                        }
+                        mine_params[0 * pl + pidx] += pacc_0;
+                        mine_params[1 * pl + pidx] += pacc_1;
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const coef = malloc((2 * (size_t)groups + 1) * sizeof(double));
     if (!coef) {
         free(partial);
@@ -1459,29 +2073,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     mine_params[1 * pl + pidx] += dy_v;
                     dx[idx] = (double)dx_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                        const double dx_v = c_dx_v_0*dy_v;
-
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        dx[idx] = (double)dx_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -1491,31 +2082,51 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
                     const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
                     (void)gamma_v; (void)beta_v;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                             const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
                             const double dx_v = c_dx_v_0*dy_v;
 
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
                             dx[idx] = (double)dx_v;
                         }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                                const double dx_v = c_dx_v_0*dy_v;
+
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                dx[idx] = (double)dx_v;
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
                     }
+
                 }
             }
         }
     }
 
+    free(coef);
+    }
     for (ptrdiff_t k = 0; k < pl; ++k) {
         double dgamma_k = 0.0, dbeta_k = 0.0;
         for (int t = 0; t < team; ++t) {
@@ -1528,6 +2139,5 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
     free(partial);
     free(pgrad);
-    free(coef);
     return SYMBN_OK;
 }

@@ -8,6 +8,8 @@
 
 #include "rmsnorm.h"
 
+#define LONG_RUN 32 /* runs at least this long: a thread takes whole groups, every pass back to back */
+
 #ifdef _OPENMP
 #define SYMBN_PRAGMA(text) _Pragma(#text)
 #else
@@ -62,6 +64,89 @@ int symbn_rmsnorm_forward_train_f32(const float *x, const float *gamma, const fl
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            double stat_ms;
+            {
+                double acc_0 = 0.0;
+
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+                        acc_0 += (x_v*x_v);
+                        
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+                            acc_0 += (x_v*x_v);
+                            
+                        }
+                    }
+                }
+
+            }
+
+                stat_ms = acc_0 / m;
+            }
+            stats[0 * groups + g] = stat_ms;
+            const double saved_invstd = 1.0/sqrt(eps + stat_ms);
+            saved[0 * groups + g] = saved_invstd;
+            
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*x_v;
+                        const double y_v = beta_v + gamma_v*xhat_v;
+
+                        y[idx] = (float)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            const double y_v = beta_v + gamma_v*xhat_v;
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const coef = malloc((0 * (size_t)groups + 1) * sizeof(double));
     if (!coef) {
         free(partial);
@@ -89,37 +174,35 @@ int symbn_rmsnorm_forward_train_f32(const float *x, const float *gamma, const fl
                     mine[0 * groups + g] += (x_v*x_v);
                     
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    (void)g;
-                    double acc_0 = 0.0;
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        acc_0 += (x_v*x_v);
-                        
-                    }
-                    mine[0 * groups + g] += acc_0;
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
                     (void)g;
                     double acc_0 = 0.0;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
+
+                    if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
                             acc_0 += (x_v*x_v);
                             
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                acc_0 += (x_v*x_v);
+                                
+                            }
+                        }
                     }
+
                     mine[0 * groups + g] += acc_0;
                 }
             }
@@ -169,34 +252,17 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                     y[idx] = (float)y_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = saved_invstd*x_v;
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (float)y_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
                     const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
 
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
@@ -205,15 +271,32 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                             y[idx] = (float)y_v;
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*x_v;
+                                const double y_v = beta_v + gamma_v*xhat_v;
+
+                                y[idx] = (float)y_v;
+                            }
+                        }
                     }
+
                 }
             }
         }
     }
 
+    free(coef);
+    }
     free(partial);
     free(pgrad);
-    free(coef);
     return SYMBN_OK;
 }
 
@@ -235,6 +318,105 @@ int symbn_rmsnorm_backward_train_f32(const float *dy, const float *x, const floa
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+            
+            double red_0;
+            {
+                double acc_0 = 0.0;
+
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*x_v;
+                        (void)dy_v;
+                        acc_0 += dy_v*gamma_v*xhat_v;
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        double pacc_0 = 0.0;
+                        double pacc_1 = 0.0;
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            (void)dy_v;
+                            acc_0 += dy_v*gamma_v*xhat_v;
+                            pacc_0 += dy_v*xhat_v;
+                            pacc_1 += dy_v;
+                            
+                        }
+                        mine_params[0 * pl + pidx] += pacc_0;
+                        mine_params[1 * pl + pidx] += pacc_1;
+                    }
+                }
+
+            }
+
+                red_0 = acc_0;
+            }
+            const double c_dx_v_0 = saved_invstd/m;
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*x_v;
+                        const double dx_v = c_dx_v_0*(dy_v*gamma_v*m - red_0*xhat_v);
+
+                        dx[idx] = (float)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            const double dx_v = c_dx_v_0*(dy_v*gamma_v*m - red_0*xhat_v);
+
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const sums = malloc((1 * (size_t)groups + 1) * sizeof(double));
     double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
     if (!sums || !coef) {
@@ -278,55 +460,52 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     mine_params[1 * pl + pidx] += dy_v;
                     
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-                    double acc_0 = 0.0;
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = saved_invstd*x_v;
-                        (void)dy_v;
-                        acc_0 += dy_v*gamma_v*xhat_v;
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        
-                    }
-                    mine[0 * groups + g] += acc_0;
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
                     const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
 
                     double acc_0 = 0.0;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
                             const double xhat_v = saved_invstd*x_v;
                             (void)dy_v;
                             acc_0 += dy_v*gamma_v*xhat_v;
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
                             
                         }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*x_v;
+                                (void)dy_v;
+                                acc_0 += dy_v*gamma_v*xhat_v;
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
                     }
+
                     mine[0 * groups + g] += acc_0;
                 }
             }
@@ -339,16 +518,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
             sums[j * groups + g] = total;
         }
-
-    for (ptrdiff_t k = 0; k < pl; ++k) {
-        double dgamma_k = 0.0, dbeta_k = 0.0;
-        for (int t = 0; t < team; ++t) {
-            dgamma_k += pgrad[((size_t)t * 2) * (size_t)pl + (size_t)k];
-            dbeta_k += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
-        }
-        if (dgamma) dgamma[k] += dgamma_k;
-        if (dbeta) dbeta[k] += dbeta_k;
-    }
 
     /* per-group coefficients of dx, then pass 2: dx */
 for (ptrdiff_t g = 0; g < groups; ++g) {
@@ -387,26 +556,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                     dx[idx] = (float)dx_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-                    const double red_0 = sums[0 * groups + g]; (void)red_0;
-                    const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
-
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = saved_invstd*x_v;
-                        const double dx_v = c_dx_v_0*(dy_v*gamma_v*m - red_0*xhat_v);
-
-                        dx[idx] = (float)dx_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -414,11 +563,12 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     const double red_0 = sums[0 * groups + g]; (void)red_0;
                     const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
 
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
@@ -427,16 +577,43 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                             dx[idx] = (float)dx_v;
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*x_v;
+                                const double dx_v = c_dx_v_0*(dy_v*gamma_v*m - red_0*xhat_v);
+
+                                dx[idx] = (float)dx_v;
+                            }
+                        }
                     }
+
                 }
             }
         }
     }
 
-    free(partial);
-    free(pgrad);
     free(sums);
     free(coef);
+    }
+    for (ptrdiff_t k = 0; k < pl; ++k) {
+        double dgamma_k = 0.0, dbeta_k = 0.0;
+        for (int t = 0; t < team; ++t) {
+            dgamma_k += pgrad[((size_t)t * 2) * (size_t)pl + (size_t)k];
+            dbeta_k += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
+        }
+        if (dgamma) dgamma[k] += dgamma_k;
+        if (dbeta) dbeta[k] += dbeta_k;
+    }
+
+    free(partial);
+    free(pgrad);
     return SYMBN_OK;
 }
 
@@ -457,6 +634,56 @@ int symbn_rmsnorm_forward_eval_f32(const float *x, const float *gamma, const flo
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            const double run_ms = running[0 * p_count + p]; (void)run_ms;
+
+            
+            const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = c_xhat_v_0*x_v;
+                        const double y_v = beta_v + gamma_v*xhat_v;
+
+                        y[idx] = (float)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*x_v;
+                            const double y_v = beta_v + gamma_v*xhat_v;
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
     if (!coef) {
         free(partial);
@@ -497,36 +724,18 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                     y[idx] = (float)y_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_ms = running[0 * p_count + p]; (void)run_ms;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = c_xhat_v_0*x_v;
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (float)y_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
                     const double run_ms = running[0 * p_count + p]; (void)run_ms;
                     const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
 
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
@@ -535,15 +744,32 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                             y[idx] = (float)y_v;
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = c_xhat_v_0*x_v;
+                                const double y_v = beta_v + gamma_v*xhat_v;
+
+                                y[idx] = (float)y_v;
+                            }
+                        }
                     }
+
                 }
             }
         }
     }
 
+    free(coef);
+    }
     free(partial);
     free(pgrad);
-    free(coef);
     return SYMBN_OK;
 }
 
@@ -565,6 +791,66 @@ int symbn_rmsnorm_backward_eval_f32(const float *dy, const float *x, const float
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            const double run_ms = running[0 * p_count + p]; (void)run_ms;
+
+            
+            const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
+            const double c_dx_v_0 = 1.0/sqrt(eps + run_ms);
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = c_xhat_v_0*x_v;
+                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        dx[idx] = (float)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        double pacc_0 = 0.0;
+                        double pacc_1 = 0.0;
+                        SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*x_v;
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            pacc_0 += dy_v*xhat_v;
+                            pacc_1 += dy_v;
+                            dx[idx] = (float)dx_v;
+                        }
+                        mine_params[0 * pl + pidx] += pacc_0;
+                        mine_params[1 * pl + pidx] += pacc_1;
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const coef = malloc((2 * (size_t)groups + 1) * sizeof(double));
     if (!coef) {
         free(partial);
@@ -610,28 +896,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     mine_params[1 * pl + pidx] += dy_v;
                     dx[idx] = (float)dx_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_ms = running[0 * p_count + p]; (void)run_ms;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
-
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = c_xhat_v_0*x_v;
-                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
-
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        dx[idx] = (float)dx_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -639,32 +903,53 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
                     const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
 
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
                             const double xhat_v = c_xhat_v_0*x_v;
                             const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
                             dx[idx] = (float)dx_v;
                         }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = c_xhat_v_0*x_v;
+                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                dx[idx] = (float)dx_v;
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
                     }
+
                 }
             }
         }
     }
 
+    free(coef);
+    }
     for (ptrdiff_t k = 0; k < pl; ++k) {
         double dgamma_k = 0.0, dbeta_k = 0.0;
         for (int t = 0; t < team; ++t) {
@@ -677,7 +962,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
     free(partial);
     free(pgrad);
-    free(coef);
     return SYMBN_OK;
 }
 /* ---- double ---- */
@@ -699,6 +983,89 @@ int symbn_rmsnorm_forward_train_f64(const double *x, const double *gamma, const 
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            double stat_ms;
+            {
+                double acc_0 = 0.0;
+
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+                        acc_0 += (x_v*x_v);
+                        
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+                            acc_0 += (x_v*x_v);
+                            
+                        }
+                    }
+                }
+
+            }
+
+                stat_ms = acc_0 / m;
+            }
+            stats[0 * groups + g] = stat_ms;
+            const double saved_invstd = 1.0/sqrt(eps + stat_ms);
+            saved[0 * groups + g] = saved_invstd;
+            
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*x_v;
+                        const double y_v = beta_v + gamma_v*xhat_v;
+
+                        y[idx] = (double)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            const double y_v = beta_v + gamma_v*xhat_v;
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const coef = malloc((0 * (size_t)groups + 1) * sizeof(double));
     if (!coef) {
         free(partial);
@@ -726,37 +1093,35 @@ int symbn_rmsnorm_forward_train_f64(const double *x, const double *gamma, const 
                     mine[0 * groups + g] += (x_v*x_v);
                     
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    (void)g;
-                    double acc_0 = 0.0;
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        acc_0 += (x_v*x_v);
-                        
-                    }
-                    mine[0 * groups + g] += acc_0;
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
                     (void)g;
                     double acc_0 = 0.0;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
+
+                    if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
                             acc_0 += (x_v*x_v);
                             
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                acc_0 += (x_v*x_v);
+                                
+                            }
+                        }
                     }
+
                     mine[0 * groups + g] += acc_0;
                 }
             }
@@ -806,34 +1171,17 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                     y[idx] = (double)y_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = saved_invstd*x_v;
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (double)y_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
                     const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
 
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
@@ -842,15 +1190,32 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                             y[idx] = (double)y_v;
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*x_v;
+                                const double y_v = beta_v + gamma_v*xhat_v;
+
+                                y[idx] = (double)y_v;
+                            }
+                        }
                     }
+
                 }
             }
         }
     }
 
+    free(coef);
+    }
     free(partial);
     free(pgrad);
-    free(coef);
     return SYMBN_OK;
 }
 
@@ -872,6 +1237,105 @@ int symbn_rmsnorm_backward_train_f64(const double *dy, const double *x, const do
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+            
+            double red_0;
+            {
+                double acc_0 = 0.0;
+
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*x_v;
+                        (void)dy_v;
+                        acc_0 += dy_v*gamma_v*xhat_v;
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        double pacc_0 = 0.0;
+                        double pacc_1 = 0.0;
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            (void)dy_v;
+                            acc_0 += dy_v*gamma_v*xhat_v;
+                            pacc_0 += dy_v*xhat_v;
+                            pacc_1 += dy_v;
+                            
+                        }
+                        mine_params[0 * pl + pidx] += pacc_0;
+                        mine_params[1 * pl + pidx] += pacc_1;
+                    }
+                }
+
+            }
+
+                red_0 = acc_0;
+            }
+            const double c_dx_v_0 = saved_invstd/m;
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*x_v;
+                        const double dx_v = c_dx_v_0*(dy_v*gamma_v*m - red_0*xhat_v);
+
+                        dx[idx] = (double)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            const double dx_v = c_dx_v_0*(dy_v*gamma_v*m - red_0*xhat_v);
+
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const sums = malloc((1 * (size_t)groups + 1) * sizeof(double));
     double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
     if (!sums || !coef) {
@@ -915,55 +1379,52 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     mine_params[1 * pl + pidx] += dy_v;
                     
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-                    double acc_0 = 0.0;
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = saved_invstd*x_v;
-                        (void)dy_v;
-                        acc_0 += dy_v*gamma_v*xhat_v;
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        
-                    }
-                    mine[0 * groups + g] += acc_0;
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
                     const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
 
                     double acc_0 = 0.0;
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
                             const double xhat_v = saved_invstd*x_v;
                             (void)dy_v;
                             acc_0 += dy_v*gamma_v*xhat_v;
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
                             
                         }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*x_v;
+                                (void)dy_v;
+                                acc_0 += dy_v*gamma_v*xhat_v;
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
                     }
+
                     mine[0 * groups + g] += acc_0;
                 }
             }
@@ -976,16 +1437,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
             sums[j * groups + g] = total;
         }
-
-    for (ptrdiff_t k = 0; k < pl; ++k) {
-        double dgamma_k = 0.0, dbeta_k = 0.0;
-        for (int t = 0; t < team; ++t) {
-            dgamma_k += pgrad[((size_t)t * 2) * (size_t)pl + (size_t)k];
-            dbeta_k += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
-        }
-        if (dgamma) dgamma[k] += dgamma_k;
-        if (dbeta) dbeta[k] += dbeta_k;
-    }
 
     /* per-group coefficients of dx, then pass 2: dx */
 for (ptrdiff_t g = 0; g < groups; ++g) {
@@ -1024,26 +1475,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                     dx[idx] = (double)dx_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-                    const double red_0 = sums[0 * groups + g]; (void)red_0;
-                    const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
-
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = saved_invstd*x_v;
-                        const double dx_v = c_dx_v_0*(dy_v*gamma_v*m - red_0*xhat_v);
-
-                        dx[idx] = (double)dx_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -1051,11 +1482,12 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     const double red_0 = sums[0 * groups + g]; (void)red_0;
                     const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
 
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
@@ -1064,16 +1496,43 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                             dx[idx] = (double)dx_v;
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*x_v;
+                                const double dx_v = c_dx_v_0*(dy_v*gamma_v*m - red_0*xhat_v);
+
+                                dx[idx] = (double)dx_v;
+                            }
+                        }
                     }
+
                 }
             }
         }
     }
 
-    free(partial);
-    free(pgrad);
     free(sums);
     free(coef);
+    }
+    for (ptrdiff_t k = 0; k < pl; ++k) {
+        double dgamma_k = 0.0, dbeta_k = 0.0;
+        for (int t = 0; t < team; ++t) {
+            dgamma_k += pgrad[((size_t)t * 2) * (size_t)pl + (size_t)k];
+            dbeta_k += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
+        }
+        if (dgamma) dgamma[k] += dgamma_k;
+        if (dbeta) dbeta[k] += dbeta_k;
+    }
+
+    free(partial);
+    free(pgrad);
     return SYMBN_OK;
 }
 
@@ -1094,6 +1553,56 @@ int symbn_rmsnorm_forward_eval_f64(const double *x, const double *gamma, const d
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            const double run_ms = running[0 * p_count + p]; (void)run_ms;
+
+            
+            const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = c_xhat_v_0*x_v;
+                        const double y_v = beta_v + gamma_v*xhat_v;
+
+                        y[idx] = (double)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*x_v;
+                            const double y_v = beta_v + gamma_v*xhat_v;
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
     if (!coef) {
         free(partial);
@@ -1134,36 +1643,18 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                     y[idx] = (double)y_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_ms = running[0 * p_count + p]; (void)run_ms;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = c_xhat_v_0*x_v;
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (double)y_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
                     const double run_ms = running[0 * p_count + p]; (void)run_ms;
                     const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
 
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
@@ -1172,15 +1663,32 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                             y[idx] = (double)y_v;
                         }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = c_xhat_v_0*x_v;
+                                const double y_v = beta_v + gamma_v*xhat_v;
+
+                                y[idx] = (double)y_v;
+                            }
+                        }
                     }
+
                 }
             }
         }
     }
 
+    free(coef);
+    }
     free(partial);
     free(pgrad);
-    free(coef);
     return SYMBN_OK;
 }
 
@@ -1202,6 +1710,66 @@ int symbn_rmsnorm_backward_eval_f64(const double *dy, const double *x, const dou
         return SYMBN_ENOMEM;
     }
 
+    if (ls >= LONG_RUN && groups >= team) {
+    SYMBN_PRAGMA(omp parallel num_threads(team))
+    {
+        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+        (void)mine_params;
+        SYMBN_PRAGMA(omp for schedule(static))
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            const ptrdiff_t p = g % p_count, q = g / p_count;
+
+            const double run_ms = running[0 * p_count + p]; (void)run_ms;
+
+            
+            const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
+            const double c_dx_v_0 = 1.0/sqrt(eps + run_ms);
+            for (ptrdiff_t n = 0; n < outer; ++n) {
+                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                if (s_count == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t l = 0; l < ls; ++l) {
+                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        (void)pidx;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = c_xhat_v_0*x_v;
+                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        dx[idx] = (double)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                        (void)pidx;
+                        double pacc_0 = 0.0;
+                        double pacc_1 = 0.0;
+                        SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                        for (ptrdiff_t s = 0; s < s_count; ++s) {
+                            const ptrdiff_t idx = base + s;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*x_v;
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            pacc_0 += dy_v*xhat_v;
+                            pacc_1 += dy_v;
+                            dx[idx] = (double)dx_v;
+                        }
+                        mine_params[0 * pl + pidx] += pacc_0;
+                        mine_params[1 * pl + pidx] += pacc_1;
+                    }
+                }
+
+            }
+
+        }
+    }
+    } else {
     double *const coef = malloc((2 * (size_t)groups + 1) * sizeof(double));
     if (!coef) {
         free(partial);
@@ -1247,28 +1815,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     mine_params[1 * pl + pidx] += dy_v;
                     dx[idx] = (double)dx_v;
                 }
-            } else if (s_count == 1) {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_ms = running[0 * p_count + p]; (void)run_ms;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
-
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = c_xhat_v_0*x_v;
-                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
-
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        dx[idx] = (double)dx_v;
-                    }
-                }
             } else {
                 for (ptrdiff_t p = 0; p < p_count; ++p) {
                     const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
@@ -1276,32 +1822,53 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
                     const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
 
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
+                    
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
                             const double xhat_v = c_xhat_v_0*x_v;
                             const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
                             dx[idx] = (double)dx_v;
                         }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = c_xhat_v_0*x_v;
+                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                dx[idx] = (double)dx_v;
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
                     }
+
                 }
             }
         }
     }
 
+    free(coef);
+    }
     for (ptrdiff_t k = 0; k < pl; ++k) {
         double dgamma_k = 0.0, dbeta_k = 0.0;
         for (int t = 0; t < team; ++t) {
@@ -1314,6 +1881,5 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
     free(partial);
     free(pgrad);
-    free(coef);
     return SYMBN_OK;
 }
