@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 
 from .build import BACKENDS
-from .explain import FORMATS as EXPLAIN_FORMATS
 from .derive import MODES, derive
+from .explain import FORMATS as EXPLAIN_FORMATS
 from .render import FORMATS, FORMS, to_document, to_json, to_latex, to_text
 from .spec import BUILTINS
+
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line on stderr and exit status 2, never a traceback."""
@@ -80,29 +81,31 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command == "list":
-        width = max(map(len, BUILTINS))
-        for name, norm in BUILTINS.items():
-            print(f"{name:<{width}}  {norm.description}; layout {norm.layout.name}: {norm.layout.description}")
-        return 0
-    if args.command == "generate":
-        return _generate(args)
-    if args.command == "bench":
-        from .bench import main as bench
+    handlers = {"list": _list, "derive": _derive, "explain": _explain, "report": _report,
+                "generate": _generate, "check": _check, "bench": _bench}
+    return handlers[args.command](args)
 
-        if args.threads < 1:
-            _fail("bench", f"--threads must be at least 1, got {args.threads}")
-        sys.stdout.write(bench(args.quick, args.json, args.threads, args.plot))
-        return 0
-    if args.command == "explain":
-        return _explain(args)
-    if args.command == "report":
-        return _report(args)
-    if args.command == "check":
-        return _check(args)
+
+def _list(args: argparse.Namespace) -> int:
+    width = max(map(len, BUILTINS))
+    for name, norm in BUILTINS.items():
+        print(f"{name:<{width}}  {norm.description}; layout {norm.layout.name}: {norm.layout.description}")
+    return 0
+
+
+def _derive(args: argparse.Namespace) -> int:
     if args.document and args.format != "latex":
         _fail("derive", "--document needs --format latex")
     _emit(_derive_output(args), args.output, "derive")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench
+
+    if args.threads < 1:
+        _fail("bench", f"--threads must be at least 1, got {args.threads}")
+    sys.stdout.write(bench(args.quick, args.json, args.threads, args.plot))
     return 0
 
 

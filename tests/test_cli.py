@@ -94,3 +94,27 @@ def test_document_compiles(tmp_path, norm):
                               cwd=tmp_path, capture_output=True, text=True)
     assert compiled.returncode == 0, compiled.stdout[-2000:]
     assert (tmp_path / f"{norm}.pdf").stat().st_size > 10_000
+
+
+def test_generate_writes_every_kernel_file(tmp_path):
+    out = run("generate", "-o", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {f"{n}.{ext}" for n in BUILTINS for ext in ("py", "c", "h")} | {"__init__.py"} == names
+
+
+def test_check_rejects_unknown_norms_in_one_line():
+    out = run("check", "nope")
+    assert out.returncode == 2 and "invalid choice: 'nope'" in out.stderr and len(out.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_bench_quick_reports_every_implementation(tmp_path):
+    """Runs the benchmark (no timing is asserted): every case has C, NumPy and the staged baseline."""
+    out = run("bench", "--quick", "--json", "--plot", str(tmp_path / "bench.svg"))
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert len(report["cases"]) == 3 and "[3/3]" in out.stderr
+    for case in report["cases"]:
+        assert {"c", "numpy", "staged numpy"} <= set(case["results"]) and case["triad_gbs"] > 0
+    assert (tmp_path / "bench.svg").read_text().startswith("<svg")
