@@ -144,63 +144,118 @@ def _param(a, geo, default):
     return default if a is None else a.reshape(1, 1, geo.p, geo.l, 1).astype(numpy.float64)
 
 
-def _param_grad(contribution, geo):
-    return numpy.broadcast_to(contribution, (geo.outer, geo.q, geo.p, geo.l, geo.s)).sum(axis=(0, 1, 4)).reshape(geo.p * geo.l)
+def _param_grad(contribution, shape):
+    return numpy.broadcast_to(contribution, shape).sum(axis=(0, 1, 4)).reshape(-1)
+
+
+_BLOCK = 1 << 16  # elements per block: the float64 temporaries of a block stay in cache
+
+
+def _blocks(geo):
+    """(block of the view, matching block of per-group arrays): about _BLOCK elements each, cut
+    along the outer axis, or along q (the groups) when there is no outer axis."""
+    row = geo.p * geo.l * geo.s
+    if geo.outer > 1:
+        step = max(1, _BLOCK // (geo.q * row))
+        for start in range(0, geo.outer, step):
+            yield (slice(start, start + step),), (slice(None),)
+    else:
+        step = max(1, _BLOCK // row)
+        for start in range(0, geo.q, step):
+            yield (slice(None), slice(start, start + step)), (slice(None), slice(start, start + step))
+
+
+def _group_sum(geo):
+    return numpy.zeros((1, geo.q, geo.p, 1, 1))
 
 
 def _numpy_forward_train(x, gamma, beta, eps, geo, y, stats, saved):
     m = float(geo.outer * geo.l * geo.s)
-    x_v = _view(x, geo).astype(numpy.float64)
-    stat_mean = numpy.mean(x_v, axis=_MEMBERS, keepdims=True)
-    stat_var = numpy.mean((-stat_mean + x_v)**2, axis=_MEMBERS, keepdims=True)
-    saved_mean = stat_mean
-    saved_invstd = 1/numpy.sqrt(eps + stat_var)
+    xv, yv = _view(x, geo), _view(y, geo)
     gamma_v, beta_v = _param(gamma, geo, 1.0), _param(beta, geo, 0.0)
-    xhat_v = -saved_invstd*(saved_mean - x_v)
-    y_v = beta_v + gamma_v*xhat_v
-    _view(y, geo)[...] = y_v
-    stats[0] = stat_mean[0, :, :, 0, 0]
-    stats[1] = stat_var[0, :, :, 0, 0]
-    saved[0] = saved_mean[0, :, :, 0, 0]
-    saved[1] = saved_invstd[0, :, :, 0, 0]
+    group = {}
+    total = _group_sum(geo)
+    for block, part in _blocks(geo):
+        x_v = xv[block].astype(numpy.float64)
+        total[part] += numpy.sum(x_v, axis=_MEMBERS, keepdims=True)
+    group["stat_mean"] = total / m
+    total = _group_sum(geo)
+    for block, part in _blocks(geo):
+        x_v = xv[block].astype(numpy.float64)
+        stat_mean = group["stat_mean"][part]
+        total[part] += numpy.sum((-stat_mean + x_v)**2, axis=_MEMBERS, keepdims=True)
+    group["stat_var"] = total / m
+    stat_mean = group["stat_mean"]
+    stat_var = group["stat_var"]
+    group["saved_mean"] = saved_mean = numpy.broadcast_to(stat_mean, (1, geo.q, geo.p, 1, 1))
+    group["saved_invstd"] = saved_invstd = numpy.broadcast_to(1/numpy.sqrt(eps + stat_var), (1, geo.q, geo.p, 1, 1))
+    for block, part in _blocks(geo):
+        x_v = xv[block].astype(numpy.float64)
+        saved_mean = group["saved_mean"][part]
+        saved_invstd = group["saved_invstd"][part]
+        xhat_v = -saved_invstd*(saved_mean - x_v)
+        y_v = beta_v + gamma_v*xhat_v
+        yv[block] = y_v
+    stats[0] = group["stat_mean"][0, :, :, 0, 0]
+    stats[1] = group["stat_var"][0, :, :, 0, 0]
+    saved[0] = group["saved_mean"][0, :, :, 0, 0]
+    saved[1] = group["saved_invstd"][0, :, :, 0, 0]
 
 
 def _numpy_backward_train(dy, x, gamma, saved, geo, dx, dgamma, dbeta):
     m = float(geo.outer * geo.l * geo.s)
-    saved_mean, saved_invstd, = [v.reshape(1, geo.q, geo.p, 1, 1) for v in saved]
-    x_v, dy_v = _view(x, geo).astype(numpy.float64), _view(dy, geo).astype(numpy.float64)
+    xv, dyv, dxv = _view(x, geo), _view(dy, geo), _view(dx, geo)
     gamma_v = _param(gamma, geo, 1.0)
-    xhat_v = -saved_invstd*(saved_mean - x_v)
-    red_0 = numpy.sum(dy_v, axis=_MEMBERS, keepdims=True)
-    red_1 = numpy.sum(dy_v*xhat_v, axis=_MEMBERS, keepdims=True)
-    c_dx_v_0 = gamma_v*saved_invstd/m
-    dx_v = -c_dx_v_0*(-dy_v*m + red_0 + red_1*xhat_v)
-    _view(dx, geo)[...] = dx_v
-    dgamma += _param_grad(dy_v*xhat_v, geo)
-    dbeta += _param_grad(dy_v, geo)
+    group = dict(zip(['saved_mean', 'saved_invstd'], (v.reshape(1, geo.q, geo.p, 1, 1) for v in saved)))
+    saved_mean = group["saved_mean"]
+    saved_invstd = group["saved_invstd"]
+    totals = [_group_sum(geo) for _ in range(2)]
+    for block, part in _blocks(geo):
+        x_v, dy_v = xv[block].astype(numpy.float64), dyv[block].astype(numpy.float64)
+        saved_mean = group["saved_mean"][part]
+        saved_invstd = group["saved_invstd"][part]
+        xhat_v = -saved_invstd*(saved_mean - x_v)
+        totals[0][part] += numpy.sum(dy_v, axis=_MEMBERS, keepdims=True)
+        totals[1][part] += numpy.sum(dy_v*xhat_v, axis=_MEMBERS, keepdims=True)
+        dgamma += _param_grad(dy_v*xhat_v, x_v.shape)
+        dbeta += _param_grad(dy_v, x_v.shape)
+    group["red_0"] = red_0 = totals[0]
+    group["red_1"] = red_1 = totals[1]
+    saved_mean = group["saved_mean"]
+    saved_invstd = group["saved_invstd"]
+    group["c_dx_v_0"] = c_dx_v_0 = numpy.broadcast_to(gamma_v*saved_invstd/m, (1, geo.q, geo.p, 1, 1))
+    for block, part in _blocks(geo):
+        x_v, dy_v = xv[block].astype(numpy.float64), dyv[block].astype(numpy.float64)
+        saved_mean = group["saved_mean"][part]
+        saved_invstd = group["saved_invstd"][part]
+        red_0 = group["red_0"][part]
+        red_1 = group["red_1"][part]
+        c_dx_v_0 = group["c_dx_v_0"][part]
+        xhat_v = -saved_invstd*(saved_mean - x_v)
+        dx_v = -c_dx_v_0*(-dy_v*m + red_0 + red_1*xhat_v)
+        dxv[block] = dx_v
 
 
-def _numpy_forward_eval(x, gamma, beta, running, eps, geo, y):
+def _numpy_eval(kind, dy, x, gamma, beta, running, eps, geo, out, dgamma=None, dbeta=None):
+    """forward_eval (kind "forward": y into out) or backward_eval (dx into out, and the parameter gradients)."""
     run_mean, run_var, = [r.reshape(1, 1, geo.p, 1, 1) for r in running]
-    x_v = _view(x, geo).astype(numpy.float64)
+    xv, outv = _view(x, geo), _view(out, geo)
+    dyv = None if dy is None else _view(dy, geo)
     gamma_v, beta_v = _param(gamma, geo, 1.0), _param(beta, geo, 0.0)
     c_xhat_v_0 = 1/numpy.sqrt(eps + run_var)
-    xhat_v = -c_xhat_v_0*(run_mean - x_v)
-    y_v = beta_v + gamma_v*xhat_v
-    _view(y, geo)[...] = y_v
-
-
-def _numpy_backward_eval(dy, x, gamma, running, eps, geo, dx, dgamma, dbeta):
-    run_mean, run_var, = [r.reshape(1, 1, geo.p, 1, 1) for r in running]
-    x_v, dy_v = _view(x, geo).astype(numpy.float64), _view(dy, geo).astype(numpy.float64)
-    gamma_v = _param(gamma, geo, 1.0)
-    c_xhat_v_0 = 1/numpy.sqrt(eps + run_var)
     c_dx_v_0 = gamma_v/numpy.sqrt(eps + run_var)
-    xhat_v = -c_xhat_v_0*(run_mean - x_v)
-    dx_v = c_dx_v_0*dy_v
-    _view(dx, geo)[...] = dx_v
-    dgamma += _param_grad(dy_v*xhat_v, geo)
-    dbeta += _param_grad(dy_v, geo)
+    for block, _ in _blocks(geo):
+        x_v = xv[block].astype(numpy.float64)
+        xhat_v = -c_xhat_v_0*(run_mean - x_v)
+        if kind == "forward":
+            y_v = beta_v + gamma_v*xhat_v
+            outv[block] = y_v
+        else:
+            dy_v = dyv[block].astype(numpy.float64)
+            dx_v = c_dx_v_0*dy_v
+            outv[block] = dx_v
+            dgamma += _param_grad(dy_v*xhat_v, x_v.shape)
+            dbeta += _param_grad(dy_v, x_v.shape)
 
 
 def _pointer(a):
@@ -309,7 +364,7 @@ class Kernels:
         y = output("out", out, x)
         if self._c is None:
             with numpy.errstate(all="ignore"):  # NaN and infinity are reported below, as for C
-                _numpy_forward_eval(x, gamma, beta, running, eps, geo, y)
+                _numpy_eval("forward", None, x, gamma, beta, running, eps, geo, y)
         else:
             _call(self._c["forward_eval", x.dtype], x.ctypes.data, _pointer(gamma), _pointer(beta), running.ctypes.data,
                   y.ctypes.data, geo.outer, geo.q, geo.p, geo.l, geo.s, eps)
@@ -324,7 +379,7 @@ class Kernels:
         dx, dgamma, dbeta = output("out", out, x), numpy.zeros(geo.p * geo.l), numpy.zeros(geo.p * geo.l)
         if self._c is None:
             with numpy.errstate(all="ignore"):  # NaN and infinity are reported below, as for C
-                _numpy_backward_eval(dy, x, gamma, running, eps, geo, dx, dgamma, dbeta)
+                _numpy_eval("backward", dy, x, gamma, None, running, eps, geo, dx, dgamma, dbeta)
         else:
             _call(self._c["backward_eval", x.dtype], dy.ctypes.data, x.ctypes.data, _pointer(gamma), running.ctypes.data,
                   dx.ctypes.data, dgamma.ctypes.data, dbeta.ctypes.data, geo.outer, geo.q, geo.p, geo.l, geo.s, eps)
