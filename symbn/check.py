@@ -61,25 +61,21 @@ def problem(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def _options(case: Case) -> dict:
-    return dict(case.options)
-
-
 def run(kernels, case: Case, data: dict, mode: str, dtype=np.float64) -> dict[str, np.ndarray]:
     """Forward and backward of one mode; arrays are cast to ``dtype``."""
     cast = {k: v.astype(dtype) for k, v in data.items()}
     norm = BUILTINS[case.norm]
     running = [cast[f"running_{s}"] for s in norm.stat_names]
     if mode == "train":
-        y, *saved = kernels.forward_train(cast["x"], cast["gamma"], cast["beta"], **_options(case))
-        dx, dgamma, dbeta = kernels.backward_train(cast["dy"], cast["x"], cast["gamma"], *saved, **_options(case))
+        y, *saved = kernels.forward_train(cast["x"], cast["gamma"], cast["beta"], **case.options)
+        dx, dgamma, dbeta = kernels.backward_train(cast["dy"], cast["x"], cast["gamma"], *saved, **case.options)
         updated = [r.copy() for r in running]
-        kernels.forward_train(cast["x"], cast["gamma"], cast["beta"], **_options(case),
+        kernels.forward_train(cast["x"], cast["gamma"], cast["beta"], **case.options,
                               **{f"running_{s}": r for s, r in zip(norm.stat_names, updated)})
         return {"y": y, "dx": dx, "dgamma": dgamma, "dbeta": dbeta,
                 **{f"running_{s}": r for s, r in zip(norm.stat_names, updated)}}
-    y = kernels.forward_eval(cast["x"], cast["gamma"], cast["beta"], *running, **_options(case))
-    dx, dgamma, dbeta = kernels.backward_eval(cast["dy"], cast["x"], cast["gamma"], *running, **_options(case))
+    y = kernels.forward_eval(cast["x"], cast["gamma"], cast["beta"], *running, **case.options)
+    dx, dgamma, dbeta = kernels.backward_eval(cast["dy"], cast["x"], cast["gamma"], *running, **case.options)
     return {"y": y, "dx": dx, "dgamma": dgamma, "dbeta": dbeta}
 
 
@@ -92,9 +88,9 @@ def finite_differences(case: Case, data: dict, mode: str, h: float = 1e-6) -> di
     def loss(**changed) -> float:
         args = {**{k: data[k] for k in ("x", "gamma", "beta")}, **changed}
         if mode == "train":
-            y = kernels.forward_train(args["x"], args["gamma"], args["beta"], **_options(case))[0]
+            y = kernels.forward_train(args["x"], args["gamma"], args["beta"], **case.options)[0]
         else:
-            y = kernels.forward_eval(args["x"], args["gamma"], args["beta"], *running, **_options(case))
+            y = kernels.forward_eval(args["x"], args["gamma"], args["beta"], *running, **case.options)
         return float(np.sum(data["dy"] * y))
 
     return {f"d{name}": central_differences(lambda v, name=name: loss(**{name: v}), data[name], h) for name in ("x", "gamma", "beta")}

@@ -104,7 +104,3 @@ def _split_sum(total: sp.Sum) -> sp.Expr:
         out.append(constant * sp.Sum(sp.Mul(*varying).xreplace({k: K}), (K, lo, hi)))
     return sp.Add(*out)
 
-
-def atoms(expr: sp.Expr) -> set[sp.Sum]:
-    """The sums in ``expr``."""
-    return expr.atoms(sp.Sum)
