@@ -9,6 +9,9 @@
 #include "batchnorm.h"
 
 #define LONG_RUN 32 /* runs at least this long: a thread takes whole groups, every pass back to back */
+#define LANES 16    /* runs of one element (x is (N, C)): a thread takes LANES groups (channels) at a time */
+#define SMALL 65536 /* elements: a problem this small runs on one thread, and in blocks of LANES when it can
+                       (large ones stream row by row: a column block strided by a row misses every cache) */
 
 #ifdef _OPENMP
 #define SYMBN_PRAGMA(text) _Pragma(#text)
@@ -28,7 +31,7 @@ static int team_size(ptrdiff_t work)
 {
 #ifdef _OPENMP
     int threads = requested_threads > 0 ? requested_threads : omp_get_max_threads();
-    return work < 65536 ? 1 : threads;
+    return work <= SMALL ? 1 : threads;
 #else
     (void)work;
     return 1;
@@ -54,167 +57,31 @@ int symbn_batchnorm_forward_train_f32(const float *x, const float *gamma, const 
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
-    double *const partial = calloc((size_t)team * 1 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 0 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 1 * (size_t)groups, n_pgrad = (size_t)team * 0 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 1 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 0 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
-
-            double stat_mean;
-            {
-                double acc_0 = 0.0;
-
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        acc_0 += x_v;
-                        
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-                            acc_0 += x_v;
-                            
-                        }
-                    }
-                }
-
-            }
-
-                stat_mean = acc_0 / m;
-            }
-            stats[0 * groups + g] = stat_mean;
-            double stat_var;
-            {
-                double acc_0 = 0.0;
-
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                        
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-                            acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                            
-                        }
-                    }
-                }
-
-            }
-
-                stat_var = acc_0 / m;
-            }
-            stats[1 * groups + g] = stat_var;
-            const double saved_mean = stat_mean;
-            saved[0 * groups + g] = saved_mean;
-            const double saved_invstd = 1.0/sqrt(eps + stat_var);
-            saved[1 * groups + g] = saved_invstd;
-            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-            (void)gamma_v; (void)beta_v;
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (float)y_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                            const double y_v = beta_v + gamma_v*xhat_v;
-
-                            y[idx] = (float)y_v;
-                        }
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const coef = malloc((0 * (size_t)groups + 1) * sizeof(double));
-    if (!coef) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
-    /* pass 1: stat_mean, the mean over each group */
-    for (size_t k = 0; k < (size_t)team * (size_t)groups; ++k) partial[k] = 0.0;
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 1 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    (void)g;
-                    const double x_v = (double)x[idx];
-                    mine[0 * groups + g] += x_v;
-                    
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    (void)g;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                double stat_mean;
+                {
                     double acc_0 = 0.0;
 
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -238,48 +105,17 @@ int symbn_batchnorm_forward_train_f32(const float *x, const float *gamma, const 
                         }
                     }
 
-                    mine[0 * groups + g] += acc_0;
                 }
-            }
-        }
-    }
 
-    for (ptrdiff_t j = 0; j < 1; ++j)
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            double total = 0.0;
-            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
-            (stats + 0 * groups)[j * groups + g] = total / m;
-        }
-
-    /* pass 2: stat_var, the mean over each group */
-    for (size_t k = 0; k < (size_t)team * (size_t)groups; ++k) partial[k] = 0.0;
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 1 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
-                    (void)g;
-                    const double x_v = (double)x[idx];
-                    mine[0 * groups + g] += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                    
+                    stat_mean = acc_0 / m;
                 }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
-                    (void)g;
+                stats[0 * groups + g] = stat_mean;
+                double stat_var;
+                {
                     double acc_0 = 0.0;
 
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -303,69 +139,20 @@ int symbn_batchnorm_forward_train_f32(const float *x, const float *gamma, const 
                         }
                     }
 
-                    mine[0 * groups + g] += acc_0;
                 }
-            }
-        }
-    }
 
-    for (ptrdiff_t j = 0; j < 1; ++j)
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            double total = 0.0;
-            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
-            (stats + 1 * groups)[j * groups + g] = total / m;
-        }
-
-    for (ptrdiff_t g = 0; g < groups; ++g) {
-        const double stat_mean = stats[0 * groups + g];
-        const double stat_var = stats[1 * groups + g];
-        const double saved_mean = stat_mean;
-        saved[0 * groups + g] = saved_mean;
-        const double saved_invstd = 1.0/sqrt(eps + stat_var);
-        saved[1 * groups + g] = saved_invstd;
-    }
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-        (void)gamma_v; (void)beta_v;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double x_v = (double)x[idx];
-
-                    const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                    const double y_v = beta_v + gamma_v*xhat_v;
-
-                    y[idx] = (float)y_v;
+                    stat_var = acc_0 / m;
                 }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    
+                stats[1 * groups + g] = stat_var;
+                const double saved_mean = stat_mean;
+                saved[0 * groups + g] = saved_mean;
+                const double saved_invstd = 1.0/sqrt(eps + stat_var);
+                saved[1 * groups + g] = saved_invstd;
+                const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                (void)gamma_v; (void)beta_v;
+                const double c_y_v_0 = gamma_v*saved_invstd;
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -373,8 +160,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             (void)pidx;
                             const double x_v = (double)x[idx];
 
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                            const double y_v = beta_v + gamma_v*xhat_v;
+                            const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
 
                             y[idx] = (float)y_v;
                         }
@@ -386,8 +172,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const ptrdiff_t idx = base + s;
                                 const double x_v = (double)x[idx];
 
-                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                                const double y_v = beta_v + gamma_v*xhat_v;
+                                const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
 
                                 y[idx] = (float)y_v;
                             }
@@ -395,15 +180,801 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                double stat_mean;
+                {
+                    double acc_0 = 0.0;
+
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+                            acc_0 += x_v;
+                            
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                acc_0 += x_v;
+                                
+                            }
+                        }
+                    }
+
+                }
+
+                    stat_mean = acc_0 / m;
+                }
+                stats[0 * groups + g] = stat_mean;
+                double stat_var;
+                {
+                    double acc_0 = 0.0;
+
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+                            acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                
+                            }
+                        }
+                    }
+
+                }
+
+                    stat_var = acc_0 / m;
+                }
+                stats[1 * groups + g] = stat_var;
+                const double saved_mean = stat_mean;
+                saved[0 * groups + g] = saved_mean;
+                const double saved_invstd = 1.0/sqrt(eps + stat_var);
+                saved[1 * groups + g] = saved_invstd;
+                const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                (void)gamma_v; (void)beta_v;
+                const double c_y_v_0 = gamma_v*saved_invstd;
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+
+                            const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                            y[idx] = (float)y_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+
+                                const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                                y[idx] = (float)y_v;
+                            }
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                {
+                double acc_0[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += x_v;
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += x_v;
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) stats[0 * groups + q * p_count + p0 + k] = acc_0[k] / m;
+                }
+                {
+                double acc_0[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) stats[1 * groups + q * p_count + p0 + k] = acc_0[k] / m;
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double stat_mean = stats[0 * groups + g];
+                    const double stat_var = stats[1 * groups + g];
+                    const double saved_mean = stat_mean;
+                    saved[0 * groups + g] = saved_mean;
+                    const double saved_invstd = 1.0/sqrt(eps + stat_var);
+                    saved[1 * groups + g] = saved_invstd;
+                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                    (void)gamma_v; (void)beta_v;
+                    const double c_y_v_0 = gamma_v*saved_invstd;
+                    coef[0 * groups + g] = c_y_v_0;
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx];
+
+                            const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx];
+
+                            const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                {
+                double acc_0[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += x_v;
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += x_v;
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) stats[0 * groups + q * p_count + p0 + k] = acc_0[k] / m;
+                }
+                {
+                double acc_0[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) stats[1 * groups + q * p_count + p0 + k] = acc_0[k] / m;
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double stat_mean = stats[0 * groups + g];
+                    const double stat_var = stats[1 * groups + g];
+                    const double saved_mean = stat_mean;
+                    saved[0 * groups + g] = saved_mean;
+                    const double saved_invstd = 1.0/sqrt(eps + stat_var);
+                    saved[1 * groups + g] = saved_invstd;
+                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                    (void)gamma_v; (void)beta_v;
+                    const double c_y_v_0 = gamma_v*saved_invstd;
+                    coef[0 * groups + g] = c_y_v_0;
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx];
+
+                            const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx];
+
+                            const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    } else {
+    /* pass 1: stat_mean, the mean over each group */
+    for (size_t k = 0; k < (size_t)team * (size_t)groups; ++k) partial[k] = 0.0;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        
+                        const double x_v = (double)x[idx];
+                        mine[0 * groups + g] += x_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                acc_0 += x_v;
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += x_v;
+                                    
+                                }
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        
+                        const double x_v = (double)x[idx];
+                        mine[0 * groups + g] += x_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                acc_0 += x_v;
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += x_v;
+                                    
+                                }
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+
+    for (ptrdiff_t j = 0; j < 1; ++j)
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
+            (stats + 0 * groups)[j * groups + g] = total / m;
+        }
+
+    /* pass 2: stat_var, the mean over each group */
+    for (size_t k = 0; k < (size_t)team * (size_t)groups; ++k) partial[k] = 0.0;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                        const double x_v = (double)x[idx];
+                        mine[0 * groups + g] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                    
+                                }
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                        const double x_v = (double)x[idx];
+                        mine[0 * groups + g] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                    
+                                }
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+
+    for (ptrdiff_t j = 0; j < 1; ++j)
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
+            (stats + 1 * groups)[j * groups + g] = total / m;
+        }
+
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double stat_mean = stats[0 * groups + g];
+    const double stat_var = stats[1 * groups + g];
+    const double saved_mean = stat_mean;
+    saved[0 * groups + g] = saved_mean;
+    const double saved_invstd = 1.0/sqrt(eps + stat_var);
+    saved[1 * groups + g] = saved_invstd;
+    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+    (void)gamma_v; (void)beta_v;
+    const double c_y_v_0 = gamma_v*saved_invstd;
+    coef[0 * groups + g] = c_y_v_0;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double x_v = (double)x[idx];
+
+                        const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                        y[idx] = (float)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+
+                                const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                                y[idx] = (float)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+
+                                    const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                                    y[idx] = (float)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double x_v = (double)x[idx];
+
+                        const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                        y[idx] = (float)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+
+                                const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                                y[idx] = (float)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+
+                                    const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                                    y[idx] = (float)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     free(partial);
-    free(pgrad);
-    return SYMBN_OK;
+    int status = SYMBN_OK;
+    if (stats)
+        for (size_t k = 0; k < (size_t)(2 * groups); ++k)
+            if (!isfinite((double)stats[k])) status = SYMBN_ENONFINITE;
+    if (gamma)
+        for (size_t k = 0; k < (size_t)(pl); ++k)
+            if (!isfinite((double)gamma[k])) status = SYMBN_ENONFINITE;
+    if (beta)
+        for (size_t k = 0; k < (size_t)(pl); ++k)
+            if (!isfinite((double)beta[k])) status = SYMBN_ENONFINITE;
+
+    return status;
 }
 
 int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const float *gamma, const double *saved, float *dx, double *dgamma, double *dbeta, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count)
@@ -413,176 +984,39 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
     const double *const beta = NULL;
-    double *const partial = calloc((size_t)team * 2 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 2 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 2 * (size_t)groups, n_pgrad = (size_t)team * 2 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 5 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 2 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
 
-            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-            (void)gamma_v; (void)beta_v;
-            double red_0;
-            double red_1;
-            {
-                double acc_0 = 0.0;
-                double acc_1 = 0.0;
-
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        (void)dy_v;
-                        acc_0 += dy_v;
-                        acc_1 += dy_v*xhat_v;
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                            (void)dy_v;
-                            acc_0 += dy_v;
-                            acc_1 += dy_v*xhat_v;
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
-                            
-                        }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
-                    }
-                }
-
-            }
-
-                red_0 = acc_0;
-                red_1 = acc_1;
-            }
-            const double c_dx_v_0 = gamma_v*saved_invstd/m;
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        const double dx_v = -c_dx_v_0*(-dy_v*m + red_0 + red_1*xhat_v);
-
-                        dx[idx] = (float)dx_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                            const double dx_v = -c_dx_v_0*(-dy_v*m + red_0 + red_1*xhat_v);
-
-                            dx[idx] = (float)dx_v;
-                        }
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const sums = malloc((2 * (size_t)groups + 1) * sizeof(double));
-    double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
-    if (!sums || !coef) {
-        free(partial);
-        free(pgrad);
-        free(sums);
-        free(coef);
-        return SYMBN_ENOMEM;
-    }
-    /* per-group coefficients of xhat, then pass 1: the reductions and the parameter gradients */
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-        (void)gamma_v; (void)beta_v;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 2 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                    const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                    (void)dy_v;
-                    mine[0 * groups + g] += dy_v;
-                    mine[1 * groups + g] += dy_v*xhat_v;
-                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                    mine_params[1 * pl + pidx] += dy_v;
-                    
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
+                const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                (void)gamma_v; (void)beta_v;
+                double red_0;
+                double red_1;
+                {
                     double acc_0 = 0.0;
                     double acc_1 = 0.0;
 
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -590,7 +1024,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
                             (void)dy_v;
                             acc_0 += dy_v;
                             acc_1 += dy_v*xhat_v;
@@ -609,7 +1043,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const ptrdiff_t idx = base + s;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
                                 (void)dy_v;
                                 acc_0 += dy_v;
                                 acc_1 += dy_v*xhat_v;
@@ -622,73 +1056,18 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         }
                     }
 
-                    mine[0 * groups + g] += acc_0;
-                    mine[1 * groups + g] += acc_1;
                 }
-            }
-        }
-    }
 
-    for (ptrdiff_t j = 0; j < 2; ++j)
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            double total = 0.0;
-            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 2 + (size_t)j) * (size_t)groups + (size_t)g];
-            sums[j * groups + g] = total;
-        }
-
-    /* per-group coefficients of dx, then pass 2: dx */
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-        const double red_0 = sums[0 * groups + g]; (void)red_0;
-        const double red_1 = sums[1 * groups + g]; (void)red_1;
-        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-        (void)gamma_v; (void)beta_v;
-        const double c_dx_v_0 = gamma_v*saved_invstd/m;
-        coef[0 * groups + g] = c_dx_v_0;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double red_0 = sums[0 * groups + g]; (void)red_0;
-                    const double red_1 = sums[1 * groups + g]; (void)red_1;
-                    const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                    const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                    const double dx_v = -c_dx_v_0*(-dy_v*m + red_0 + red_1*xhat_v);
-
-                    dx[idx] = (float)dx_v;
+                    red_0 = acc_0;
+                    sums[0 * groups + g] = red_0;
+                    red_1 = acc_1;
+                    sums[1 * groups + g] = red_1;
                 }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double red_0 = sums[0 * groups + g]; (void)red_0;
-                    const double red_1 = sums[1 * groups + g]; (void)red_1;
-                    const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    
+                const double c_dx_v_0 = gamma_v*saved_invstd;
+                const double c_dx_v_1 = -gamma_v*red_1*saved_invstd/m;
+                const double c_dx_v_2 = -gamma_v*red_0*saved_invstd/m;
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -696,8 +1075,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                            const double dx_v = -c_dx_v_0*(-dy_v*m + red_0 + red_1*xhat_v);
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
 
                             dx[idx] = (float)dx_v;
                         }
@@ -709,8 +1088,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const ptrdiff_t idx = base + s;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                                const double dx_v = -c_dx_v_0*(-dy_v*m + red_0 + red_1*xhat_v);
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
 
                                 dx[idx] = (float)dx_v;
                             }
@@ -718,12 +1097,776 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(sums);
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                (void)gamma_v; (void)beta_v;
+                double red_0;
+                double red_1;
+                {
+                    double acc_0 = 0.0;
+                    double acc_1 = 0.0;
+
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            (void)dy_v;
+                            acc_0 += dy_v;
+                            acc_1 += dy_v*xhat_v;
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
+                            
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                (void)dy_v;
+                                acc_0 += dy_v;
+                                acc_1 += dy_v*xhat_v;
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
+                    }
+
+                }
+
+                    red_0 = acc_0;
+                    sums[0 * groups + g] = red_0;
+                    red_1 = acc_1;
+                    sums[1 * groups + g] = red_1;
+                }
+                const double c_dx_v_0 = gamma_v*saved_invstd;
+                const double c_dx_v_1 = -gamma_v*red_1*saved_invstd/m;
+                const double c_dx_v_2 = -gamma_v*red_0*saved_invstd/m;
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                            dx[idx] = (float)dx_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                                dx[idx] = (float)dx_v;
+                            }
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                    (void)gamma_v; (void)beta_v;
+                }
+
+                {
+                double acc_0[LANES] = {0.0};
+                double acc_1[LANES] = {0.0};
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            (void)dy_v;
+                            acc_0[k] += dy_v;
+                            acc_1[k] += dy_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            (void)dy_v;
+                            acc_0[k] += dy_v;
+                            acc_1[k] += dy_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) {
+                        sums[0 * groups + q * p_count + p0 + k] = acc_0[k];
+                        sums[1 * groups + q * p_count + p0 + k] = acc_1[k];
+                    }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                    const double red_0 = sums[0 * groups + g]; (void)red_0;
+                    const double red_1 = sums[1 * groups + g]; (void)red_1;
+                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                    (void)gamma_v; (void)beta_v;
+                    const double c_dx_v_0 = gamma_v*saved_invstd;
+                    coef[0 * groups + g] = c_dx_v_0;
+                    const double c_dx_v_1 = -gamma_v*red_1*saved_invstd/m;
+                    coef[1 * groups + g] = c_dx_v_1;
+                    const double c_dx_v_2 = -gamma_v*red_0*saved_invstd/m;
+                    coef[2 * groups + g] = c_dx_v_2;
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double red_1 = sums[1 * groups + g]; (void)red_1;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                            const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+                            const double c_dx_v_2 = coef[2 * groups + g]; (void)c_dx_v_2;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double red_1 = sums[1 * groups + g]; (void)red_1;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                            const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+                            const double c_dx_v_2 = coef[2 * groups + g]; (void)c_dx_v_2;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                    (void)gamma_v; (void)beta_v;
+                }
+
+                {
+                double acc_0[LANES] = {0.0};
+                double acc_1[LANES] = {0.0};
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            (void)dy_v;
+                            acc_0[k] += dy_v;
+                            acc_1[k] += dy_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            (void)dy_v;
+                            acc_0[k] += dy_v;
+                            acc_1[k] += dy_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) {
+                        sums[0 * groups + q * p_count + p0 + k] = acc_0[k];
+                        sums[1 * groups + q * p_count + p0 + k] = acc_1[k];
+                    }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                    const double red_0 = sums[0 * groups + g]; (void)red_0;
+                    const double red_1 = sums[1 * groups + g]; (void)red_1;
+                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                    (void)gamma_v; (void)beta_v;
+                    const double c_dx_v_0 = gamma_v*saved_invstd;
+                    coef[0 * groups + g] = c_dx_v_0;
+                    const double c_dx_v_1 = -gamma_v*red_1*saved_invstd/m;
+                    coef[1 * groups + g] = c_dx_v_1;
+                    const double c_dx_v_2 = -gamma_v*red_0*saved_invstd/m;
+                    coef[2 * groups + g] = c_dx_v_2;
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double red_1 = sums[1 * groups + g]; (void)red_1;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                            const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+                            const double c_dx_v_2 = coef[2 * groups + g]; (void)c_dx_v_2;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double red_1 = sums[1 * groups + g]; (void)red_1;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                            const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+                            const double c_dx_v_2 = coef[2 * groups + g]; (void)c_dx_v_2;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    } else {
+    /* per-group coefficients of xhat, then pass 1: the reductions and the parameter gradients */
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+    (void)gamma_v; (void)beta_v;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 2 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                        (void)dy_v;
+                        mine[0 * groups + g] += dy_v;
+                        mine[1 * groups + g] += dy_v*xhat_v;
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        double acc_0 = 0.0;
+                        double acc_1 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                (void)dy_v;
+                                acc_0 += dy_v;
+                                acc_1 += dy_v*xhat_v;
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    acc_0 += dy_v;
+                                    acc_1 += dy_v*xhat_v;
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                        mine[1 * groups + g] += acc_1;
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 2 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                        (void)dy_v;
+                        mine[0 * groups + g] += dy_v;
+                        mine[1 * groups + g] += dy_v*xhat_v;
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        double acc_0 = 0.0;
+                        double acc_1 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                (void)dy_v;
+                                acc_0 += dy_v;
+                                acc_1 += dy_v*xhat_v;
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    acc_0 += dy_v;
+                                    acc_1 += dy_v*xhat_v;
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                        mine[1 * groups + g] += acc_1;
+                    }
+                }
+            }
+        }
+
+
+    for (ptrdiff_t j = 0; j < 2; ++j)
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 2 + (size_t)j) * (size_t)groups + (size_t)g];
+            sums[j * groups + g] = total;
+        }
+
+    /* per-group coefficients of dx, then pass 2: dx */
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+    const double red_0 = sums[0 * groups + g]; (void)red_0;
+    const double red_1 = sums[1 * groups + g]; (void)red_1;
+    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+    (void)gamma_v; (void)beta_v;
+    const double c_dx_v_0 = gamma_v*saved_invstd;
+    coef[0 * groups + g] = c_dx_v_0;
+    const double c_dx_v_1 = -gamma_v*red_1*saved_invstd/m;
+    coef[1 * groups + g] = c_dx_v_1;
+    const double c_dx_v_2 = -gamma_v*red_0*saved_invstd/m;
+    coef[2 * groups + g] = c_dx_v_2;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double red_1 = sums[1 * groups + g]; (void)red_1;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                        const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+                        const double c_dx_v_2 = coef[2 * groups + g]; (void)c_dx_v_2;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                        const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                        dx[idx] = (float)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double red_1 = sums[1 * groups + g]; (void)red_1;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                        const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+                        const double c_dx_v_2 = coef[2 * groups + g]; (void)c_dx_v_2;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                                dx[idx] = (float)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                                    dx[idx] = (float)dx_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double red_1 = sums[1 * groups + g]; (void)red_1;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                        const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+                        const double c_dx_v_2 = coef[2 * groups + g]; (void)c_dx_v_2;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                        const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                        dx[idx] = (float)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double red_1 = sums[1 * groups + g]; (void)red_1;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                        const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+                        const double c_dx_v_2 = coef[2 * groups + g]; (void)c_dx_v_2;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                                dx[idx] = (float)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                                    dx[idx] = (float)dx_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     for (ptrdiff_t k = 0; k < pl; ++k) {
         double dgamma_k = 0.0, dbeta_k = 0.0;
@@ -735,9 +1878,19 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
         if (dbeta) dbeta[k] += dbeta_k;
     }
 
+    int status = SYMBN_OK;
+    if (sums)
+        for (size_t k = 0; k < (size_t)(2 * groups); ++k)
+            if (!isfinite((double)sums[k])) status = SYMBN_ENONFINITE;
+    if (gamma)
+        for (size_t k = 0; k < (size_t)(pl); ++k)
+            if (!isfinite((double)gamma[k])) status = SYMBN_ENONFINITE;
+    if (saved)
+        for (size_t k = 0; k < (size_t)(2 * groups); ++k)
+            if (!isfinite((double)saved[k])) status = SYMBN_ENONFINITE;
+
     free(partial);
-    free(pgrad);
-    return SYMBN_OK;
+    return status;
 }
 
 int symbn_batchnorm_forward_eval_f32(const float *x, const float *gamma, const float *beta, const double *running, float *y, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps)
@@ -747,118 +1900,33 @@ int symbn_batchnorm_forward_eval_f32(const float *x, const float *gamma, const f
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
-    double *const partial = calloc((size_t)team * 0 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 0 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 0 * (size_t)groups, n_pgrad = (size_t)team * 0 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 1 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 0 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                const double run_var = running[1 * p_count + p]; (void)run_var;
 
-            const double run_mean = running[0 * p_count + p]; (void)run_mean;
-            const double run_var = running[1 * p_count + p]; (void)run_var;
-
-            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-            (void)gamma_v; (void)beta_v;
-            const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-
-                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (float)y_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-
-                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                            const double y_v = beta_v + gamma_v*xhat_v;
-
-                            y[idx] = (float)y_v;
-                        }
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
-    if (!coef) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double run_mean = running[0 * p_count + p]; (void)run_mean;
-        const double run_var = running[1 * p_count + p]; (void)run_var;
-        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-        (void)gamma_v; (void)beta_v;
-        const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
-        coef[0 * groups + g] = c_xhat_v_0;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double x_v = (double)x[idx];
-
-                    const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                    const double y_v = beta_v + gamma_v*xhat_v;
-
-                    y[idx] = (float)y_v;
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    
+                const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                (void)gamma_v; (void)beta_v;
+                const double c_y_v_0 = gamma_v/sqrt(eps + run_var);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -866,8 +1934,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             (void)pidx;
                             const double x_v = (double)x[idx];
 
-                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                            const double y_v = beta_v + gamma_v*xhat_v;
+                            const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
 
                             y[idx] = (float)y_v;
                         }
@@ -879,8 +1946,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const ptrdiff_t idx = base + s;
                                 const double x_v = (double)x[idx];
 
-                                const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                                const double y_v = beta_v + gamma_v*xhat_v;
+                                const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
 
                                 y[idx] = (float)y_v;
                             }
@@ -888,14 +1954,338 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                const double run_var = running[1 * p_count + p]; (void)run_var;
+
+                const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                (void)gamma_v; (void)beta_v;
+                const double c_y_v_0 = gamma_v/sqrt(eps + run_var);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+
+                            const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                            y[idx] = (float)y_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+
+                                const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                                y[idx] = (float)y_v;
+                            }
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                    const double run_var = running[1 * p_count + p]; (void)run_var;
+                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                    (void)gamma_v; (void)beta_v;
+                    const double c_y_v_0 = gamma_v/sqrt(eps + run_var);
+                    coef[0 * groups + g] = c_y_v_0;
+                }
+
+                {
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx];
+
+                            const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx];
+
+                            const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                }
+
+
+                }
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                    const double run_var = running[1 * p_count + p]; (void)run_var;
+                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                    (void)gamma_v; (void)beta_v;
+                    const double c_y_v_0 = gamma_v/sqrt(eps + run_var);
+                    coef[0 * groups + g] = c_y_v_0;
+                }
+
+                {
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx];
+
+                            const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx];
+
+                            const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                }
+
+
+                }
+
+            }
+        }
+
+    } else {
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+    const double run_var = running[1 * p_count + p]; (void)run_var;
+    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+    (void)gamma_v; (void)beta_v;
+    const double c_y_v_0 = gamma_v/sqrt(eps + run_var);
+    coef[0 * groups + g] = c_y_v_0;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double x_v = (double)x[idx];
+
+                        const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                        y[idx] = (float)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+
+                                const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                                y[idx] = (float)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+
+                                    const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                                    y[idx] = (float)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double x_v = (double)x[idx];
+
+                        const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                        y[idx] = (float)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+
+                                const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                                y[idx] = (float)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+
+                                    const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                                    y[idx] = (float)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     free(partial);
-    free(pgrad);
     return SYMBN_OK;
 }
 
@@ -906,135 +2296,35 @@ int symbn_batchnorm_backward_eval_f32(const float *dy, const float *x, const flo
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
     const double *const beta = NULL;
-    double *const partial = calloc((size_t)team * 0 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 2 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 0 * (size_t)groups, n_pgrad = (size_t)team * 2 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 2 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 0 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                const double run_var = running[1 * p_count + p]; (void)run_var;
 
-            const double run_mean = running[0 * p_count + p]; (void)run_mean;
-            const double run_var = running[1 * p_count + p]; (void)run_var;
-
-            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-            (void)gamma_v; (void)beta_v;
-            const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
-            const double c_dx_v_0 = gamma_v/sqrt(eps + run_var);
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                        const double dx_v = c_dx_v_0*dy_v;
-
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        dx[idx] = (float)dx_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                            const double dx_v = c_dx_v_0*dy_v;
-
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
-                            dx[idx] = (float)dx_v;
-                        }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const coef = malloc((2 * (size_t)groups + 1) * sizeof(double));
-    if (!coef) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double run_mean = running[0 * p_count + p]; (void)run_mean;
-        const double run_var = running[1 * p_count + p]; (void)run_var;
-        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-        (void)gamma_v; (void)beta_v;
-        const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
-        coef[0 * groups + g] = c_xhat_v_0;
-        const double c_dx_v_0 = gamma_v/sqrt(eps + run_var);
-        coef[1 * groups + g] = c_dx_v_0;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                    const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                    const double dx_v = c_dx_v_0*dy_v;
-
-                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                    mine_params[1 * pl + pidx] += dy_v;
-                    dx[idx] = (float)dx_v;
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    
+                const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                (void)gamma_v; (void)beta_v;
+                const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+                const double c_dx_v_0 = gamma_v/sqrt(eps + run_var);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -1042,7 +2332,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
                             const double dx_v = c_dx_v_0*dy_v;
 
                             mine_params[0 * pl + pidx] += dy_v*xhat_v;
@@ -1060,7 +2350,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const ptrdiff_t idx = base + s;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                                const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
                                 const double dx_v = c_dx_v_0*dy_v;
 
                                 pacc_0 += dy_v*xhat_v;
@@ -1073,11 +2363,414 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                const double run_var = running[1 * p_count + p]; (void)run_var;
+
+                const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                (void)gamma_v; (void)beta_v;
+                const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+                const double c_dx_v_0 = gamma_v/sqrt(eps + run_var);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v;
+
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
+                            dx[idx] = (float)dx_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                const double dx_v = c_dx_v_0*dy_v;
+
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                dx[idx] = (float)dx_v;
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                    const double run_var = running[1 * p_count + p]; (void)run_var;
+                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                    (void)gamma_v; (void)beta_v;
+                    const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+                    coef[0 * groups + g] = c_xhat_v_0;
+                    const double c_dx_v_0 = gamma_v/sqrt(eps + run_var);
+                    coef[1 * groups + g] = c_dx_v_0;
+                }
+
+                {
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                }
+
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                    const double run_var = running[1 * p_count + p]; (void)run_var;
+                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                    (void)gamma_v; (void)beta_v;
+                    const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+                    coef[0 * groups + g] = c_xhat_v_0;
+                    const double c_dx_v_0 = gamma_v/sqrt(eps + run_var);
+                    coef[1 * groups + g] = c_dx_v_0;
+                }
+
+                {
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                }
+
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+
+            }
+        }
+
+    } else {
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+    const double run_var = running[1 * p_count + p]; (void)run_var;
+    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+    (void)gamma_v; (void)beta_v;
+    const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+    coef[0 * groups + g] = c_xhat_v_0;
+    const double c_dx_v_0 = gamma_v/sqrt(eps + run_var);
+    coef[1 * groups + g] = c_dx_v_0;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                        const double dx_v = c_dx_v_0*dy_v;
+
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        dx[idx] = (float)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                const double dx_v = c_dx_v_0*dy_v;
+
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                dx[idx] = (float)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                    const double dx_v = c_dx_v_0*dy_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (float)dx_v;
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                        const double dx_v = c_dx_v_0*dy_v;
+
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        dx[idx] = (float)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                const double dx_v = c_dx_v_0*dy_v;
+
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                dx[idx] = (float)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                    const double dx_v = c_dx_v_0*dy_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (float)dx_v;
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     for (ptrdiff_t k = 0; k < pl; ++k) {
         double dgamma_k = 0.0, dbeta_k = 0.0;
@@ -1090,7 +2783,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
     }
 
     free(partial);
-    free(pgrad);
     return SYMBN_OK;
 }
 /* ---- double ---- */
@@ -1102,167 +2794,31 @@ int symbn_batchnorm_forward_train_f64(const double *x, const double *gamma, cons
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
-    double *const partial = calloc((size_t)team * 1 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 0 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 1 * (size_t)groups, n_pgrad = (size_t)team * 0 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 1 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 0 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
-
-            double stat_mean;
-            {
-                double acc_0 = 0.0;
-
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        acc_0 += x_v;
-                        
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-                            acc_0 += x_v;
-                            
-                        }
-                    }
-                }
-
-            }
-
-                stat_mean = acc_0 / m;
-            }
-            stats[0 * groups + g] = stat_mean;
-            double stat_var;
-            {
-                double acc_0 = 0.0;
-
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                        
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-                            acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                            
-                        }
-                    }
-                }
-
-            }
-
-                stat_var = acc_0 / m;
-            }
-            stats[1 * groups + g] = stat_var;
-            const double saved_mean = stat_mean;
-            saved[0 * groups + g] = saved_mean;
-            const double saved_invstd = 1.0/sqrt(eps + stat_var);
-            saved[1 * groups + g] = saved_invstd;
-            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-            (void)gamma_v; (void)beta_v;
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (double)y_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                            const double y_v = beta_v + gamma_v*xhat_v;
-
-                            y[idx] = (double)y_v;
-                        }
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const coef = malloc((0 * (size_t)groups + 1) * sizeof(double));
-    if (!coef) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
-    /* pass 1: stat_mean, the mean over each group */
-    for (size_t k = 0; k < (size_t)team * (size_t)groups; ++k) partial[k] = 0.0;
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 1 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    (void)g;
-                    const double x_v = (double)x[idx];
-                    mine[0 * groups + g] += x_v;
-                    
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    (void)g;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                double stat_mean;
+                {
                     double acc_0 = 0.0;
 
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -1286,48 +2842,17 @@ int symbn_batchnorm_forward_train_f64(const double *x, const double *gamma, cons
                         }
                     }
 
-                    mine[0 * groups + g] += acc_0;
                 }
-            }
-        }
-    }
 
-    for (ptrdiff_t j = 0; j < 1; ++j)
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            double total = 0.0;
-            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
-            (stats + 0 * groups)[j * groups + g] = total / m;
-        }
-
-    /* pass 2: stat_var, the mean over each group */
-    for (size_t k = 0; k < (size_t)team * (size_t)groups; ++k) partial[k] = 0.0;
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 1 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
-                    (void)g;
-                    const double x_v = (double)x[idx];
-                    mine[0 * groups + g] += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                    
+                    stat_mean = acc_0 / m;
                 }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
-                    (void)g;
+                stats[0 * groups + g] = stat_mean;
+                double stat_var;
+                {
                     double acc_0 = 0.0;
 
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -1351,69 +2876,20 @@ int symbn_batchnorm_forward_train_f64(const double *x, const double *gamma, cons
                         }
                     }
 
-                    mine[0 * groups + g] += acc_0;
                 }
-            }
-        }
-    }
 
-    for (ptrdiff_t j = 0; j < 1; ++j)
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            double total = 0.0;
-            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
-            (stats + 1 * groups)[j * groups + g] = total / m;
-        }
-
-    for (ptrdiff_t g = 0; g < groups; ++g) {
-        const double stat_mean = stats[0 * groups + g];
-        const double stat_var = stats[1 * groups + g];
-        const double saved_mean = stat_mean;
-        saved[0 * groups + g] = saved_mean;
-        const double saved_invstd = 1.0/sqrt(eps + stat_var);
-        saved[1 * groups + g] = saved_invstd;
-    }
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-        (void)gamma_v; (void)beta_v;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double x_v = (double)x[idx];
-
-                    const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                    const double y_v = beta_v + gamma_v*xhat_v;
-
-                    y[idx] = (double)y_v;
+                    stat_var = acc_0 / m;
                 }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    
+                stats[1 * groups + g] = stat_var;
+                const double saved_mean = stat_mean;
+                saved[0 * groups + g] = saved_mean;
+                const double saved_invstd = 1.0/sqrt(eps + stat_var);
+                saved[1 * groups + g] = saved_invstd;
+                const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                (void)gamma_v; (void)beta_v;
+                const double c_y_v_0 = gamma_v*saved_invstd;
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -1421,8 +2897,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             (void)pidx;
                             const double x_v = (double)x[idx];
 
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                            const double y_v = beta_v + gamma_v*xhat_v;
+                            const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
 
                             y[idx] = (double)y_v;
                         }
@@ -1434,8 +2909,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const ptrdiff_t idx = base + s;
                                 const double x_v = (double)x[idx];
 
-                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                                const double y_v = beta_v + gamma_v*xhat_v;
+                                const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
 
                                 y[idx] = (double)y_v;
                             }
@@ -1443,15 +2917,801 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                double stat_mean;
+                {
+                    double acc_0 = 0.0;
+
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+                            acc_0 += x_v;
+                            
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                acc_0 += x_v;
+                                
+                            }
+                        }
+                    }
+
+                }
+
+                    stat_mean = acc_0 / m;
+                }
+                stats[0 * groups + g] = stat_mean;
+                double stat_var;
+                {
+                    double acc_0 = 0.0;
+
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+                            acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                
+                            }
+                        }
+                    }
+
+                }
+
+                    stat_var = acc_0 / m;
+                }
+                stats[1 * groups + g] = stat_var;
+                const double saved_mean = stat_mean;
+                saved[0 * groups + g] = saved_mean;
+                const double saved_invstd = 1.0/sqrt(eps + stat_var);
+                saved[1 * groups + g] = saved_invstd;
+                const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                (void)gamma_v; (void)beta_v;
+                const double c_y_v_0 = gamma_v*saved_invstd;
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+
+                            const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                            y[idx] = (double)y_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+
+                                const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                                y[idx] = (double)y_v;
+                            }
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                {
+                double acc_0[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += x_v;
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += x_v;
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) stats[0 * groups + q * p_count + p0 + k] = acc_0[k] / m;
+                }
+                {
+                double acc_0[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) stats[1 * groups + q * p_count + p0 + k] = acc_0[k] / m;
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double stat_mean = stats[0 * groups + g];
+                    const double stat_var = stats[1 * groups + g];
+                    const double saved_mean = stat_mean;
+                    saved[0 * groups + g] = saved_mean;
+                    const double saved_invstd = 1.0/sqrt(eps + stat_var);
+                    saved[1 * groups + g] = saved_invstd;
+                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                    (void)gamma_v; (void)beta_v;
+                    const double c_y_v_0 = gamma_v*saved_invstd;
+                    coef[0 * groups + g] = c_y_v_0;
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx];
+
+                            const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx];
+
+                            const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                {
+                double acc_0[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += x_v;
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += x_v;
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) stats[0 * groups + q * p_count + p0 + k] = acc_0[k] / m;
+                }
+                {
+                double acc_0[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) stats[1 * groups + q * p_count + p0 + k] = acc_0[k] / m;
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double stat_mean = stats[0 * groups + g];
+                    const double stat_var = stats[1 * groups + g];
+                    const double saved_mean = stat_mean;
+                    saved[0 * groups + g] = saved_mean;
+                    const double saved_invstd = 1.0/sqrt(eps + stat_var);
+                    saved[1 * groups + g] = saved_invstd;
+                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                    (void)gamma_v; (void)beta_v;
+                    const double c_y_v_0 = gamma_v*saved_invstd;
+                    coef[0 * groups + g] = c_y_v_0;
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx];
+
+                            const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx];
+
+                            const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    } else {
+    /* pass 1: stat_mean, the mean over each group */
+    for (size_t k = 0; k < (size_t)team * (size_t)groups; ++k) partial[k] = 0.0;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        
+                        const double x_v = (double)x[idx];
+                        mine[0 * groups + g] += x_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                acc_0 += x_v;
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += x_v;
+                                    
+                                }
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        
+                        const double x_v = (double)x[idx];
+                        mine[0 * groups + g] += x_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                acc_0 += x_v;
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += x_v;
+                                    
+                                }
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+
+    for (ptrdiff_t j = 0; j < 1; ++j)
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
+            (stats + 0 * groups)[j * groups + g] = total / m;
+        }
+
+    /* pass 2: stat_var, the mean over each group */
+    for (size_t k = 0; k < (size_t)team * (size_t)groups; ++k) partial[k] = 0.0;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                        const double x_v = (double)x[idx];
+                        mine[0 * groups + g] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                    
+                                }
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                        const double x_v = (double)x[idx];
+                        mine[0 * groups + g] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                    
+                                }
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+
+    for (ptrdiff_t j = 0; j < 1; ++j)
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
+            (stats + 1 * groups)[j * groups + g] = total / m;
+        }
+
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double stat_mean = stats[0 * groups + g];
+    const double stat_var = stats[1 * groups + g];
+    const double saved_mean = stat_mean;
+    saved[0 * groups + g] = saved_mean;
+    const double saved_invstd = 1.0/sqrt(eps + stat_var);
+    saved[1 * groups + g] = saved_invstd;
+    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+    (void)gamma_v; (void)beta_v;
+    const double c_y_v_0 = gamma_v*saved_invstd;
+    coef[0 * groups + g] = c_y_v_0;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double x_v = (double)x[idx];
+
+                        const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                        y[idx] = (double)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+
+                                const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                                y[idx] = (double)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+
+                                    const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                                    y[idx] = (double)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double x_v = (double)x[idx];
+
+                        const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                        y[idx] = (double)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+
+                                const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                                y[idx] = (double)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+
+                                    const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
+
+                                    y[idx] = (double)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     free(partial);
-    free(pgrad);
-    return SYMBN_OK;
+    int status = SYMBN_OK;
+    if (stats)
+        for (size_t k = 0; k < (size_t)(2 * groups); ++k)
+            if (!isfinite((double)stats[k])) status = SYMBN_ENONFINITE;
+    if (gamma)
+        for (size_t k = 0; k < (size_t)(pl); ++k)
+            if (!isfinite((double)gamma[k])) status = SYMBN_ENONFINITE;
+    if (beta)
+        for (size_t k = 0; k < (size_t)(pl); ++k)
+            if (!isfinite((double)beta[k])) status = SYMBN_ENONFINITE;
+
+    return status;
 }
 
 int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const double *gamma, const double *saved, double *dx, double *dgamma, double *dbeta, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count)
@@ -1461,176 +3721,39 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
     const double *const beta = NULL;
-    double *const partial = calloc((size_t)team * 2 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 2 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 2 * (size_t)groups, n_pgrad = (size_t)team * 2 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 5 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 2 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
 
-            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-            (void)gamma_v; (void)beta_v;
-            double red_0;
-            double red_1;
-            {
-                double acc_0 = 0.0;
-                double acc_1 = 0.0;
-
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        (void)dy_v;
-                        acc_0 += dy_v;
-                        acc_1 += dy_v*xhat_v;
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                            (void)dy_v;
-                            acc_0 += dy_v;
-                            acc_1 += dy_v*xhat_v;
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
-                            
-                        }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
-                    }
-                }
-
-            }
-
-                red_0 = acc_0;
-                red_1 = acc_1;
-            }
-            const double c_dx_v_0 = gamma_v*saved_invstd/m;
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        const double dx_v = -c_dx_v_0*(-dy_v*m + red_0 + red_1*xhat_v);
-
-                        dx[idx] = (double)dx_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                            const double dx_v = -c_dx_v_0*(-dy_v*m + red_0 + red_1*xhat_v);
-
-                            dx[idx] = (double)dx_v;
-                        }
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const sums = malloc((2 * (size_t)groups + 1) * sizeof(double));
-    double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
-    if (!sums || !coef) {
-        free(partial);
-        free(pgrad);
-        free(sums);
-        free(coef);
-        return SYMBN_ENOMEM;
-    }
-    /* per-group coefficients of xhat, then pass 1: the reductions and the parameter gradients */
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-        (void)gamma_v; (void)beta_v;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 2 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                    const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                    (void)dy_v;
-                    mine[0 * groups + g] += dy_v;
-                    mine[1 * groups + g] += dy_v*xhat_v;
-                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                    mine_params[1 * pl + pidx] += dy_v;
-                    
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
+                const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                (void)gamma_v; (void)beta_v;
+                double red_0;
+                double red_1;
+                {
                     double acc_0 = 0.0;
                     double acc_1 = 0.0;
 
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -1638,7 +3761,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
                             (void)dy_v;
                             acc_0 += dy_v;
                             acc_1 += dy_v*xhat_v;
@@ -1657,7 +3780,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const ptrdiff_t idx = base + s;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
                                 (void)dy_v;
                                 acc_0 += dy_v;
                                 acc_1 += dy_v*xhat_v;
@@ -1670,73 +3793,18 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         }
                     }
 
-                    mine[0 * groups + g] += acc_0;
-                    mine[1 * groups + g] += acc_1;
                 }
-            }
-        }
-    }
 
-    for (ptrdiff_t j = 0; j < 2; ++j)
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            double total = 0.0;
-            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 2 + (size_t)j) * (size_t)groups + (size_t)g];
-            sums[j * groups + g] = total;
-        }
-
-    /* per-group coefficients of dx, then pass 2: dx */
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-        const double red_0 = sums[0 * groups + g]; (void)red_0;
-        const double red_1 = sums[1 * groups + g]; (void)red_1;
-        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-        (void)gamma_v; (void)beta_v;
-        const double c_dx_v_0 = gamma_v*saved_invstd/m;
-        coef[0 * groups + g] = c_dx_v_0;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double red_0 = sums[0 * groups + g]; (void)red_0;
-                    const double red_1 = sums[1 * groups + g]; (void)red_1;
-                    const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                    const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                    const double dx_v = -c_dx_v_0*(-dy_v*m + red_0 + red_1*xhat_v);
-
-                    dx[idx] = (double)dx_v;
+                    red_0 = acc_0;
+                    sums[0 * groups + g] = red_0;
+                    red_1 = acc_1;
+                    sums[1 * groups + g] = red_1;
                 }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double red_0 = sums[0 * groups + g]; (void)red_0;
-                    const double red_1 = sums[1 * groups + g]; (void)red_1;
-                    const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    
+                const double c_dx_v_0 = gamma_v*saved_invstd;
+                const double c_dx_v_1 = -gamma_v*red_1*saved_invstd/m;
+                const double c_dx_v_2 = -gamma_v*red_0*saved_invstd/m;
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -1744,8 +3812,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                            const double dx_v = -c_dx_v_0*(-dy_v*m + red_0 + red_1*xhat_v);
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
 
                             dx[idx] = (double)dx_v;
                         }
@@ -1757,8 +3825,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const ptrdiff_t idx = base + s;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                                const double dx_v = -c_dx_v_0*(-dy_v*m + red_0 + red_1*xhat_v);
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
 
                                 dx[idx] = (double)dx_v;
                             }
@@ -1766,12 +3834,776 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(sums);
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                (void)gamma_v; (void)beta_v;
+                double red_0;
+                double red_1;
+                {
+                    double acc_0 = 0.0;
+                    double acc_1 = 0.0;
+
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            (void)dy_v;
+                            acc_0 += dy_v;
+                            acc_1 += dy_v*xhat_v;
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
+                            
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                (void)dy_v;
+                                acc_0 += dy_v;
+                                acc_1 += dy_v*xhat_v;
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
+                    }
+
+                }
+
+                    red_0 = acc_0;
+                    sums[0 * groups + g] = red_0;
+                    red_1 = acc_1;
+                    sums[1 * groups + g] = red_1;
+                }
+                const double c_dx_v_0 = gamma_v*saved_invstd;
+                const double c_dx_v_1 = -gamma_v*red_1*saved_invstd/m;
+                const double c_dx_v_2 = -gamma_v*red_0*saved_invstd/m;
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                            dx[idx] = (double)dx_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                                dx[idx] = (double)dx_v;
+                            }
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                    (void)gamma_v; (void)beta_v;
+                }
+
+                {
+                double acc_0[LANES] = {0.0};
+                double acc_1[LANES] = {0.0};
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            (void)dy_v;
+                            acc_0[k] += dy_v;
+                            acc_1[k] += dy_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            (void)dy_v;
+                            acc_0[k] += dy_v;
+                            acc_1[k] += dy_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) {
+                        sums[0 * groups + q * p_count + p0 + k] = acc_0[k];
+                        sums[1 * groups + q * p_count + p0 + k] = acc_1[k];
+                    }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                    const double red_0 = sums[0 * groups + g]; (void)red_0;
+                    const double red_1 = sums[1 * groups + g]; (void)red_1;
+                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                    (void)gamma_v; (void)beta_v;
+                    const double c_dx_v_0 = gamma_v*saved_invstd;
+                    coef[0 * groups + g] = c_dx_v_0;
+                    const double c_dx_v_1 = -gamma_v*red_1*saved_invstd/m;
+                    coef[1 * groups + g] = c_dx_v_1;
+                    const double c_dx_v_2 = -gamma_v*red_0*saved_invstd/m;
+                    coef[2 * groups + g] = c_dx_v_2;
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double red_1 = sums[1 * groups + g]; (void)red_1;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                            const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+                            const double c_dx_v_2 = coef[2 * groups + g]; (void)c_dx_v_2;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double red_1 = sums[1 * groups + g]; (void)red_1;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                            const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+                            const double c_dx_v_2 = coef[2 * groups + g]; (void)c_dx_v_2;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                    (void)gamma_v; (void)beta_v;
+                }
+
+                {
+                double acc_0[LANES] = {0.0};
+                double acc_1[LANES] = {0.0};
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            (void)dy_v;
+                            acc_0[k] += dy_v;
+                            acc_1[k] += dy_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            (void)dy_v;
+                            acc_0[k] += dy_v;
+                            acc_1[k] += dy_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) {
+                        sums[0 * groups + q * p_count + p0 + k] = acc_0[k];
+                        sums[1 * groups + q * p_count + p0 + k] = acc_1[k];
+                    }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                    const double red_0 = sums[0 * groups + g]; (void)red_0;
+                    const double red_1 = sums[1 * groups + g]; (void)red_1;
+                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                    (void)gamma_v; (void)beta_v;
+                    const double c_dx_v_0 = gamma_v*saved_invstd;
+                    coef[0 * groups + g] = c_dx_v_0;
+                    const double c_dx_v_1 = -gamma_v*red_1*saved_invstd/m;
+                    coef[1 * groups + g] = c_dx_v_1;
+                    const double c_dx_v_2 = -gamma_v*red_0*saved_invstd/m;
+                    coef[2 * groups + g] = c_dx_v_2;
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double red_1 = sums[1 * groups + g]; (void)red_1;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                            const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+                            const double c_dx_v_2 = coef[2 * groups + g]; (void)c_dx_v_2;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double red_1 = sums[1 * groups + g]; (void)red_1;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                            const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+                            const double c_dx_v_2 = coef[2 * groups + g]; (void)c_dx_v_2;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    } else {
+    /* per-group coefficients of xhat, then pass 1: the reductions and the parameter gradients */
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+    (void)gamma_v; (void)beta_v;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 2 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                        (void)dy_v;
+                        mine[0 * groups + g] += dy_v;
+                        mine[1 * groups + g] += dy_v*xhat_v;
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        double acc_0 = 0.0;
+                        double acc_1 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                (void)dy_v;
+                                acc_0 += dy_v;
+                                acc_1 += dy_v*xhat_v;
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    acc_0 += dy_v;
+                                    acc_1 += dy_v*xhat_v;
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                        mine[1 * groups + g] += acc_1;
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 2 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                        (void)dy_v;
+                        mine[0 * groups + g] += dy_v;
+                        mine[1 * groups + g] += dy_v*xhat_v;
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        double acc_0 = 0.0;
+                        double acc_1 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                (void)dy_v;
+                                acc_0 += dy_v;
+                                acc_1 += dy_v*xhat_v;
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    acc_0 += dy_v;
+                                    acc_1 += dy_v*xhat_v;
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                        mine[1 * groups + g] += acc_1;
+                    }
+                }
+            }
+        }
+
+
+    for (ptrdiff_t j = 0; j < 2; ++j)
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 2 + (size_t)j) * (size_t)groups + (size_t)g];
+            sums[j * groups + g] = total;
+        }
+
+    /* per-group coefficients of dx, then pass 2: dx */
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+    const double red_0 = sums[0 * groups + g]; (void)red_0;
+    const double red_1 = sums[1 * groups + g]; (void)red_1;
+    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+    (void)gamma_v; (void)beta_v;
+    const double c_dx_v_0 = gamma_v*saved_invstd;
+    coef[0 * groups + g] = c_dx_v_0;
+    const double c_dx_v_1 = -gamma_v*red_1*saved_invstd/m;
+    coef[1 * groups + g] = c_dx_v_1;
+    const double c_dx_v_2 = -gamma_v*red_0*saved_invstd/m;
+    coef[2 * groups + g] = c_dx_v_2;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double red_1 = sums[1 * groups + g]; (void)red_1;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                        const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+                        const double c_dx_v_2 = coef[2 * groups + g]; (void)c_dx_v_2;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                        const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                        dx[idx] = (double)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double red_1 = sums[1 * groups + g]; (void)red_1;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                        const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+                        const double c_dx_v_2 = coef[2 * groups + g]; (void)c_dx_v_2;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                                dx[idx] = (double)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                                    dx[idx] = (double)dx_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double red_1 = sums[1 * groups + g]; (void)red_1;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                        const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+                        const double c_dx_v_2 = coef[2 * groups + g]; (void)c_dx_v_2;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                        const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                        dx[idx] = (double)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double red_1 = sums[1 * groups + g]; (void)red_1;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                        const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+                        const double c_dx_v_2 = coef[2 * groups + g]; (void)c_dx_v_2;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                                dx[idx] = (double)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    const double dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2;
+
+                                    dx[idx] = (double)dx_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     for (ptrdiff_t k = 0; k < pl; ++k) {
         double dgamma_k = 0.0, dbeta_k = 0.0;
@@ -1783,9 +4615,19 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
         if (dbeta) dbeta[k] += dbeta_k;
     }
 
+    int status = SYMBN_OK;
+    if (sums)
+        for (size_t k = 0; k < (size_t)(2 * groups); ++k)
+            if (!isfinite((double)sums[k])) status = SYMBN_ENONFINITE;
+    if (gamma)
+        for (size_t k = 0; k < (size_t)(pl); ++k)
+            if (!isfinite((double)gamma[k])) status = SYMBN_ENONFINITE;
+    if (saved)
+        for (size_t k = 0; k < (size_t)(2 * groups); ++k)
+            if (!isfinite((double)saved[k])) status = SYMBN_ENONFINITE;
+
     free(partial);
-    free(pgrad);
-    return SYMBN_OK;
+    return status;
 }
 
 int symbn_batchnorm_forward_eval_f64(const double *x, const double *gamma, const double *beta, const double *running, double *y, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps)
@@ -1795,118 +4637,33 @@ int symbn_batchnorm_forward_eval_f64(const double *x, const double *gamma, const
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
-    double *const partial = calloc((size_t)team * 0 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 0 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 0 * (size_t)groups, n_pgrad = (size_t)team * 0 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 1 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 0 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                const double run_var = running[1 * p_count + p]; (void)run_var;
 
-            const double run_mean = running[0 * p_count + p]; (void)run_mean;
-            const double run_var = running[1 * p_count + p]; (void)run_var;
-
-            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-            (void)gamma_v; (void)beta_v;
-            const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-
-                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (double)y_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-
-                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                            const double y_v = beta_v + gamma_v*xhat_v;
-
-                            y[idx] = (double)y_v;
-                        }
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
-    if (!coef) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double run_mean = running[0 * p_count + p]; (void)run_mean;
-        const double run_var = running[1 * p_count + p]; (void)run_var;
-        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-        (void)gamma_v; (void)beta_v;
-        const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
-        coef[0 * groups + g] = c_xhat_v_0;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double x_v = (double)x[idx];
-
-                    const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                    const double y_v = beta_v + gamma_v*xhat_v;
-
-                    y[idx] = (double)y_v;
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    
+                const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                (void)gamma_v; (void)beta_v;
+                const double c_y_v_0 = gamma_v/sqrt(eps + run_var);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -1914,8 +4671,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             (void)pidx;
                             const double x_v = (double)x[idx];
 
-                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                            const double y_v = beta_v + gamma_v*xhat_v;
+                            const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
 
                             y[idx] = (double)y_v;
                         }
@@ -1927,8 +4683,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const ptrdiff_t idx = base + s;
                                 const double x_v = (double)x[idx];
 
-                                const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                                const double y_v = beta_v + gamma_v*xhat_v;
+                                const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
 
                                 y[idx] = (double)y_v;
                             }
@@ -1936,14 +4691,338 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                const double run_var = running[1 * p_count + p]; (void)run_var;
+
+                const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                (void)gamma_v; (void)beta_v;
+                const double c_y_v_0 = gamma_v/sqrt(eps + run_var);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+
+                            const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                            y[idx] = (double)y_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+
+                                const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                                y[idx] = (double)y_v;
+                            }
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                    const double run_var = running[1 * p_count + p]; (void)run_var;
+                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                    (void)gamma_v; (void)beta_v;
+                    const double c_y_v_0 = gamma_v/sqrt(eps + run_var);
+                    coef[0 * groups + g] = c_y_v_0;
+                }
+
+                {
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx];
+
+                            const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx];
+
+                            const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                }
+
+
+                }
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                    const double run_var = running[1 * p_count + p]; (void)run_var;
+                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                    (void)gamma_v; (void)beta_v;
+                    const double c_y_v_0 = gamma_v/sqrt(eps + run_var);
+                    coef[0 * groups + g] = c_y_v_0;
+                }
+
+                {
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx];
+
+                            const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx];
+
+                            const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                }
+
+
+                }
+
+            }
+        }
+
+    } else {
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+    const double run_var = running[1 * p_count + p]; (void)run_var;
+    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+    (void)gamma_v; (void)beta_v;
+    const double c_y_v_0 = gamma_v/sqrt(eps + run_var);
+    coef[0 * groups + g] = c_y_v_0;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double x_v = (double)x[idx];
+
+                        const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                        y[idx] = (double)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+
+                                const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                                y[idx] = (double)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+
+                                    const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                                    y[idx] = (double)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double x_v = (double)x[idx];
+
+                        const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                        y[idx] = (double)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+
+                                const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                                y[idx] = (double)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+
+                                    const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
+
+                                    y[idx] = (double)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     free(partial);
-    free(pgrad);
     return SYMBN_OK;
 }
 
@@ -1954,135 +5033,35 @@ int symbn_batchnorm_backward_eval_f64(const double *dy, const double *x, const d
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
     const double *const beta = NULL;
-    double *const partial = calloc((size_t)team * 0 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 2 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 0 * (size_t)groups, n_pgrad = (size_t)team * 2 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 2 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 0 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                const double run_var = running[1 * p_count + p]; (void)run_var;
 
-            const double run_mean = running[0 * p_count + p]; (void)run_mean;
-            const double run_var = running[1 * p_count + p]; (void)run_var;
-
-            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-            (void)gamma_v; (void)beta_v;
-            const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
-            const double c_dx_v_0 = gamma_v/sqrt(eps + run_var);
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                        const double dx_v = c_dx_v_0*dy_v;
-
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        dx[idx] = (double)dx_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                            const double dx_v = c_dx_v_0*dy_v;
-
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
-                            dx[idx] = (double)dx_v;
-                        }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const coef = malloc((2 * (size_t)groups + 1) * sizeof(double));
-    if (!coef) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double run_mean = running[0 * p_count + p]; (void)run_mean;
-        const double run_var = running[1 * p_count + p]; (void)run_var;
-        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-        (void)gamma_v; (void)beta_v;
-        const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
-        coef[0 * groups + g] = c_xhat_v_0;
-        const double c_dx_v_0 = gamma_v/sqrt(eps + run_var);
-        coef[1 * groups + g] = c_dx_v_0;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-
-                    const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                    const double dx_v = c_dx_v_0*dy_v;
-
-                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                    mine_params[1 * pl + pidx] += dy_v;
-                    dx[idx] = (double)dx_v;
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    
+                const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                (void)gamma_v; (void)beta_v;
+                const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+                const double c_dx_v_0 = gamma_v/sqrt(eps + run_var);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -2090,7 +5069,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
                             const double dx_v = c_dx_v_0*dy_v;
 
                             mine_params[0 * pl + pidx] += dy_v*xhat_v;
@@ -2108,7 +5087,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const ptrdiff_t idx = base + s;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                                const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
                                 const double dx_v = c_dx_v_0*dy_v;
 
                                 pacc_0 += dy_v*xhat_v;
@@ -2121,11 +5100,414 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                const double run_var = running[1 * p_count + p]; (void)run_var;
+
+                const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                (void)gamma_v; (void)beta_v;
+                const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+                const double c_dx_v_0 = gamma_v/sqrt(eps + run_var);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v;
+
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
+                            dx[idx] = (double)dx_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                const double dx_v = c_dx_v_0*dy_v;
+
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                dx[idx] = (double)dx_v;
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                    const double run_var = running[1 * p_count + p]; (void)run_var;
+                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                    (void)gamma_v; (void)beta_v;
+                    const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+                    coef[0 * groups + g] = c_xhat_v_0;
+                    const double c_dx_v_0 = gamma_v/sqrt(eps + run_var);
+                    coef[1 * groups + g] = c_dx_v_0;
+                }
+
+                {
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                }
+
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                    const double run_var = running[1 * p_count + p]; (void)run_var;
+                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                    (void)gamma_v; (void)beta_v;
+                    const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+                    coef[0 * groups + g] = c_xhat_v_0;
+                    const double c_dx_v_0 = gamma_v/sqrt(eps + run_var);
+                    coef[1 * groups + g] = c_dx_v_0;
+                }
+
+                {
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+                            const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                }
+
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+
+            }
+        }
+
+    } else {
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+    const double run_var = running[1 * p_count + p]; (void)run_var;
+    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+    (void)gamma_v; (void)beta_v;
+    const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+    coef[0 * groups + g] = c_xhat_v_0;
+    const double c_dx_v_0 = gamma_v/sqrt(eps + run_var);
+    coef[1 * groups + g] = c_dx_v_0;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                        const double dx_v = c_dx_v_0*dy_v;
+
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        dx[idx] = (double)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                const double dx_v = c_dx_v_0*dy_v;
+
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                dx[idx] = (double)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                    const double dx_v = c_dx_v_0*dy_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (double)dx_v;
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                        const double dx_v = c_dx_v_0*dy_v;
+
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        dx[idx] = (double)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+                        const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                const double dx_v = c_dx_v_0*dy_v;
+
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                dx[idx] = (double)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                    const double dx_v = c_dx_v_0*dy_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (double)dx_v;
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     for (ptrdiff_t k = 0; k < pl; ++k) {
         double dgamma_k = 0.0, dbeta_k = 0.0;
@@ -2138,6 +5520,5 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
     }
 
     free(partial);
-    free(pgrad);
     return SYMBN_OK;
 }

@@ -26,7 +26,7 @@ LAYOUT = "channel"
 STATS = ('mean', 'var')
 SAVED = ('mean', 'invstd')
 UNBIASED = ('var',)
-DTYPES = (numpy.float32, numpy.float64)
+DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 
 Geometry = namedtuple("Geometry", "outer q p l s group_shape param_shape")
 Geometry.__doc__ = """x viewed as (outer, q, p, l, s): a group is one (q, p); gamma is indexed [p, l]."""
@@ -53,13 +53,13 @@ def array(name, value, dtype=None, shape=None, finite=True):
         raise TypeError(f"{name} must be float32 or float64, got {value.dtype}")
     if dtype is not None and value.dtype != dtype:
         raise TypeError(f"{name} has dtype {value.dtype}, but x has {numpy.dtype(dtype)}")
-    if shape is not None and value.shape != tuple(shape):
+    if shape is not None and value.shape != shape:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {value.shape}")
     if value.size == 0:
         raise ValueError(f"{name} is empty")
     if finite and not isfinite(value.sum(dtype=numpy.float64)):
         raise ValueError(f"{name} contains NaN or infinity")
-    return numpy.ascontiguousarray(value)
+    return value if value.flags.c_contiguous else numpy.ascontiguousarray(value)
 
 
 def output(name, out, like):
@@ -70,36 +70,55 @@ def output(name, out, like):
         raise ValueError(f"{name} must be a {like.dtype} array of shape {like.shape}")
     if not (out.flags.c_contiguous and out.flags.writeable):
         raise ValueError(f"{name} must be C-contiguous and writable")
-    if numpy.shares_memory(out, like):
+    if numpy.may_share_memory(out, like):
         raise ValueError(f"{name} must not overlap the input")
     return out
 
 
 def positive(name, value):
     """A finite number > 0 (eps), as a float."""
+    if type(value) is float and 0.0 < value < float("inf"):
+        return value
     if isinstance(value, bool) or not isinstance(value, Real) or not isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
 
-def finite_sums(sums, names):
-    """Raise when a kernel's sums over its inputs are not finite: those inputs held NaN or infinity."""
+def finite_sums(sums, inputs):
+    """Raise when a kernel's sums over its ``inputs`` ((name, array) pairs) are not finite."""
     if not numpy.isfinite(sums).all():
-        raise ValueError(f"{names} contains NaN or infinity (or its sums overflow)")
+        nonfinite(inputs)
 
 
-def prepare(x, gamma, beta, normalized_shape=None, num_groups=None, finite=True):
-    """Checked, contiguous x, gamma, beta (None stays None) and the geometry."""
-    x = array("x", x, finite=finite)
-    shape = next((v.shape for v in (gamma, beta) if isinstance(v, numpy.ndarray)), None)
+def nonfinite(inputs):
+    """Raise for the first of ``inputs`` ((name, array) pairs) holding NaN or infinity; if none
+    does, their values are finite but a sum over them overflowed."""
+    for name, value in inputs:
+        if value is not None and not numpy.isfinite(value).all():
+            raise ValueError(f"{name} contains NaN or infinity")
+    raise ValueError("the inputs are finite, but a sum over them overflows double precision")
+
+
+EVERYTHING = ("x", "gamma", "beta", "saved")
+
+
+def prepare(x, gamma, beta, normalized_shape=None, num_groups=None, finite=EVERYTHING):
+    """Checked, contiguous x, gamma, beta (None stays None) and the geometry; the names in
+    ``finite`` are checked for NaN and infinity here (the others by the kernel, from its sums)."""
+    x = array("x", x, finite="x" in finite)
+    shape = gamma.shape if isinstance(gamma, numpy.ndarray) else beta.shape if isinstance(beta, numpy.ndarray) else None
     geo = geometry(x.shape, shape, normalized_shape, num_groups)
-    params = [None if v is None else array(name, v, x.dtype, geo.param_shape) for name, v in (("gamma", gamma), ("beta", beta))]
-    return (x, *params, geo)
+    if gamma is not None:
+        gamma = array("gamma", gamma, x.dtype, geo.param_shape, "gamma" in finite)
+    if beta is not None:
+        beta = array("beta", beta, x.dtype, geo.param_shape, "beta" in finite)
+    return x, gamma, beta, geo
 
 
-def saved_arrays(values, geo):
-    """Saved statistics, as given to the backward: float64, one per group."""
-    return [array(name, v, shape=geo.group_shape).astype(numpy.float64, copy=False) for name, v in zip(SAVED, values)]
+def saved_block(values, geo, finite):
+    """The saved statistics given to the backward, as one float64 block [quantity][q][p]."""
+    checked = [array(name, value, shape=geo.group_shape, finite=finite) for name, value in zip(SAVED, values)]
+    return numpy.concatenate(checked, axis=None, dtype=numpy.float64).reshape(len(SAVED), geo.q, geo.p)
 
 
 def updatable(running, geo, momentum):
@@ -189,12 +208,13 @@ def _numpy_forward_train(x, gamma, beta, eps, geo, y, stats, saved):
     stat_var = group["stat_var"]
     group["saved_mean"] = saved_mean = numpy.broadcast_to(stat_mean, (1, geo.q, geo.p, 1, 1))
     group["saved_invstd"] = saved_invstd = numpy.broadcast_to(1/numpy.sqrt(eps + stat_var), (1, geo.q, geo.p, 1, 1))
+    group["c_y_v_0"] = c_y_v_0 = numpy.broadcast_to(gamma_v*saved_invstd, (1, geo.q, geo.p, 1, 1))
     for block, part in _blocks(geo):
         x_v = xv[block].astype(numpy.float64)
         saved_mean = group["saved_mean"][part]
         saved_invstd = group["saved_invstd"][part]
-        xhat_v = -saved_invstd*(saved_mean - x_v)
-        y_v = beta_v + gamma_v*xhat_v
+        c_y_v_0 = group["c_y_v_0"][part]
+        y_v = beta_v + c_y_v_0*(-saved_mean + x_v)
         yv[block] = y_v
     stats[0] = group["stat_mean"][0, :, :, 0, 0]
     stats[1] = group["stat_var"][0, :, :, 0, 0]
@@ -214,7 +234,7 @@ def _numpy_backward_train(dy, x, gamma, saved, geo, dx, dgamma, dbeta):
         x_v, dy_v = xv[block].astype(numpy.float64), dyv[block].astype(numpy.float64)
         saved_mean = group["saved_mean"][part]
         saved_invstd = group["saved_invstd"][part]
-        xhat_v = -saved_invstd*(saved_mean - x_v)
+        xhat_v = saved_invstd*(-saved_mean + x_v)
         totals[0][part] += numpy.sum(dy_v, axis=_MEMBERS, keepdims=True)
         totals[1][part] += numpy.sum(dy_v*xhat_v, axis=_MEMBERS, keepdims=True)
         dgamma += _param_grad(dy_v*xhat_v, x_v.shape)
@@ -223,7 +243,9 @@ def _numpy_backward_train(dy, x, gamma, saved, geo, dx, dgamma, dbeta):
     group["red_1"] = red_1 = totals[1]
     saved_mean = group["saved_mean"]
     saved_invstd = group["saved_invstd"]
-    group["c_dx_v_0"] = c_dx_v_0 = numpy.broadcast_to(gamma_v*saved_invstd/m, (1, geo.q, geo.p, 1, 1))
+    group["c_dx_v_0"] = c_dx_v_0 = numpy.broadcast_to(gamma_v*saved_invstd, (1, geo.q, geo.p, 1, 1))
+    group["c_dx_v_1"] = c_dx_v_1 = numpy.broadcast_to(-gamma_v*red_1*saved_invstd/m, (1, geo.q, geo.p, 1, 1))
+    group["c_dx_v_2"] = c_dx_v_2 = numpy.broadcast_to(-gamma_v*red_0*saved_invstd/m, (1, geo.q, geo.p, 1, 1))
     for block, part in _blocks(geo):
         x_v, dy_v = xv[block].astype(numpy.float64), dyv[block].astype(numpy.float64)
         saved_mean = group["saved_mean"][part]
@@ -231,8 +253,10 @@ def _numpy_backward_train(dy, x, gamma, saved, geo, dx, dgamma, dbeta):
         red_0 = group["red_0"][part]
         red_1 = group["red_1"][part]
         c_dx_v_0 = group["c_dx_v_0"][part]
-        xhat_v = -saved_invstd*(saved_mean - x_v)
-        dx_v = -c_dx_v_0*(-dy_v*m + red_0 + red_1*xhat_v)
+        c_dx_v_1 = group["c_dx_v_1"][part]
+        c_dx_v_2 = group["c_dx_v_2"][part]
+        xhat_v = saved_invstd*(-saved_mean + x_v)
+        dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2
         dxv[block] = dx_v
 
 
@@ -242,16 +266,17 @@ def _numpy_eval(kind, dy, x, gamma, beta, running, eps, geo, out, dgamma=None, d
     xv, outv = _view(x, geo), _view(out, geo)
     dyv = None if dy is None else _view(dy, geo)
     gamma_v, beta_v = _param(gamma, geo, 1.0), _param(beta, geo, 0.0)
+    c_y_v_0 = gamma_v/numpy.sqrt(eps + run_var)
     c_xhat_v_0 = 1/numpy.sqrt(eps + run_var)
     c_dx_v_0 = gamma_v/numpy.sqrt(eps + run_var)
     for block, _ in _blocks(geo):
         x_v = xv[block].astype(numpy.float64)
-        xhat_v = -c_xhat_v_0*(run_mean - x_v)
         if kind == "forward":
-            y_v = beta_v + gamma_v*xhat_v
+            y_v = beta_v + c_y_v_0*(-run_mean + x_v)
             outv[block] = y_v
         else:
             dy_v = dyv[block].astype(numpy.float64)
+            xhat_v = c_xhat_v_0*(-run_mean + x_v)
             dx_v = c_dx_v_0*dy_v
             outv[block] = dx_v
             dgamma += _param_grad(dy_v*xhat_v, x_v.shape)
@@ -259,7 +284,11 @@ def _numpy_eval(kind, dy, x, gamma, beta, running, eps, geo, out, dgamma=None, d
 
 
 def _pointer(a):
-    return None if a is None else a.ctypes.data
+    """The address of a C-contiguous array's data (None for None): through the buffer protocol
+    when the array is writable (a third of the cost of ``a.ctypes.data``), else ``.ctypes``."""
+    if a is None:
+        return None
+    return ctypes.addressof(ctypes.c_char.from_buffer(a)) if a.flags.writeable else a.ctypes.data
 
 
 def _bind(library):
@@ -282,8 +311,15 @@ def _bind(library):
     return lib, functions
 
 
-def _call(function, *args):
+_NONFINITE = 4  # SYMBN_ENONFINITE: the kernel's sums over its inputs are not finite
+
+
+def _call(function, inputs, *args):
+    """Run a C kernel. ``inputs()`` gives its (name, array) pairs, searched for the culprit only
+    when the kernel reports NaN or infinity: the common case pays for no extra pass."""
     status = function(*args)
+    if status == _NONFINITE:
+        nonfinite(inputs())
     if status:
         raise RuntimeError(f"{function.__name__} failed with status {status}")
 
@@ -295,6 +331,8 @@ class Kernels:
     def __init__(self, library=None, threads=None):
         self.backend = "numpy" if library is None else "c"
         self.library, self._c = (None, None) if library is None else _bind(library)
+        # what the training kernels do not check for NaN themselves: NumPy only sees its sums over x and dy
+        self._unchecked = ("gamma", "beta", "saved") if library is None else ()
         if threads is not None:
             self.set_threads(threads)
 
@@ -311,50 +349,53 @@ class Kernels:
     def forward_train(self, x, gamma=None, beta=None, eps=1e-5, *, running_mean=None, running_var=None, momentum=0.1, normalized_shape=None, num_groups=None, out=None):
         """y and the saved statistics (mean, invstd, float64, one per group); updates
         running statistics in place when given, as PyTorch's training mode does."""
-        x, gamma, beta, geo = prepare(x, gamma, beta, normalized_shape, num_groups, finite=False)
+        x, gamma, beta, geo = prepare(x, gamma, beta, normalized_shape, num_groups, self._unchecked)
         eps = positive("eps", eps)
-        running = [running_mean, running_var]
-        if any(r is not None for r in running):
-            running = updatable(running, geo, momentum)
+        running = None
+        if running_mean is not None or running_var is not None:
+            running = updatable([running_mean, running_var], geo, momentum)
         y, stats, saved = self._forward_train(x, gamma, beta, eps, geo, output("out", out, x))
-        finite_sums(stats, "x")
-        if running[0] is not None:
+        if running is not None:
             update_running(running, stats, geo, momentum)
-        return (y, *(s.reshape(geo.group_shape) for s in saved))
-
+        return y, saved[0].reshape(geo.group_shape), saved[1].reshape(geo.group_shape)
     def batch_statistics(self, x, eps=1e-5, *, normalized_shape=None, num_groups=None):
         """This batch's statistics (mean, var): float64, one per group."""
-        x, _, _, geo = prepare(x, None, None, normalized_shape, num_groups, finite=False)
+        x, _, _, geo = prepare(x, None, None, normalized_shape, num_groups, ())
         _, stats, _ = self._forward_train(x, None, None, positive("eps", eps), geo)
-        finite_sums(stats, "x")
         return tuple(s.reshape(geo.group_shape) for s in stats)
 
     def _forward_train(self, x, gamma, beta, eps, geo, y=None):
+        """y, and the statistics and saved quantities: [statistic][q][p] and [quantity][q][p], views of one block."""
         y = numpy.empty_like(x) if y is None else y
-        stats = numpy.empty((len(STATS), geo.q, geo.p))
-        saved = numpy.empty((len(SAVED), geo.q, geo.p))
+        block = numpy.empty((len(STATS) + len(SAVED), geo.q, geo.p))
+        stats, saved = block[:len(STATS)], block[len(STATS):]
+        inputs = lambda: (("x", x), ("gamma", gamma), ("beta", beta))  # noqa: E731
         if self._c is None:
             with numpy.errstate(all="ignore"):  # NaN and infinity are reported below, as for C
                 _numpy_forward_train(x, gamma, beta, eps, geo, y, stats, saved)
+            finite_sums(stats, inputs())
         else:
-            _call(self._c["forward_train", x.dtype], x.ctypes.data, _pointer(gamma), _pointer(beta), y.ctypes.data,
-                  stats.ctypes.data, saved.ctypes.data, geo.outer, geo.q, geo.p, geo.l, geo.s, eps)
+            at = _pointer(block)
+            _call(self._c["forward_train", x.dtype], inputs, _pointer(x), _pointer(gamma), _pointer(beta), _pointer(y),
+                  at, at + 8 * len(STATS) * geo.q * geo.p, geo.outer, geo.q, geo.p, geo.l, geo.s, eps)
         return y, stats, saved
 
     def backward_train(self, dy, x, gamma, mean, invstd, *, normalized_shape=None, num_groups=None, out=None):
         """dl/dx, dl/dgamma, dl/dbeta from dy and what forward_train saved."""
-        x, gamma, _, geo = prepare(x, gamma, None, normalized_shape, num_groups, finite=False)
+        x, gamma, _, geo = prepare(x, gamma, None, normalized_shape, num_groups, self._unchecked)
         dy = array("dy", dy, x.dtype, x.shape, finite=False)
-        saved = numpy.ascontiguousarray(numpy.stack(saved_arrays((mean, invstd,), geo)).reshape(len(SAVED), geo.q, geo.p))
-        dx, dgamma, dbeta = output("out", out, x), numpy.zeros(geo.p * geo.l), numpy.zeros(geo.p * geo.l)
+        saved = saved_block((mean, invstd,), geo, "saved" in self._unchecked)
+        dx, grads = output("out", out, x), numpy.zeros((2, geo.p * geo.l))
+        inputs = lambda: (("x", x), ("dy", dy), ("gamma", gamma), *zip(SAVED, saved))  # noqa: E731
         if self._c is None:
             with numpy.errstate(all="ignore"):  # NaN and infinity are reported below, as for C
-                _numpy_backward_train(dy, x, gamma, saved, geo, dx, dgamma, dbeta)
+                _numpy_backward_train(dy, x, gamma, saved, geo, dx, grads[0], grads[1])
+            finite_sums(grads, inputs())
         else:
-            _call(self._c["backward_train", x.dtype], dy.ctypes.data, x.ctypes.data, _pointer(gamma), saved.ctypes.data,
-                  dx.ctypes.data, dgamma.ctypes.data, dbeta.ctypes.data, geo.outer, geo.q, geo.p, geo.l, geo.s)
-        finite_sums((dgamma, dbeta), "x or dy")
-        return dx, dgamma.astype(x.dtype).reshape(geo.param_shape), dbeta.astype(x.dtype).reshape(geo.param_shape)
+            at = _pointer(grads)
+            _call(self._c["backward_train", x.dtype], inputs, _pointer(dy), _pointer(x), _pointer(gamma), _pointer(saved),
+                  _pointer(dx), at, at + 8 * geo.p * geo.l, geo.outer, geo.q, geo.p, geo.l, geo.s)
+        return (dx, *grads.astype(x.dtype).reshape((2, *geo.param_shape)))
 
     def forward_eval(self, x, gamma, beta, running_mean, running_var, eps=1e-5, *, normalized_shape=None, num_groups=None, out=None):
         """y with the running (population) statistics in place of the batch's."""
@@ -366,13 +407,13 @@ class Kernels:
             with numpy.errstate(all="ignore"):  # NaN and infinity are reported below, as for C
                 _numpy_eval("forward", None, x, gamma, beta, running, eps, geo, y)
         else:
-            _call(self._c["forward_eval", x.dtype], x.ctypes.data, _pointer(gamma), _pointer(beta), running.ctypes.data,
-                  y.ctypes.data, geo.outer, geo.q, geo.p, geo.l, geo.s, eps)
+            _call(self._c["forward_eval", x.dtype], tuple, _pointer(x), _pointer(gamma), _pointer(beta), _pointer(running),
+                  _pointer(y), geo.outer, geo.q, geo.p, geo.l, geo.s, eps)
         return y
 
     def backward_eval(self, dy, x, gamma, running_mean, running_var, eps=1e-5, *, normalized_shape=None, num_groups=None, out=None):
         """dl/dx, dl/dgamma, dl/dbeta with the statistics constant: the direct path only."""
-        x, gamma, _, geo = prepare(x, gamma, None, normalized_shape, num_groups, finite=False)
+        x, gamma, _, geo = prepare(x, gamma, None, normalized_shape, num_groups, ("gamma",))
         eps = positive("eps", eps)
         dy = array("dy", dy, x.dtype, x.shape, finite=False)
         running = _running_block((running_mean, running_var,), geo)
@@ -381,9 +422,9 @@ class Kernels:
             with numpy.errstate(all="ignore"):  # NaN and infinity are reported below, as for C
                 _numpy_eval("backward", dy, x, gamma, None, running, eps, geo, dx, dgamma, dbeta)
         else:
-            _call(self._c["backward_eval", x.dtype], dy.ctypes.data, x.ctypes.data, _pointer(gamma), running.ctypes.data,
-                  dx.ctypes.data, dgamma.ctypes.data, dbeta.ctypes.data, geo.outer, geo.q, geo.p, geo.l, geo.s, eps)
-        finite_sums((dgamma, dbeta), "x or dy")
+            _call(self._c["backward_eval", x.dtype], tuple, _pointer(dy), _pointer(x), _pointer(gamma), _pointer(running),
+                  _pointer(dx), _pointer(dgamma), _pointer(dbeta), geo.outer, geo.q, geo.p, geo.l, geo.s, eps)
+        finite_sums((dgamma, dbeta), (("x", x), ("dy", dy)))
         return dx, dgamma.astype(x.dtype).reshape(geo.param_shape), dbeta.astype(x.dtype).reshape(geo.param_shape)
 
 

@@ -9,6 +9,9 @@
 #include "groupnorm.h"
 
 #define LONG_RUN 32 /* runs at least this long: a thread takes whole groups, every pass back to back */
+#define LANES 16    /* runs of one element (x is (N, C)): a thread takes LANES groups (channels) at a time */
+#define SMALL 65536 /* elements: a problem this small runs on one thread, and in blocks of LANES when it can
+                       (large ones stream row by row: a column block strided by a row misses every cache) */
 
 #ifdef _OPENMP
 #define SYMBN_PRAGMA(text) _Pragma(#text)
@@ -28,7 +31,7 @@ static int team_size(ptrdiff_t work)
 {
 #ifdef _OPENMP
     int threads = requested_threads > 0 ? requested_threads : omp_get_max_threads();
-    return work < 65536 ? 1 : threads;
+    return work <= SMALL ? 1 : threads;
 #else
     (void)work;
     return 1;
@@ -54,168 +57,31 @@ int symbn_groupnorm_forward_train_f32(const float *x, const float *gamma, const 
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
-    double *const partial = calloc((size_t)team * 1 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 0 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 1 * (size_t)groups, n_pgrad = (size_t)team * 0 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 0 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 0 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
-
-            double stat_mean;
-            {
-                double acc_0 = 0.0;
-
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        acc_0 += x_v;
-                        
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-                            acc_0 += x_v;
-                            
-                        }
-                    }
-                }
-
-            }
-
-                stat_mean = acc_0 / m;
-            }
-            stats[0 * groups + g] = stat_mean;
-            double stat_var;
-            {
-                double acc_0 = 0.0;
-
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                        
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-                            acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                            
-                        }
-                    }
-                }
-
-            }
-
-                stat_var = acc_0 / m;
-            }
-            stats[1 * groups + g] = stat_var;
-            const double saved_mean = stat_mean;
-            saved[0 * groups + g] = saved_mean;
-            const double saved_invstd = 1.0/sqrt(eps + stat_var);
-            saved[1 * groups + g] = saved_invstd;
-            
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (float)y_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                            const double y_v = beta_v + gamma_v*xhat_v;
-
-                            y[idx] = (float)y_v;
-                        }
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const coef = malloc((0 * (size_t)groups + 1) * sizeof(double));
-    if (!coef) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
-    /* pass 1: stat_mean, the mean over each group */
-    for (size_t k = 0; k < (size_t)team * (size_t)groups; ++k) partial[k] = 0.0;
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 1 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    (void)g;
-                    const double x_v = (double)x[idx];
-                    mine[0 * groups + g] += x_v;
-                    
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    (void)g;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                double stat_mean;
+                {
                     double acc_0 = 0.0;
 
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -239,48 +105,17 @@ int symbn_groupnorm_forward_train_f32(const float *x, const float *gamma, const 
                         }
                     }
 
-                    mine[0 * groups + g] += acc_0;
                 }
-            }
-        }
-    }
 
-    for (ptrdiff_t j = 0; j < 1; ++j)
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            double total = 0.0;
-            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
-            (stats + 0 * groups)[j * groups + g] = total / m;
-        }
-
-    /* pass 2: stat_var, the mean over each group */
-    for (size_t k = 0; k < (size_t)team * (size_t)groups; ++k) partial[k] = 0.0;
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 1 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
-                    (void)g;
-                    const double x_v = (double)x[idx];
-                    mine[0 * groups + g] += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                    
+                    stat_mean = acc_0 / m;
                 }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
-                    (void)g;
+                stats[0 * groups + g] = stat_mean;
+                double stat_var;
+                {
                     double acc_0 = 0.0;
 
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -304,67 +139,18 @@ int symbn_groupnorm_forward_train_f32(const float *x, const float *gamma, const 
                         }
                     }
 
-                    mine[0 * groups + g] += acc_0;
                 }
-            }
-        }
-    }
 
-    for (ptrdiff_t j = 0; j < 1; ++j)
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            double total = 0.0;
-            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
-            (stats + 1 * groups)[j * groups + g] = total / m;
-        }
-
-    for (ptrdiff_t g = 0; g < groups; ++g) {
-        const double stat_mean = stats[0 * groups + g];
-        const double stat_var = stats[1 * groups + g];
-        const double saved_mean = stat_mean;
-        saved[0 * groups + g] = saved_mean;
-        const double saved_invstd = 1.0/sqrt(eps + stat_var);
-        saved[1 * groups + g] = saved_invstd;
-    }
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-                    const double x_v = (double)x[idx];
-                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                    const double y_v = beta_v + gamma_v*xhat_v;
-
-                    y[idx] = (float)y_v;
+                    stat_var = acc_0 / m;
                 }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-                    
+                stats[1 * groups + g] = stat_var;
+                const double saved_mean = stat_mean;
+                saved[0 * groups + g] = saved_mean;
+                const double saved_invstd = 1.0/sqrt(eps + stat_var);
+                saved[1 * groups + g] = saved_invstd;
+                
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -373,8 +159,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                            const double y_v = beta_v + gamma_v*xhat_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
 
                             y[idx] = (float)y_v;
                         }
@@ -387,8 +172,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
-                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                                const double y_v = beta_v + gamma_v*xhat_v;
+                                const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
 
                                 y[idx] = (float)y_v;
                             }
@@ -396,15 +180,786 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                double stat_mean;
+                {
+                    double acc_0 = 0.0;
+
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+                            acc_0 += x_v;
+                            
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                acc_0 += x_v;
+                                
+                            }
+                        }
+                    }
+
+                }
+
+                    stat_mean = acc_0 / m;
+                }
+                stats[0 * groups + g] = stat_mean;
+                double stat_var;
+                {
+                    double acc_0 = 0.0;
+
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+                            acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                
+                            }
+                        }
+                    }
+
+                }
+
+                    stat_var = acc_0 / m;
+                }
+                stats[1 * groups + g] = stat_var;
+                const double saved_mean = stat_mean;
+                saved[0 * groups + g] = saved_mean;
+                const double saved_invstd = 1.0/sqrt(eps + stat_var);
+                saved[1 * groups + g] = saved_invstd;
+                
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                            y[idx] = (float)y_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                                y[idx] = (float)y_v;
+                            }
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                {
+                double acc_0[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += x_v;
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += x_v;
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) stats[0 * groups + q * p_count + p0 + k] = acc_0[k] / m;
+                }
+                {
+                double acc_0[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) stats[1 * groups + q * p_count + p0 + k] = acc_0[k] / m;
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double stat_mean = stats[0 * groups + g];
+                    const double stat_var = stats[1 * groups + g];
+                    const double saved_mean = stat_mean;
+                    saved[0 * groups + g] = saved_mean;
+                    const double saved_invstd = 1.0/sqrt(eps + stat_var);
+                    saved[1 * groups + g] = saved_invstd;
+
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                {
+                double acc_0[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += x_v;
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += x_v;
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) stats[0 * groups + q * p_count + p0 + k] = acc_0[k] / m;
+                }
+                {
+                double acc_0[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) stats[1 * groups + q * p_count + p0 + k] = acc_0[k] / m;
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double stat_mean = stats[0 * groups + g];
+                    const double stat_var = stats[1 * groups + g];
+                    const double saved_mean = stat_mean;
+                    saved[0 * groups + g] = saved_mean;
+                    const double saved_invstd = 1.0/sqrt(eps + stat_var);
+                    saved[1 * groups + g] = saved_invstd;
+
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    } else {
+    /* pass 1: stat_mean, the mean over each group */
+    for (size_t k = 0; k < (size_t)team * (size_t)groups; ++k) partial[k] = 0.0;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        
+                        const double x_v = (double)x[idx];
+                        mine[0 * groups + g] += x_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                acc_0 += x_v;
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += x_v;
+                                    
+                                }
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        
+                        const double x_v = (double)x[idx];
+                        mine[0 * groups + g] += x_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                acc_0 += x_v;
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += x_v;
+                                    
+                                }
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+
+    for (ptrdiff_t j = 0; j < 1; ++j)
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
+            (stats + 0 * groups)[j * groups + g] = total / m;
+        }
+
+    /* pass 2: stat_var, the mean over each group */
+    for (size_t k = 0; k < (size_t)team * (size_t)groups; ++k) partial[k] = 0.0;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                        const double x_v = (double)x[idx];
+                        mine[0 * groups + g] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                    
+                                }
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                        const double x_v = (double)x[idx];
+                        mine[0 * groups + g] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                    
+                                }
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+
+    for (ptrdiff_t j = 0; j < 1; ++j)
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
+            (stats + 1 * groups)[j * groups + g] = total / m;
+        }
+
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double stat_mean = stats[0 * groups + g];
+    const double stat_var = stats[1 * groups + g];
+    const double saved_mean = stat_mean;
+    saved[0 * groups + g] = saved_mean;
+    const double saved_invstd = 1.0/sqrt(eps + stat_var);
+    saved[1 * groups + g] = saved_invstd;
+
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                        y[idx] = (float)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                                y[idx] = (float)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                                    y[idx] = (float)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                        y[idx] = (float)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                                y[idx] = (float)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                                    y[idx] = (float)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     free(partial);
-    free(pgrad);
-    return SYMBN_OK;
+    int status = SYMBN_OK;
+    if (stats)
+        for (size_t k = 0; k < (size_t)(2 * groups); ++k)
+            if (!isfinite((double)stats[k])) status = SYMBN_ENONFINITE;
+    if (gamma)
+        for (size_t k = 0; k < (size_t)(pl); ++k)
+            if (!isfinite((double)gamma[k])) status = SYMBN_ENONFINITE;
+    if (beta)
+        for (size_t k = 0; k < (size_t)(pl); ++k)
+            if (!isfinite((double)beta[k])) status = SYMBN_ENONFINITE;
+
+    return status;
 }
 
 int symbn_groupnorm_backward_train_f32(const float *dy, const float *x, const float *gamma, const double *saved, float *dx, double *dgamma, double *dbeta, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count)
@@ -414,177 +969,38 @@ int symbn_groupnorm_backward_train_f32(const float *dy, const float *x, const fl
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
     const double *const beta = NULL;
-    double *const partial = calloc((size_t)team * 2 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 2 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 2 * (size_t)groups, n_pgrad = (size_t)team * 2 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 4 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 2 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
 
-            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-            
-            double red_0;
-            double red_1;
-            {
-                double acc_0 = 0.0;
-                double acc_1 = 0.0;
-
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        (void)dy_v;
-                        acc_0 += dy_v*gamma_v;
-                        acc_1 += dy_v*gamma_v*xhat_v;
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                            (void)dy_v;
-                            acc_0 += dy_v*gamma_v;
-                            acc_1 += dy_v*gamma_v*xhat_v;
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
-                            
-                        }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
-                    }
-                }
-
-            }
-
-                red_0 = acc_0;
-                red_1 = acc_1;
-            }
-            const double c_dx_v_0 = saved_invstd/m;
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        const double dx_v = -c_dx_v_0*(-dy_v*gamma_v*m + red_0 + red_1*xhat_v);
-
-                        dx[idx] = (float)dx_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                            const double dx_v = -c_dx_v_0*(-dy_v*gamma_v*m + red_0 + red_1*xhat_v);
-
-                            dx[idx] = (float)dx_v;
-                        }
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const sums = malloc((2 * (size_t)groups + 1) * sizeof(double));
-    double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
-    if (!sums || !coef) {
-        free(partial);
-        free(pgrad);
-        free(sums);
-        free(coef);
-        return SYMBN_ENOMEM;
-    }
-    /* per-group coefficients of xhat, then pass 1: the reductions and the parameter gradients */
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 2 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                    (void)dy_v;
-                    mine[0 * groups + g] += dy_v*gamma_v;
-                    mine[1 * groups + g] += dy_v*gamma_v*xhat_v;
-                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                    mine_params[1 * pl + pidx] += dy_v;
-                    
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
+                
+                double red_0;
+                double red_1;
+                {
                     double acc_0 = 0.0;
                     double acc_1 = 0.0;
 
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -593,7 +1009,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
                             (void)dy_v;
                             acc_0 += dy_v*gamma_v;
                             acc_1 += dy_v*gamma_v*xhat_v;
@@ -613,7 +1029,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
-                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
                                 (void)dy_v;
                                 acc_0 += dy_v*gamma_v;
                                 acc_1 += dy_v*gamma_v*xhat_v;
@@ -626,71 +1042,17 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         }
                     }
 
-                    mine[0 * groups + g] += acc_0;
-                    mine[1 * groups + g] += acc_1;
                 }
-            }
-        }
-    }
 
-    for (ptrdiff_t j = 0; j < 2; ++j)
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            double total = 0.0;
-            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 2 + (size_t)j) * (size_t)groups + (size_t)g];
-            sums[j * groups + g] = total;
-        }
-
-    /* per-group coefficients of dx, then pass 2: dx */
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-        const double red_0 = sums[0 * groups + g]; (void)red_0;
-        const double red_1 = sums[1 * groups + g]; (void)red_1;
-
-        const double c_dx_v_0 = saved_invstd/m;
-        coef[0 * groups + g] = c_dx_v_0;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double red_0 = sums[0 * groups + g]; (void)red_0;
-                    const double red_1 = sums[1 * groups + g]; (void)red_1;
-                    const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
-
-                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                    const double dx_v = -c_dx_v_0*(-dy_v*gamma_v*m + red_0 + red_1*xhat_v);
-
-                    dx[idx] = (float)dx_v;
+                    red_0 = acc_0;
+                    sums[0 * groups + g] = red_0;
+                    red_1 = acc_1;
+                    sums[1 * groups + g] = red_1;
                 }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double red_0 = sums[0 * groups + g]; (void)red_0;
-                    const double red_1 = sums[1 * groups + g]; (void)red_1;
-                    const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
-
-                    
+                const double c_dx_v_0 = -red_1*saved_invstd/m;
+                const double c_dx_v_1 = -red_0*saved_invstd/m;
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -699,8 +1061,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                            const double dx_v = -c_dx_v_0*(-dy_v*gamma_v*m + red_0 + red_1*xhat_v);
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
 
                             dx[idx] = (float)dx_v;
                         }
@@ -713,8 +1075,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
-                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                                const double dx_v = -c_dx_v_0*(-dy_v*gamma_v*m + red_0 + red_1*xhat_v);
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
 
                                 dx[idx] = (float)dx_v;
                             }
@@ -722,12 +1084,762 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(sums);
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                
+                double red_0;
+                double red_1;
+                {
+                    double acc_0 = 0.0;
+                    double acc_1 = 0.0;
+
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            (void)dy_v;
+                            acc_0 += dy_v*gamma_v;
+                            acc_1 += dy_v*gamma_v*xhat_v;
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
+                            
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                (void)dy_v;
+                                acc_0 += dy_v*gamma_v;
+                                acc_1 += dy_v*gamma_v*xhat_v;
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
+                    }
+
+                }
+
+                    red_0 = acc_0;
+                    sums[0 * groups + g] = red_0;
+                    red_1 = acc_1;
+                    sums[1 * groups + g] = red_1;
+                }
+                const double c_dx_v_0 = -red_1*saved_invstd/m;
+                const double c_dx_v_1 = -red_0*saved_invstd/m;
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                            dx[idx] = (float)dx_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                                dx[idx] = (float)dx_v;
+                            }
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                }
+
+                {
+                double acc_0[LANES] = {0.0};
+                double acc_1[LANES] = {0.0};
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            (void)dy_v;
+                            acc_0[k] += dy_v*gamma_v;
+                            acc_1[k] += dy_v*gamma_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            (void)dy_v;
+                            acc_0[k] += dy_v*gamma_v;
+                            acc_1[k] += dy_v*gamma_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) {
+                        sums[0 * groups + q * p_count + p0 + k] = acc_0[k];
+                        sums[1 * groups + q * p_count + p0 + k] = acc_1[k];
+                    }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                    const double red_0 = sums[0 * groups + g]; (void)red_0;
+                    const double red_1 = sums[1 * groups + g]; (void)red_1;
+
+                    const double c_dx_v_0 = -red_1*saved_invstd/m;
+                    coef[0 * groups + g] = c_dx_v_0;
+                    const double c_dx_v_1 = -red_0*saved_invstd/m;
+                    coef[1 * groups + g] = c_dx_v_1;
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double red_1 = sums[1 * groups + g]; (void)red_1;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                            const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double red_1 = sums[1 * groups + g]; (void)red_1;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                            const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                }
+
+                {
+                double acc_0[LANES] = {0.0};
+                double acc_1[LANES] = {0.0};
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            (void)dy_v;
+                            acc_0[k] += dy_v*gamma_v;
+                            acc_1[k] += dy_v*gamma_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            (void)dy_v;
+                            acc_0[k] += dy_v*gamma_v;
+                            acc_1[k] += dy_v*gamma_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) {
+                        sums[0 * groups + q * p_count + p0 + k] = acc_0[k];
+                        sums[1 * groups + q * p_count + p0 + k] = acc_1[k];
+                    }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                    const double red_0 = sums[0 * groups + g]; (void)red_0;
+                    const double red_1 = sums[1 * groups + g]; (void)red_1;
+
+                    const double c_dx_v_0 = -red_1*saved_invstd/m;
+                    coef[0 * groups + g] = c_dx_v_0;
+                    const double c_dx_v_1 = -red_0*saved_invstd/m;
+                    coef[1 * groups + g] = c_dx_v_1;
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double red_1 = sums[1 * groups + g]; (void)red_1;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                            const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double red_1 = sums[1 * groups + g]; (void)red_1;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                            const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    } else {
+    /* per-group coefficients of xhat, then pass 1: the reductions and the parameter gradients */
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 2 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                        (void)dy_v;
+                        mine[0 * groups + g] += dy_v*gamma_v;
+                        mine[1 * groups + g] += dy_v*gamma_v*xhat_v;
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                        double acc_0 = 0.0;
+                        double acc_1 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                (void)dy_v;
+                                acc_0 += dy_v*gamma_v;
+                                acc_1 += dy_v*gamma_v*xhat_v;
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    acc_0 += dy_v*gamma_v;
+                                    acc_1 += dy_v*gamma_v*xhat_v;
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                        mine[1 * groups + g] += acc_1;
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 2 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                        (void)dy_v;
+                        mine[0 * groups + g] += dy_v*gamma_v;
+                        mine[1 * groups + g] += dy_v*gamma_v*xhat_v;
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                        double acc_0 = 0.0;
+                        double acc_1 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                (void)dy_v;
+                                acc_0 += dy_v*gamma_v;
+                                acc_1 += dy_v*gamma_v*xhat_v;
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    acc_0 += dy_v*gamma_v;
+                                    acc_1 += dy_v*gamma_v*xhat_v;
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                        mine[1 * groups + g] += acc_1;
+                    }
+                }
+            }
+        }
+
+
+    for (ptrdiff_t j = 0; j < 2; ++j)
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 2 + (size_t)j) * (size_t)groups + (size_t)g];
+            sums[j * groups + g] = total;
+        }
+
+    /* per-group coefficients of dx, then pass 2: dx */
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+    const double red_0 = sums[0 * groups + g]; (void)red_0;
+    const double red_1 = sums[1 * groups + g]; (void)red_1;
+
+    const double c_dx_v_0 = -red_1*saved_invstd/m;
+    coef[0 * groups + g] = c_dx_v_0;
+    const double c_dx_v_1 = -red_0*saved_invstd/m;
+    coef[1 * groups + g] = c_dx_v_1;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double red_1 = sums[1 * groups + g]; (void)red_1;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                        const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                        const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                        dx[idx] = (float)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double red_1 = sums[1 * groups + g]; (void)red_1;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                        const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                                dx[idx] = (float)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                                    dx[idx] = (float)dx_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double red_1 = sums[1 * groups + g]; (void)red_1;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                        const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                        const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                        dx[idx] = (float)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double red_1 = sums[1 * groups + g]; (void)red_1;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                        const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                                dx[idx] = (float)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                                    dx[idx] = (float)dx_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     for (ptrdiff_t k = 0; k < pl; ++k) {
         double dgamma_k = 0.0, dbeta_k = 0.0;
@@ -739,9 +1851,19 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
         if (dbeta) dbeta[k] += dbeta_k;
     }
 
+    int status = SYMBN_OK;
+    if (sums)
+        for (size_t k = 0; k < (size_t)(2 * groups); ++k)
+            if (!isfinite((double)sums[k])) status = SYMBN_ENONFINITE;
+    if (gamma)
+        for (size_t k = 0; k < (size_t)(pl); ++k)
+            if (!isfinite((double)gamma[k])) status = SYMBN_ENONFINITE;
+    if (saved)
+        for (size_t k = 0; k < (size_t)(2 * groups); ++k)
+            if (!isfinite((double)saved[k])) status = SYMBN_ENONFINITE;
+
     free(partial);
-    free(pgrad);
-    return SYMBN_OK;
+    return status;
 }
 
 int symbn_groupnorm_forward_eval_f32(const float *x, const float *gamma, const float *beta, const double *running, float *y, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps)
@@ -751,117 +1873,32 @@ int symbn_groupnorm_forward_eval_f32(const float *x, const float *gamma, const f
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
-    double *const partial = calloc((size_t)team * 0 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 0 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 0 * (size_t)groups, n_pgrad = (size_t)team * 0 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 1 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 0 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                const double run_var = running[1 * p_count + p]; (void)run_var;
 
-            const double run_mean = running[0 * p_count + p]; (void)run_mean;
-            const double run_var = running[1 * p_count + p]; (void)run_var;
-
-            
-            const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (float)y_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                            const double y_v = beta_v + gamma_v*xhat_v;
-
-                            y[idx] = (float)y_v;
-                        }
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
-    if (!coef) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double run_mean = running[0 * p_count + p]; (void)run_mean;
-        const double run_var = running[1 * p_count + p]; (void)run_var;
-
-        const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
-        coef[0 * groups + g] = c_xhat_v_0;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-
-                    const double x_v = (double)x[idx];
-                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                    const double y_v = beta_v + gamma_v*xhat_v;
-
-                    y[idx] = (float)y_v;
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-
-                    
+                
+                const double c_y_v_0 = 1.0/sqrt(eps + run_var);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -870,8 +1907,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
-                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                            const double y_v = beta_v + gamma_v*xhat_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
 
                             y[idx] = (float)y_v;
                         }
@@ -884,8 +1920,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
-                                const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                                const double y_v = beta_v + gamma_v*xhat_v;
+                                const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
 
                                 y[idx] = (float)y_v;
                             }
@@ -893,14 +1928,338 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                const double run_var = running[1 * p_count + p]; (void)run_var;
+
+                
+                const double c_y_v_0 = 1.0/sqrt(eps + run_var);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                            y[idx] = (float)y_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                                y[idx] = (float)y_v;
+                            }
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                    const double run_var = running[1 * p_count + p]; (void)run_var;
+
+                    const double c_y_v_0 = 1.0/sqrt(eps + run_var);
+                    coef[0 * groups + g] = c_y_v_0;
+                }
+
+                {
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                }
+
+
+                }
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                    const double run_var = running[1 * p_count + p]; (void)run_var;
+
+                    const double c_y_v_0 = 1.0/sqrt(eps + run_var);
+                    coef[0 * groups + g] = c_y_v_0;
+                }
+
+                {
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                }
+
+
+                }
+
+            }
+        }
+
+    } else {
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+    const double run_var = running[1 * p_count + p]; (void)run_var;
+
+    const double c_y_v_0 = 1.0/sqrt(eps + run_var);
+    coef[0 * groups + g] = c_y_v_0;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                        y[idx] = (float)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                                y[idx] = (float)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                                    y[idx] = (float)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                        y[idx] = (float)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                                y[idx] = (float)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                                    y[idx] = (float)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     free(partial);
-    free(pgrad);
     return SYMBN_OK;
 }
 
@@ -911,134 +2270,34 @@ int symbn_groupnorm_backward_eval_f32(const float *dy, const float *x, const flo
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
     const double *const beta = NULL;
-    double *const partial = calloc((size_t)team * 0 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 2 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 0 * (size_t)groups, n_pgrad = (size_t)team * 2 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 2 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 0 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                const double run_var = running[1 * p_count + p]; (void)run_var;
 
-            const double run_mean = running[0 * p_count + p]; (void)run_mean;
-            const double run_var = running[1 * p_count + p]; (void)run_var;
-
-            
-            const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
-            const double c_dx_v_0 = 1.0/sqrt(eps + run_var);
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
-
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        dx[idx] = (float)dx_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
-
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
-                            dx[idx] = (float)dx_v;
-                        }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const coef = malloc((2 * (size_t)groups + 1) * sizeof(double));
-    if (!coef) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double run_mean = running[0 * p_count + p]; (void)run_mean;
-        const double run_var = running[1 * p_count + p]; (void)run_var;
-
-        const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
-        coef[0 * groups + g] = c_xhat_v_0;
-        const double c_dx_v_0 = 1.0/sqrt(eps + run_var);
-        coef[1 * groups + g] = c_dx_v_0;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
-
-                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
-
-                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                    mine_params[1 * pl + pidx] += dy_v;
-                    dx[idx] = (float)dx_v;
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
-
-                    
+                
+                const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+                const double c_dx_v_0 = 1.0/sqrt(eps + run_var);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -1047,7 +2306,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
-                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
                             const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
                             mine_params[0 * pl + pidx] += dy_v*xhat_v;
@@ -1066,7 +2325,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
-                                const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
                                 const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
                                 pacc_0 += dy_v*xhat_v;
@@ -1079,11 +2338,414 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                const double run_var = running[1 * p_count + p]; (void)run_var;
+
+                
+                const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+                const double c_dx_v_0 = 1.0/sqrt(eps + run_var);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
+                            dx[idx] = (float)dx_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                dx[idx] = (float)dx_v;
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                    const double run_var = running[1 * p_count + p]; (void)run_var;
+
+                    const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+                    coef[0 * groups + g] = c_xhat_v_0;
+                    const double c_dx_v_0 = 1.0/sqrt(eps + run_var);
+                    coef[1 * groups + g] = c_dx_v_0;
+                }
+
+                {
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                }
+
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                    const double run_var = running[1 * p_count + p]; (void)run_var;
+
+                    const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+                    coef[0 * groups + g] = c_xhat_v_0;
+                    const double c_dx_v_0 = 1.0/sqrt(eps + run_var);
+                    coef[1 * groups + g] = c_dx_v_0;
+                }
+
+                {
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                }
+
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+
+            }
+        }
+
+    } else {
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+    const double run_var = running[1 * p_count + p]; (void)run_var;
+
+    const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+    coef[0 * groups + g] = c_xhat_v_0;
+    const double c_dx_v_0 = 1.0/sqrt(eps + run_var);
+    coef[1 * groups + g] = c_dx_v_0;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        dx[idx] = (float)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                dx[idx] = (float)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (float)dx_v;
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        dx[idx] = (float)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                dx[idx] = (float)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (float)dx_v;
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     for (ptrdiff_t k = 0; k < pl; ++k) {
         double dgamma_k = 0.0, dbeta_k = 0.0;
@@ -1096,7 +2758,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
     }
 
     free(partial);
-    free(pgrad);
     return SYMBN_OK;
 }
 /* ---- double ---- */
@@ -1108,168 +2769,31 @@ int symbn_groupnorm_forward_train_f64(const double *x, const double *gamma, cons
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
-    double *const partial = calloc((size_t)team * 1 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 0 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 1 * (size_t)groups, n_pgrad = (size_t)team * 0 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 0 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 0 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
-
-            double stat_mean;
-            {
-                double acc_0 = 0.0;
-
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        acc_0 += x_v;
-                        
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-                            acc_0 += x_v;
-                            
-                        }
-                    }
-                }
-
-            }
-
-                stat_mean = acc_0 / m;
-            }
-            stats[0 * groups + g] = stat_mean;
-            double stat_var;
-            {
-                double acc_0 = 0.0;
-
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                        
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-                            acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                            
-                        }
-                    }
-                }
-
-            }
-
-                stat_var = acc_0 / m;
-            }
-            stats[1 * groups + g] = stat_var;
-            const double saved_mean = stat_mean;
-            saved[0 * groups + g] = saved_mean;
-            const double saved_invstd = 1.0/sqrt(eps + stat_var);
-            saved[1 * groups + g] = saved_invstd;
-            
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (double)y_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                            const double y_v = beta_v + gamma_v*xhat_v;
-
-                            y[idx] = (double)y_v;
-                        }
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const coef = malloc((0 * (size_t)groups + 1) * sizeof(double));
-    if (!coef) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
-    /* pass 1: stat_mean, the mean over each group */
-    for (size_t k = 0; k < (size_t)team * (size_t)groups; ++k) partial[k] = 0.0;
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 1 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    (void)g;
-                    const double x_v = (double)x[idx];
-                    mine[0 * groups + g] += x_v;
-                    
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    (void)g;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                double stat_mean;
+                {
                     double acc_0 = 0.0;
 
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -1293,48 +2817,17 @@ int symbn_groupnorm_forward_train_f64(const double *x, const double *gamma, cons
                         }
                     }
 
-                    mine[0 * groups + g] += acc_0;
                 }
-            }
-        }
-    }
 
-    for (ptrdiff_t j = 0; j < 1; ++j)
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            double total = 0.0;
-            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
-            (stats + 0 * groups)[j * groups + g] = total / m;
-        }
-
-    /* pass 2: stat_var, the mean over each group */
-    for (size_t k = 0; k < (size_t)team * (size_t)groups; ++k) partial[k] = 0.0;
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 1 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
-                    (void)g;
-                    const double x_v = (double)x[idx];
-                    mine[0 * groups + g] += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                    
+                    stat_mean = acc_0 / m;
                 }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
-                    (void)g;
+                stats[0 * groups + g] = stat_mean;
+                double stat_var;
+                {
                     double acc_0 = 0.0;
 
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -1358,67 +2851,18 @@ int symbn_groupnorm_forward_train_f64(const double *x, const double *gamma, cons
                         }
                     }
 
-                    mine[0 * groups + g] += acc_0;
                 }
-            }
-        }
-    }
 
-    for (ptrdiff_t j = 0; j < 1; ++j)
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            double total = 0.0;
-            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
-            (stats + 1 * groups)[j * groups + g] = total / m;
-        }
-
-    for (ptrdiff_t g = 0; g < groups; ++g) {
-        const double stat_mean = stats[0 * groups + g];
-        const double stat_var = stats[1 * groups + g];
-        const double saved_mean = stat_mean;
-        saved[0 * groups + g] = saved_mean;
-        const double saved_invstd = 1.0/sqrt(eps + stat_var);
-        saved[1 * groups + g] = saved_invstd;
-    }
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-                    const double x_v = (double)x[idx];
-                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                    const double y_v = beta_v + gamma_v*xhat_v;
-
-                    y[idx] = (double)y_v;
+                    stat_var = acc_0 / m;
                 }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-                    
+                stats[1 * groups + g] = stat_var;
+                const double saved_mean = stat_mean;
+                saved[0 * groups + g] = saved_mean;
+                const double saved_invstd = 1.0/sqrt(eps + stat_var);
+                saved[1 * groups + g] = saved_invstd;
+                
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -1427,8 +2871,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                            const double y_v = beta_v + gamma_v*xhat_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
 
                             y[idx] = (double)y_v;
                         }
@@ -1441,8 +2884,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
-                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                                const double y_v = beta_v + gamma_v*xhat_v;
+                                const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
 
                                 y[idx] = (double)y_v;
                             }
@@ -1450,15 +2892,786 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                double stat_mean;
+                {
+                    double acc_0 = 0.0;
+
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+                            acc_0 += x_v;
+                            
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                acc_0 += x_v;
+                                
+                            }
+                        }
+                    }
+
+                }
+
+                    stat_mean = acc_0 / m;
+                }
+                stats[0 * groups + g] = stat_mean;
+                double stat_var;
+                {
+                    double acc_0 = 0.0;
+
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+                            acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                
+                            }
+                        }
+                    }
+
+                }
+
+                    stat_var = acc_0 / m;
+                }
+                stats[1 * groups + g] = stat_var;
+                const double saved_mean = stat_mean;
+                saved[0 * groups + g] = saved_mean;
+                const double saved_invstd = 1.0/sqrt(eps + stat_var);
+                saved[1 * groups + g] = saved_invstd;
+                
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                            y[idx] = (double)y_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                                y[idx] = (double)y_v;
+                            }
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                {
+                double acc_0[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += x_v;
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += x_v;
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) stats[0 * groups + q * p_count + p0 + k] = acc_0[k] / m;
+                }
+                {
+                double acc_0[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) stats[1 * groups + q * p_count + p0 + k] = acc_0[k] / m;
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double stat_mean = stats[0 * groups + g];
+                    const double stat_var = stats[1 * groups + g];
+                    const double saved_mean = stat_mean;
+                    saved[0 * groups + g] = saved_mean;
+                    const double saved_invstd = 1.0/sqrt(eps + stat_var);
+                    saved[1 * groups + g] = saved_invstd;
+
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                {
+                double acc_0[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += x_v;
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += x_v;
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) stats[0 * groups + q * p_count + p0 + k] = acc_0[k] / m;
+                }
+                {
+                double acc_0[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) stats[1 * groups + q * p_count + p0 + k] = acc_0[k] / m;
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double stat_mean = stats[0 * groups + g];
+                    const double stat_var = stats[1 * groups + g];
+                    const double saved_mean = stat_mean;
+                    saved[0 * groups + g] = saved_mean;
+                    const double saved_invstd = 1.0/sqrt(eps + stat_var);
+                    saved[1 * groups + g] = saved_invstd;
+
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    } else {
+    /* pass 1: stat_mean, the mean over each group */
+    for (size_t k = 0; k < (size_t)team * (size_t)groups; ++k) partial[k] = 0.0;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        
+                        const double x_v = (double)x[idx];
+                        mine[0 * groups + g] += x_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                acc_0 += x_v;
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += x_v;
+                                    
+                                }
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        
+                        const double x_v = (double)x[idx];
+                        mine[0 * groups + g] += x_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                acc_0 += x_v;
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += x_v;
+                                    
+                                }
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+
+    for (ptrdiff_t j = 0; j < 1; ++j)
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
+            (stats + 0 * groups)[j * groups + g] = total / m;
+        }
+
+    /* pass 2: stat_var, the mean over each group */
+    for (size_t k = 0; k < (size_t)team * (size_t)groups; ++k) partial[k] = 0.0;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                        const double x_v = (double)x[idx];
+                        mine[0 * groups + g] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                    
+                                }
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                        const double x_v = (double)x[idx];
+                        mine[0 * groups + g] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double stat_mean = stats[0 * groups + g]; (void)stat_mean;
+
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+                                    
+                                }
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+
+    for (ptrdiff_t j = 0; j < 1; ++j)
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
+            (stats + 1 * groups)[j * groups + g] = total / m;
+        }
+
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double stat_mean = stats[0 * groups + g];
+    const double stat_var = stats[1 * groups + g];
+    const double saved_mean = stat_mean;
+    saved[0 * groups + g] = saved_mean;
+    const double saved_invstd = 1.0/sqrt(eps + stat_var);
+    saved[1 * groups + g] = saved_invstd;
+
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                        y[idx] = (double)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                                y[idx] = (double)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                                    y[idx] = (double)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                        y[idx] = (double)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                                y[idx] = (double)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double y_v = beta_v + gamma_v*saved_invstd*(-saved_mean + x_v);
+
+                                    y[idx] = (double)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     free(partial);
-    free(pgrad);
-    return SYMBN_OK;
+    int status = SYMBN_OK;
+    if (stats)
+        for (size_t k = 0; k < (size_t)(2 * groups); ++k)
+            if (!isfinite((double)stats[k])) status = SYMBN_ENONFINITE;
+    if (gamma)
+        for (size_t k = 0; k < (size_t)(pl); ++k)
+            if (!isfinite((double)gamma[k])) status = SYMBN_ENONFINITE;
+    if (beta)
+        for (size_t k = 0; k < (size_t)(pl); ++k)
+            if (!isfinite((double)beta[k])) status = SYMBN_ENONFINITE;
+
+    return status;
 }
 
 int symbn_groupnorm_backward_train_f64(const double *dy, const double *x, const double *gamma, const double *saved, double *dx, double *dgamma, double *dbeta, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count)
@@ -1468,177 +3681,38 @@ int symbn_groupnorm_backward_train_f64(const double *dy, const double *x, const 
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
     const double *const beta = NULL;
-    double *const partial = calloc((size_t)team * 2 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 2 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 2 * (size_t)groups, n_pgrad = (size_t)team * 2 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 4 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 2 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
 
-            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-            
-            double red_0;
-            double red_1;
-            {
-                double acc_0 = 0.0;
-                double acc_1 = 0.0;
-
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        (void)dy_v;
-                        acc_0 += dy_v*gamma_v;
-                        acc_1 += dy_v*gamma_v*xhat_v;
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                            (void)dy_v;
-                            acc_0 += dy_v*gamma_v;
-                            acc_1 += dy_v*gamma_v*xhat_v;
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
-                            
-                        }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
-                    }
-                }
-
-            }
-
-                red_0 = acc_0;
-                red_1 = acc_1;
-            }
-            const double c_dx_v_0 = saved_invstd/m;
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                        const double dx_v = -c_dx_v_0*(-dy_v*gamma_v*m + red_0 + red_1*xhat_v);
-
-                        dx[idx] = (double)dx_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                            const double dx_v = -c_dx_v_0*(-dy_v*gamma_v*m + red_0 + red_1*xhat_v);
-
-                            dx[idx] = (double)dx_v;
-                        }
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const sums = malloc((2 * (size_t)groups + 1) * sizeof(double));
-    double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
-    if (!sums || !coef) {
-        free(partial);
-        free(pgrad);
-        free(sums);
-        free(coef);
-        return SYMBN_ENOMEM;
-    }
-    /* per-group coefficients of xhat, then pass 1: the reductions and the parameter gradients */
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 2 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                    (void)dy_v;
-                    mine[0 * groups + g] += dy_v*gamma_v;
-                    mine[1 * groups + g] += dy_v*gamma_v*xhat_v;
-                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                    mine_params[1 * pl + pidx] += dy_v;
-                    
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
+                
+                double red_0;
+                double red_1;
+                {
                     double acc_0 = 0.0;
                     double acc_1 = 0.0;
 
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -1647,7 +3721,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
                             (void)dy_v;
                             acc_0 += dy_v*gamma_v;
                             acc_1 += dy_v*gamma_v*xhat_v;
@@ -1667,7 +3741,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
-                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
                                 (void)dy_v;
                                 acc_0 += dy_v*gamma_v;
                                 acc_1 += dy_v*gamma_v*xhat_v;
@@ -1680,71 +3754,17 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         }
                     }
 
-                    mine[0 * groups + g] += acc_0;
-                    mine[1 * groups + g] += acc_1;
                 }
-            }
-        }
-    }
 
-    for (ptrdiff_t j = 0; j < 2; ++j)
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            double total = 0.0;
-            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 2 + (size_t)j) * (size_t)groups + (size_t)g];
-            sums[j * groups + g] = total;
-        }
-
-    /* per-group coefficients of dx, then pass 2: dx */
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-        const double red_0 = sums[0 * groups + g]; (void)red_0;
-        const double red_1 = sums[1 * groups + g]; (void)red_1;
-
-        const double c_dx_v_0 = saved_invstd/m;
-        coef[0 * groups + g] = c_dx_v_0;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double red_0 = sums[0 * groups + g]; (void)red_0;
-                    const double red_1 = sums[1 * groups + g]; (void)red_1;
-                    const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
-
-                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                    const double dx_v = -c_dx_v_0*(-dy_v*gamma_v*m + red_0 + red_1*xhat_v);
-
-                    dx[idx] = (double)dx_v;
+                    red_0 = acc_0;
+                    sums[0 * groups + g] = red_0;
+                    red_1 = acc_1;
+                    sums[1 * groups + g] = red_1;
                 }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double red_0 = sums[0 * groups + g]; (void)red_0;
-                    const double red_1 = sums[1 * groups + g]; (void)red_1;
-                    const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
-
-                    
+                const double c_dx_v_0 = -red_1*saved_invstd/m;
+                const double c_dx_v_1 = -red_0*saved_invstd/m;
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -1753,8 +3773,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
-                            const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                            const double dx_v = -c_dx_v_0*(-dy_v*gamma_v*m + red_0 + red_1*xhat_v);
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
 
                             dx[idx] = (double)dx_v;
                         }
@@ -1767,8 +3787,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
-                                const double xhat_v = -saved_invstd*(saved_mean - x_v);
-                                const double dx_v = -c_dx_v_0*(-dy_v*gamma_v*m + red_0 + red_1*xhat_v);
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
 
                                 dx[idx] = (double)dx_v;
                             }
@@ -1776,12 +3796,762 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(sums);
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                
+                double red_0;
+                double red_1;
+                {
+                    double acc_0 = 0.0;
+                    double acc_1 = 0.0;
+
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            (void)dy_v;
+                            acc_0 += dy_v*gamma_v;
+                            acc_1 += dy_v*gamma_v*xhat_v;
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
+                            
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                (void)dy_v;
+                                acc_0 += dy_v*gamma_v;
+                                acc_1 += dy_v*gamma_v*xhat_v;
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
+                    }
+
+                }
+
+                    red_0 = acc_0;
+                    sums[0 * groups + g] = red_0;
+                    red_1 = acc_1;
+                    sums[1 * groups + g] = red_1;
+                }
+                const double c_dx_v_0 = -red_1*saved_invstd/m;
+                const double c_dx_v_1 = -red_0*saved_invstd/m;
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                            dx[idx] = (double)dx_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                                dx[idx] = (double)dx_v;
+                            }
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                }
+
+                {
+                double acc_0[LANES] = {0.0};
+                double acc_1[LANES] = {0.0};
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            (void)dy_v;
+                            acc_0[k] += dy_v*gamma_v;
+                            acc_1[k] += dy_v*gamma_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            (void)dy_v;
+                            acc_0[k] += dy_v*gamma_v;
+                            acc_1[k] += dy_v*gamma_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) {
+                        sums[0 * groups + q * p_count + p0 + k] = acc_0[k];
+                        sums[1 * groups + q * p_count + p0 + k] = acc_1[k];
+                    }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                    const double red_0 = sums[0 * groups + g]; (void)red_0;
+                    const double red_1 = sums[1 * groups + g]; (void)red_1;
+
+                    const double c_dx_v_0 = -red_1*saved_invstd/m;
+                    coef[0 * groups + g] = c_dx_v_0;
+                    const double c_dx_v_1 = -red_0*saved_invstd/m;
+                    coef[1 * groups + g] = c_dx_v_1;
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double red_1 = sums[1 * groups + g]; (void)red_1;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                            const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double red_1 = sums[1 * groups + g]; (void)red_1;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                            const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                }
+
+                {
+                double acc_0[LANES] = {0.0};
+                double acc_1[LANES] = {0.0};
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            (void)dy_v;
+                            acc_0[k] += dy_v*gamma_v;
+                            acc_1[k] += dy_v*gamma_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            (void)dy_v;
+                            acc_0[k] += dy_v*gamma_v;
+                            acc_1[k] += dy_v*gamma_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) {
+                        sums[0 * groups + q * p_count + p0 + k] = acc_0[k];
+                        sums[1 * groups + q * p_count + p0 + k] = acc_1[k];
+                    }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                    const double red_0 = sums[0 * groups + g]; (void)red_0;
+                    const double red_1 = sums[1 * groups + g]; (void)red_1;
+
+                    const double c_dx_v_0 = -red_1*saved_invstd/m;
+                    coef[0 * groups + g] = c_dx_v_0;
+                    const double c_dx_v_1 = -red_0*saved_invstd/m;
+                    coef[1 * groups + g] = c_dx_v_1;
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double red_1 = sums[1 * groups + g]; (void)red_1;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                            const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                            const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double red_1 = sums[1 * groups + g]; (void)red_1;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                            const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                            const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    } else {
+    /* per-group coefficients of xhat, then pass 1: the reductions and the parameter gradients */
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 2 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                        (void)dy_v;
+                        mine[0 * groups + g] += dy_v*gamma_v;
+                        mine[1 * groups + g] += dy_v*gamma_v*xhat_v;
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                        double acc_0 = 0.0;
+                        double acc_1 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                (void)dy_v;
+                                acc_0 += dy_v*gamma_v;
+                                acc_1 += dy_v*gamma_v*xhat_v;
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    acc_0 += dy_v*gamma_v;
+                                    acc_1 += dy_v*gamma_v*xhat_v;
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                        mine[1 * groups + g] += acc_1;
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 2 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                        (void)dy_v;
+                        mine[0 * groups + g] += dy_v*gamma_v;
+                        mine[1 * groups + g] += dy_v*gamma_v*xhat_v;
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+
+                        double acc_0 = 0.0;
+                        double acc_1 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                (void)dy_v;
+                                acc_0 += dy_v*gamma_v;
+                                acc_1 += dy_v*gamma_v*xhat_v;
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    acc_0 += dy_v*gamma_v;
+                                    acc_1 += dy_v*gamma_v*xhat_v;
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                        mine[1 * groups + g] += acc_1;
+                    }
+                }
+            }
+        }
+
+
+    for (ptrdiff_t j = 0; j < 2; ++j)
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 2 + (size_t)j) * (size_t)groups + (size_t)g];
+            sums[j * groups + g] = total;
+        }
+
+    /* per-group coefficients of dx, then pass 2: dx */
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+    const double red_0 = sums[0 * groups + g]; (void)red_0;
+    const double red_1 = sums[1 * groups + g]; (void)red_1;
+
+    const double c_dx_v_0 = -red_1*saved_invstd/m;
+    coef[0 * groups + g] = c_dx_v_0;
+    const double c_dx_v_1 = -red_0*saved_invstd/m;
+    coef[1 * groups + g] = c_dx_v_1;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double red_1 = sums[1 * groups + g]; (void)red_1;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                        const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                        const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                        dx[idx] = (double)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double red_1 = sums[1 * groups + g]; (void)red_1;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                        const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                                dx[idx] = (double)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                                    dx[idx] = (double)dx_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double red_1 = sums[1 * groups + g]; (void)red_1;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                        const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                        const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                        dx[idx] = (double)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
+                        const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double red_1 = sums[1 * groups + g]; (void)red_1;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+                        const double c_dx_v_1 = coef[1 * groups + g]; (void)c_dx_v_1;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                                dx[idx] = (double)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    const double dx_v = c_dx_v_0*xhat_v + c_dx_v_1 + dy_v*gamma_v*saved_invstd;
+
+                                    dx[idx] = (double)dx_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     for (ptrdiff_t k = 0; k < pl; ++k) {
         double dgamma_k = 0.0, dbeta_k = 0.0;
@@ -1793,9 +4563,19 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
         if (dbeta) dbeta[k] += dbeta_k;
     }
 
+    int status = SYMBN_OK;
+    if (sums)
+        for (size_t k = 0; k < (size_t)(2 * groups); ++k)
+            if (!isfinite((double)sums[k])) status = SYMBN_ENONFINITE;
+    if (gamma)
+        for (size_t k = 0; k < (size_t)(pl); ++k)
+            if (!isfinite((double)gamma[k])) status = SYMBN_ENONFINITE;
+    if (saved)
+        for (size_t k = 0; k < (size_t)(2 * groups); ++k)
+            if (!isfinite((double)saved[k])) status = SYMBN_ENONFINITE;
+
     free(partial);
-    free(pgrad);
-    return SYMBN_OK;
+    return status;
 }
 
 int symbn_groupnorm_forward_eval_f64(const double *x, const double *gamma, const double *beta, const double *running, double *y, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps)
@@ -1805,117 +4585,32 @@ int symbn_groupnorm_forward_eval_f64(const double *x, const double *gamma, const
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
-    double *const partial = calloc((size_t)team * 0 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 0 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 0 * (size_t)groups, n_pgrad = (size_t)team * 0 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 1 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 0 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                const double run_var = running[1 * p_count + p]; (void)run_var;
 
-            const double run_mean = running[0 * p_count + p]; (void)run_mean;
-            const double run_var = running[1 * p_count + p]; (void)run_var;
-
-            
-            const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (double)y_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                            const double y_v = beta_v + gamma_v*xhat_v;
-
-                            y[idx] = (double)y_v;
-                        }
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
-    if (!coef) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double run_mean = running[0 * p_count + p]; (void)run_mean;
-        const double run_var = running[1 * p_count + p]; (void)run_var;
-
-        const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
-        coef[0 * groups + g] = c_xhat_v_0;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-
-                    const double x_v = (double)x[idx];
-                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                    const double y_v = beta_v + gamma_v*xhat_v;
-
-                    y[idx] = (double)y_v;
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-
-                    
+                
+                const double c_y_v_0 = 1.0/sqrt(eps + run_var);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -1924,8 +4619,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
-                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                            const double y_v = beta_v + gamma_v*xhat_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
 
                             y[idx] = (double)y_v;
                         }
@@ -1938,8 +4632,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
-                                const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                                const double y_v = beta_v + gamma_v*xhat_v;
+                                const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
 
                                 y[idx] = (double)y_v;
                             }
@@ -1947,14 +4640,338 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                const double run_var = running[1 * p_count + p]; (void)run_var;
+
+                
+                const double c_y_v_0 = 1.0/sqrt(eps + run_var);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                            y[idx] = (double)y_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                                y[idx] = (double)y_v;
+                            }
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                    const double run_var = running[1 * p_count + p]; (void)run_var;
+
+                    const double c_y_v_0 = 1.0/sqrt(eps + run_var);
+                    coef[0 * groups + g] = c_y_v_0;
+                }
+
+                {
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                }
+
+
+                }
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                    const double run_var = running[1 * p_count + p]; (void)run_var;
+
+                    const double c_y_v_0 = 1.0/sqrt(eps + run_var);
+                    coef[0 * groups + g] = c_y_v_0;
+                }
+
+                {
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                }
+
+
+                }
+
+            }
+        }
+
+    } else {
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+    const double run_var = running[1 * p_count + p]; (void)run_var;
+
+    const double c_y_v_0 = 1.0/sqrt(eps + run_var);
+    coef[0 * groups + g] = c_y_v_0;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                        y[idx] = (double)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                                y[idx] = (double)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                                    y[idx] = (double)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                        y[idx] = (double)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                                y[idx] = (double)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v);
+
+                                    y[idx] = (double)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     free(partial);
-    free(pgrad);
     return SYMBN_OK;
 }
 
@@ -1965,134 +4982,34 @@ int symbn_groupnorm_backward_eval_f64(const double *dy, const double *x, const d
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
     const double *const beta = NULL;
-    double *const partial = calloc((size_t)team * 0 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 2 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 0 * (size_t)groups, n_pgrad = (size_t)team * 2 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 2 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 0 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                const double run_var = running[1 * p_count + p]; (void)run_var;
 
-            const double run_mean = running[0 * p_count + p]; (void)run_mean;
-            const double run_var = running[1 * p_count + p]; (void)run_var;
-
-            
-            const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
-            const double c_dx_v_0 = 1.0/sqrt(eps + run_var);
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
-
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        dx[idx] = (double)dx_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
-
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
-                            dx[idx] = (double)dx_v;
-                        }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const coef = malloc((2 * (size_t)groups + 1) * sizeof(double));
-    if (!coef) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double run_mean = running[0 * p_count + p]; (void)run_mean;
-        const double run_var = running[1 * p_count + p]; (void)run_var;
-
-        const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
-        coef[0 * groups + g] = c_xhat_v_0;
-        const double c_dx_v_0 = 1.0/sqrt(eps + run_var);
-        coef[1 * groups + g] = c_dx_v_0;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
-
-                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
-                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
-
-                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                    mine_params[1 * pl + pidx] += dy_v;
-                    dx[idx] = (double)dx_v;
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
-                    const double run_var = running[1 * p_count + p]; (void)run_var;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
-
-                    
+                
+                const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+                const double c_dx_v_0 = 1.0/sqrt(eps + run_var);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -2101,7 +5018,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
-                            const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
                             const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
                             mine_params[0 * pl + pidx] += dy_v*xhat_v;
@@ -2120,7 +5037,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
-                                const double xhat_v = -c_xhat_v_0*(run_mean - x_v);
+                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
                                 const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
                                 pacc_0 += dy_v*xhat_v;
@@ -2133,11 +5050,414 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                const double run_var = running[1 * p_count + p]; (void)run_var;
+
+                
+                const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+                const double c_dx_v_0 = 1.0/sqrt(eps + run_var);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
+                            dx[idx] = (double)dx_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                dx[idx] = (double)dx_v;
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                    const double run_var = running[1 * p_count + p]; (void)run_var;
+
+                    const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+                    coef[0 * groups + g] = c_xhat_v_0;
+                    const double c_dx_v_0 = 1.0/sqrt(eps + run_var);
+                    coef[1 * groups + g] = c_dx_v_0;
+                }
+
+                {
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                }
+
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                    const double run_var = running[1 * p_count + p]; (void)run_var;
+
+                    const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+                    coef[0 * groups + g] = c_xhat_v_0;
+                    const double c_dx_v_0 = 1.0/sqrt(eps + run_var);
+                    coef[1 * groups + g] = c_dx_v_0;
+                }
+
+                {
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                            const double run_var = running[1 * p_count + p]; (void)run_var;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                }
+
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+
+            }
+        }
+
+    } else {
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double run_mean = running[0 * p_count + p]; (void)run_mean;
+    const double run_var = running[1 * p_count + p]; (void)run_var;
+
+    const double c_xhat_v_0 = 1.0/sqrt(eps + run_var);
+    coef[0 * groups + g] = c_xhat_v_0;
+    const double c_dx_v_0 = 1.0/sqrt(eps + run_var);
+    coef[1 * groups + g] = c_dx_v_0;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        dx[idx] = (double)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                dx[idx] = (double)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (double)dx_v;
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        dx[idx] = (double)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_mean = running[0 * p_count + p]; (void)run_mean;
+                        const double run_var = running[1 * p_count + p]; (void)run_var;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                dx[idx] = (double)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (double)dx_v;
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     for (ptrdiff_t k = 0; k < pl; ++k) {
         double dgamma_k = 0.0, dbeta_k = 0.0;
@@ -2150,6 +5470,5 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
     }
 
     free(partial);
-    free(pgrad);
     return SYMBN_OK;
 }

@@ -9,6 +9,9 @@
 #include "rmsnorm.h"
 
 #define LONG_RUN 32 /* runs at least this long: a thread takes whole groups, every pass back to back */
+#define LANES 16    /* runs of one element (x is (N, C)): a thread takes LANES groups (channels) at a time */
+#define SMALL 65536 /* elements: a problem this small runs on one thread, and in blocks of LANES when it can
+                       (large ones stream row by row: a column block strided by a row misses every cache) */
 
 #ifdef _OPENMP
 #define SYMBN_PRAGMA(text) _Pragma(#text)
@@ -28,7 +31,7 @@ static int team_size(ptrdiff_t work)
 {
 #ifdef _OPENMP
     int threads = requested_threads > 0 ? requested_threads : omp_get_max_threads();
-    return work < 65536 ? 1 : threads;
+    return work <= SMALL ? 1 : threads;
 #else
     (void)work;
     return 1;
@@ -54,132 +57,31 @@ int symbn_rmsnorm_forward_train_f32(const float *x, const float *gamma, const fl
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
-    double *const partial = calloc((size_t)team * 1 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 0 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 1 * (size_t)groups, n_pgrad = (size_t)team * 0 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 0 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 0 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
-
-            double stat_ms;
-            {
-                double acc_0 = 0.0;
-
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        acc_0 += (x_v*x_v);
-                        
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-                            acc_0 += (x_v*x_v);
-                            
-                        }
-                    }
-                }
-
-            }
-
-                stat_ms = acc_0 / m;
-            }
-            stats[0 * groups + g] = stat_ms;
-            const double saved_invstd = 1.0/sqrt(eps + stat_ms);
-            saved[0 * groups + g] = saved_invstd;
-            
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = saved_invstd*x_v;
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (float)y_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = saved_invstd*x_v;
-                            const double y_v = beta_v + gamma_v*xhat_v;
-
-                            y[idx] = (float)y_v;
-                        }
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const coef = malloc((0 * (size_t)groups + 1) * sizeof(double));
-    if (!coef) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
-    /* pass 1: stat_ms, the mean over each group */
-    for (size_t k = 0; k < (size_t)team * (size_t)groups; ++k) partial[k] = 0.0;
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 1 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    (void)g;
-                    const double x_v = (double)x[idx];
-                    mine[0 * groups + g] += (x_v*x_v);
-                    
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    (void)g;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                double stat_ms;
+                {
                     double acc_0 = 0.0;
 
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -203,61 +105,16 @@ int symbn_rmsnorm_forward_train_f32(const float *x, const float *gamma, const fl
                         }
                     }
 
-                    mine[0 * groups + g] += acc_0;
                 }
-            }
-        }
-    }
 
-    for (ptrdiff_t j = 0; j < 1; ++j)
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            double total = 0.0;
-            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
-            (stats + 0 * groups)[j * groups + g] = total / m;
-        }
-
-    for (ptrdiff_t g = 0; g < groups; ++g) {
-        const double stat_ms = stats[0 * groups + g];
-        const double saved_invstd = 1.0/sqrt(eps + stat_ms);
-        saved[0 * groups + g] = saved_invstd;
-    }
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-                    const double x_v = (double)x[idx];
-                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double xhat_v = saved_invstd*x_v;
-                    const double y_v = beta_v + gamma_v*xhat_v;
-
-                    y[idx] = (float)y_v;
+                    stat_ms = acc_0 / m;
                 }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-                    
+                stats[0 * groups + g] = stat_ms;
+                const double saved_invstd = 1.0/sqrt(eps + stat_ms);
+                saved[0 * groups + g] = saved_invstd;
+                
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -266,8 +123,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
-                            const double xhat_v = saved_invstd*x_v;
-                            const double y_v = beta_v + gamma_v*xhat_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*x_v;
 
                             y[idx] = (float)y_v;
                         }
@@ -280,8 +136,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
-                                const double xhat_v = saved_invstd*x_v;
-                                const double y_v = beta_v + gamma_v*xhat_v;
+                                const double y_v = beta_v + gamma_v*saved_invstd*x_v;
 
                                 y[idx] = (float)y_v;
                             }
@@ -289,15 +144,540 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                double stat_ms;
+                {
+                    double acc_0 = 0.0;
+
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+                            acc_0 += (x_v*x_v);
+                            
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                acc_0 += (x_v*x_v);
+                                
+                            }
+                        }
+                    }
+
+                }
+
+                    stat_ms = acc_0 / m;
+                }
+                stats[0 * groups + g] = stat_ms;
+                const double saved_invstd = 1.0/sqrt(eps + stat_ms);
+                saved[0 * groups + g] = saved_invstd;
+                
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                            y[idx] = (float)y_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                                y[idx] = (float)y_v;
+                            }
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                {
+                double acc_0[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += (x_v*x_v);
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += (x_v*x_v);
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) stats[0 * groups + q * p_count + p0 + k] = acc_0[k] / m;
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double stat_ms = stats[0 * groups + g];
+                    const double saved_invstd = 1.0/sqrt(eps + stat_ms);
+                    saved[0 * groups + g] = saved_invstd;
+
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                {
+                double acc_0[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += (x_v*x_v);
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += (x_v*x_v);
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) stats[0 * groups + q * p_count + p0 + k] = acc_0[k] / m;
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double stat_ms = stats[0 * groups + g];
+                    const double saved_invstd = 1.0/sqrt(eps + stat_ms);
+                    saved[0 * groups + g] = saved_invstd;
+
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    } else {
+    /* pass 1: stat_ms, the mean over each group */
+    for (size_t k = 0; k < (size_t)team * (size_t)groups; ++k) partial[k] = 0.0;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        
+                        const double x_v = (double)x[idx];
+                        mine[0 * groups + g] += (x_v*x_v);
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                acc_0 += (x_v*x_v);
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += (x_v*x_v);
+                                    
+                                }
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        
+                        const double x_v = (double)x[idx];
+                        mine[0 * groups + g] += (x_v*x_v);
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                acc_0 += (x_v*x_v);
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += (x_v*x_v);
+                                    
+                                }
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+
+    for (ptrdiff_t j = 0; j < 1; ++j)
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
+            (stats + 0 * groups)[j * groups + g] = total / m;
+        }
+
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double stat_ms = stats[0 * groups + g];
+    const double saved_invstd = 1.0/sqrt(eps + stat_ms);
+    saved[0 * groups + g] = saved_invstd;
+
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                        y[idx] = (float)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                                y[idx] = (float)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                                    y[idx] = (float)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                        y[idx] = (float)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                                y[idx] = (float)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                                    y[idx] = (float)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     free(partial);
-    free(pgrad);
-    return SYMBN_OK;
+    int status = SYMBN_OK;
+    if (stats)
+        for (size_t k = 0; k < (size_t)(1 * groups); ++k)
+            if (!isfinite((double)stats[k])) status = SYMBN_ENONFINITE;
+    if (gamma)
+        for (size_t k = 0; k < (size_t)(pl); ++k)
+            if (!isfinite((double)gamma[k])) status = SYMBN_ENONFINITE;
+    if (beta)
+        for (size_t k = 0; k < (size_t)(pl); ++k)
+            if (!isfinite((double)beta[k])) status = SYMBN_ENONFINITE;
+
+    return status;
 }
 
 int symbn_rmsnorm_backward_train_f32(const float *dy, const float *x, const float *gamma, const double *saved, float *dx, double *dgamma, double *dbeta, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count)
@@ -307,166 +687,35 @@ int symbn_rmsnorm_backward_train_f32(const float *dy, const float *x, const floa
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
     const double *const beta = NULL;
-    double *const partial = calloc((size_t)team * 1 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 2 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 1 * (size_t)groups, n_pgrad = (size_t)team * 2 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 2 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 1 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
 
-            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-            
-            double red_0;
-            {
-                double acc_0 = 0.0;
-
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = saved_invstd*x_v;
-                        (void)dy_v;
-                        acc_0 += dy_v*gamma_v*xhat_v;
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = saved_invstd*x_v;
-                            (void)dy_v;
-                            acc_0 += dy_v*gamma_v*xhat_v;
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
-                            
-                        }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
-                    }
-                }
-
-            }
-
-                red_0 = acc_0;
-            }
-            const double c_dx_v_0 = saved_invstd/m;
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = saved_invstd*x_v;
-                        const double dx_v = c_dx_v_0*(dy_v*gamma_v*m - red_0*xhat_v);
-
-                        dx[idx] = (float)dx_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = saved_invstd*x_v;
-                            const double dx_v = c_dx_v_0*(dy_v*gamma_v*m - red_0*xhat_v);
-
-                            dx[idx] = (float)dx_v;
-                        }
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const sums = malloc((1 * (size_t)groups + 1) * sizeof(double));
-    double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
-    if (!sums || !coef) {
-        free(partial);
-        free(pgrad);
-        free(sums);
-        free(coef);
-        return SYMBN_ENOMEM;
-    }
-    /* per-group coefficients of xhat, then pass 1: the reductions and the parameter gradients */
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 1 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double xhat_v = saved_invstd*x_v;
-                    (void)dy_v;
-                    mine[0 * groups + g] += dy_v*gamma_v*xhat_v;
-                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                    mine_params[1 * pl + pidx] += dy_v;
-                    
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
+                
+                double red_0;
+                {
                     double acc_0 = 0.0;
 
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -506,64 +755,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         }
                     }
 
-                    mine[0 * groups + g] += acc_0;
                 }
-            }
-        }
-    }
 
-    for (ptrdiff_t j = 0; j < 1; ++j)
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            double total = 0.0;
-            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
-            sums[j * groups + g] = total;
-        }
-
-    /* per-group coefficients of dx, then pass 2: dx */
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-        const double red_0 = sums[0 * groups + g]; (void)red_0;
-
-        const double c_dx_v_0 = saved_invstd/m;
-        coef[0 * groups + g] = c_dx_v_0;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-                    const double red_0 = sums[0 * groups + g]; (void)red_0;
-                    const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
-
-                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double xhat_v = saved_invstd*x_v;
-                    const double dx_v = c_dx_v_0*(dy_v*gamma_v*m - red_0*xhat_v);
-
-                    dx[idx] = (float)dx_v;
+                    red_0 = acc_0;
+                    sums[0 * groups + g] = red_0;
                 }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-                    const double red_0 = sums[0 * groups + g]; (void)red_0;
-                    const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
-
-                    
+                const double c_dx_v_0 = -red_0*saved_invstd/m;
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -573,7 +772,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
                             const double xhat_v = saved_invstd*x_v;
-                            const double dx_v = c_dx_v_0*(dy_v*gamma_v*m - red_0*xhat_v);
+                            const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
 
                             dx[idx] = (float)dx_v;
                         }
@@ -587,7 +786,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
                                 const double xhat_v = saved_invstd*x_v;
-                                const double dx_v = c_dx_v_0*(dy_v*gamma_v*m - red_0*xhat_v);
+                                const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
 
                                 dx[idx] = (float)dx_v;
                             }
@@ -595,12 +794,689 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(sums);
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                
+                double red_0;
+                {
+                    double acc_0 = 0.0;
+
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            (void)dy_v;
+                            acc_0 += dy_v*gamma_v*xhat_v;
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
+                            
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*x_v;
+                                (void)dy_v;
+                                acc_0 += dy_v*gamma_v*xhat_v;
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
+                    }
+
+                }
+
+                    red_0 = acc_0;
+                    sums[0 * groups + g] = red_0;
+                }
+                const double c_dx_v_0 = -red_0*saved_invstd/m;
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                            dx[idx] = (float)dx_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*x_v;
+                                const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                                dx[idx] = (float)dx_v;
+                            }
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                }
+
+                {
+                double acc_0[LANES] = {0.0};
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            (void)dy_v;
+                            acc_0[k] += dy_v*gamma_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            (void)dy_v;
+                            acc_0[k] += dy_v*gamma_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) {
+                        sums[0 * groups + q * p_count + p0 + k] = acc_0[k];
+                    }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+                    const double red_0 = sums[0 * groups + g]; (void)red_0;
+
+                    const double c_dx_v_0 = -red_0*saved_invstd/m;
+                    coef[0 * groups + g] = c_dx_v_0;
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                }
+
+                {
+                double acc_0[LANES] = {0.0};
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            (void)dy_v;
+                            acc_0[k] += dy_v*gamma_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            (void)dy_v;
+                            acc_0[k] += dy_v*gamma_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) {
+                        sums[0 * groups + q * p_count + p0 + k] = acc_0[k];
+                    }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+                    const double red_0 = sums[0 * groups + g]; (void)red_0;
+
+                    const double c_dx_v_0 = -red_0*saved_invstd/m;
+                    coef[0 * groups + g] = c_dx_v_0;
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    } else {
+    /* per-group coefficients of xhat, then pass 1: the reductions and the parameter gradients */
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*x_v;
+                        (void)dy_v;
+                        mine[0 * groups + g] += dy_v*gamma_v*xhat_v;
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*x_v;
+                                (void)dy_v;
+                                acc_0 += dy_v*gamma_v*xhat_v;
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*x_v;
+                                    (void)dy_v;
+                                    acc_0 += dy_v*gamma_v*xhat_v;
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*x_v;
+                        (void)dy_v;
+                        mine[0 * groups + g] += dy_v*gamma_v*xhat_v;
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*x_v;
+                                (void)dy_v;
+                                acc_0 += dy_v*gamma_v*xhat_v;
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*x_v;
+                                    (void)dy_v;
+                                    acc_0 += dy_v*gamma_v*xhat_v;
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+
+    for (ptrdiff_t j = 0; j < 1; ++j)
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
+            sums[j * groups + g] = total;
+        }
+
+    /* per-group coefficients of dx, then pass 2: dx */
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+    const double red_0 = sums[0 * groups + g]; (void)red_0;
+
+    const double c_dx_v_0 = -red_0*saved_invstd/m;
+    coef[0 * groups + g] = c_dx_v_0;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*x_v;
+                        const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                        dx[idx] = (float)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*x_v;
+                                const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                                dx[idx] = (float)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*x_v;
+                                    const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                                    dx[idx] = (float)dx_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*x_v;
+                        const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                        dx[idx] = (float)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*x_v;
+                                const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                                dx[idx] = (float)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*x_v;
+                                    const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                                    dx[idx] = (float)dx_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     for (ptrdiff_t k = 0; k < pl; ++k) {
         double dgamma_k = 0.0, dbeta_k = 0.0;
@@ -612,9 +1488,19 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
         if (dbeta) dbeta[k] += dbeta_k;
     }
 
+    int status = SYMBN_OK;
+    if (sums)
+        for (size_t k = 0; k < (size_t)(1 * groups); ++k)
+            if (!isfinite((double)sums[k])) status = SYMBN_ENONFINITE;
+    if (gamma)
+        for (size_t k = 0; k < (size_t)(pl); ++k)
+            if (!isfinite((double)gamma[k])) status = SYMBN_ENONFINITE;
+    if (saved)
+        for (size_t k = 0; k < (size_t)(1 * groups); ++k)
+            if (!isfinite((double)saved[k])) status = SYMBN_ENONFINITE;
+
     free(partial);
-    free(pgrad);
-    return SYMBN_OK;
+    return status;
 }
 
 int symbn_rmsnorm_forward_eval_f32(const float *x, const float *gamma, const float *beta, const double *running, float *y, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps)
@@ -624,113 +1510,31 @@ int symbn_rmsnorm_forward_eval_f32(const float *x, const float *gamma, const flo
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
-    double *const partial = calloc((size_t)team * 0 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 0 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 0 * (size_t)groups, n_pgrad = (size_t)team * 0 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 1 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 0 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_ms = running[0 * p_count + p]; (void)run_ms;
 
-            const double run_ms = running[0 * p_count + p]; (void)run_ms;
-
-            
-            const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = c_xhat_v_0*x_v;
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (float)y_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = c_xhat_v_0*x_v;
-                            const double y_v = beta_v + gamma_v*xhat_v;
-
-                            y[idx] = (float)y_v;
-                        }
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
-    if (!coef) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double run_ms = running[0 * p_count + p]; (void)run_ms;
-
-        const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
-        coef[0 * groups + g] = c_xhat_v_0;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double run_ms = running[0 * p_count + p]; (void)run_ms;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-
-                    const double x_v = (double)x[idx];
-                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double xhat_v = c_xhat_v_0*x_v;
-                    const double y_v = beta_v + gamma_v*xhat_v;
-
-                    y[idx] = (float)y_v;
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_ms = running[0 * p_count + p]; (void)run_ms;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-
-                    
+                
+                const double c_y_v_0 = 1.0/sqrt(eps + run_ms);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -739,8 +1543,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
-                            const double xhat_v = c_xhat_v_0*x_v;
-                            const double y_v = beta_v + gamma_v*xhat_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
 
                             y[idx] = (float)y_v;
                         }
@@ -753,8 +1556,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
-                                const double xhat_v = c_xhat_v_0*x_v;
-                                const double y_v = beta_v + gamma_v*xhat_v;
+                                const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
 
                                 y[idx] = (float)y_v;
                             }
@@ -762,14 +1564,326 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_ms = running[0 * p_count + p]; (void)run_ms;
+
+                
+                const double c_y_v_0 = 1.0/sqrt(eps + run_ms);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                            y[idx] = (float)y_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                                y[idx] = (float)y_v;
+                            }
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_ms = running[0 * p_count + p]; (void)run_ms;
+
+                    const double c_y_v_0 = 1.0/sqrt(eps + run_ms);
+                    coef[0 * groups + g] = c_y_v_0;
+                }
+
+                {
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                }
+
+
+                }
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_ms = running[0 * p_count + p]; (void)run_ms;
+
+                    const double c_y_v_0 = 1.0/sqrt(eps + run_ms);
+                    coef[0 * groups + g] = c_y_v_0;
+                }
+
+                {
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                            y[idx] = (float)y_v;
+                        }
+                    }
+                }
+
+
+                }
+
+            }
+        }
+
+    } else {
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double run_ms = running[0 * p_count + p]; (void)run_ms;
+
+    const double c_y_v_0 = 1.0/sqrt(eps + run_ms);
+    coef[0 * groups + g] = c_y_v_0;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                        y[idx] = (float)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                                y[idx] = (float)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                                    y[idx] = (float)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                        y[idx] = (float)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                                y[idx] = (float)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                                    y[idx] = (float)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     free(partial);
-    free(pgrad);
     return SYMBN_OK;
 }
 
@@ -780,130 +1894,33 @@ int symbn_rmsnorm_backward_eval_f32(const float *dy, const float *x, const float
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
     const double *const beta = NULL;
-    double *const partial = calloc((size_t)team * 0 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 2 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 0 * (size_t)groups, n_pgrad = (size_t)team * 2 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 2 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 0 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_ms = running[0 * p_count + p]; (void)run_ms;
 
-            const double run_ms = running[0 * p_count + p]; (void)run_ms;
-
-            
-            const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
-            const double c_dx_v_0 = 1.0/sqrt(eps + run_ms);
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = c_xhat_v_0*x_v;
-                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
-
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        dx[idx] = (float)dx_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = c_xhat_v_0*x_v;
-                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
-
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
-                            dx[idx] = (float)dx_v;
-                        }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const coef = malloc((2 * (size_t)groups + 1) * sizeof(double));
-    if (!coef) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double run_ms = running[0 * p_count + p]; (void)run_ms;
-
-        const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
-        coef[0 * groups + g] = c_xhat_v_0;
-        const double c_dx_v_0 = 1.0/sqrt(eps + run_ms);
-        coef[1 * groups + g] = c_dx_v_0;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double run_ms = running[0 * p_count + p]; (void)run_ms;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
-
-                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double xhat_v = c_xhat_v_0*x_v;
-                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
-
-                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                    mine_params[1 * pl + pidx] += dy_v;
-                    dx[idx] = (float)dx_v;
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_ms = running[0 * p_count + p]; (void)run_ms;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
-
-                    
+                
+                const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
+                const double c_dx_v_0 = 1.0/sqrt(eps + run_ms);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -944,11 +1961,402 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_ms = running[0 * p_count + p]; (void)run_ms;
+
+                
+                const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
+                const double c_dx_v_0 = 1.0/sqrt(eps + run_ms);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*x_v;
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
+                            dx[idx] = (float)dx_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = c_xhat_v_0*x_v;
+                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                dx[idx] = (float)dx_v;
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_ms = running[0 * p_count + p]; (void)run_ms;
+
+                    const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
+                    coef[0 * groups + g] = c_xhat_v_0;
+                    const double c_dx_v_0 = 1.0/sqrt(eps + run_ms);
+                    coef[1 * groups + g] = c_dx_v_0;
+                }
+
+                {
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*x_v;
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*x_v;
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                }
+
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_ms = running[0 * p_count + p]; (void)run_ms;
+
+                    const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
+                    coef[0 * groups + g] = c_xhat_v_0;
+                    const double c_dx_v_0 = 1.0/sqrt(eps + run_ms);
+                    coef[1 * groups + g] = c_dx_v_0;
+                }
+
+                {
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*x_v;
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*x_v;
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (float)dx_v;
+                        }
+                    }
+                }
+
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+
+            }
+        }
+
+    } else {
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double run_ms = running[0 * p_count + p]; (void)run_ms;
+
+    const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
+    coef[0 * groups + g] = c_xhat_v_0;
+    const double c_dx_v_0 = 1.0/sqrt(eps + run_ms);
+    coef[1 * groups + g] = c_dx_v_0;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = c_xhat_v_0*x_v;
+                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        dx[idx] = (float)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = c_xhat_v_0*x_v;
+                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                dx[idx] = (float)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = c_xhat_v_0*x_v;
+                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (float)dx_v;
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = c_xhat_v_0*x_v;
+                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        dx[idx] = (float)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = c_xhat_v_0*x_v;
+                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                dx[idx] = (float)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = c_xhat_v_0*x_v;
+                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (float)dx_v;
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     for (ptrdiff_t k = 0; k < pl; ++k) {
         double dgamma_k = 0.0, dbeta_k = 0.0;
@@ -961,7 +2369,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
     }
 
     free(partial);
-    free(pgrad);
     return SYMBN_OK;
 }
 /* ---- double ---- */
@@ -973,132 +2380,31 @@ int symbn_rmsnorm_forward_train_f64(const double *x, const double *gamma, const 
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
-    double *const partial = calloc((size_t)team * 1 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 0 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 1 * (size_t)groups, n_pgrad = (size_t)team * 0 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 0 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 0 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
-
-            double stat_ms;
-            {
-                double acc_0 = 0.0;
-
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        acc_0 += (x_v*x_v);
-                        
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-                            acc_0 += (x_v*x_v);
-                            
-                        }
-                    }
-                }
-
-            }
-
-                stat_ms = acc_0 / m;
-            }
-            stats[0 * groups + g] = stat_ms;
-            const double saved_invstd = 1.0/sqrt(eps + stat_ms);
-            saved[0 * groups + g] = saved_invstd;
-            
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = saved_invstd*x_v;
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (double)y_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = saved_invstd*x_v;
-                            const double y_v = beta_v + gamma_v*xhat_v;
-
-                            y[idx] = (double)y_v;
-                        }
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const coef = malloc((0 * (size_t)groups + 1) * sizeof(double));
-    if (!coef) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
-    /* pass 1: stat_ms, the mean over each group */
-    for (size_t k = 0; k < (size_t)team * (size_t)groups; ++k) partial[k] = 0.0;
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 1 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    (void)g;
-                    const double x_v = (double)x[idx];
-                    mine[0 * groups + g] += (x_v*x_v);
-                    
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    (void)g;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                double stat_ms;
+                {
                     double acc_0 = 0.0;
 
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -1122,61 +2428,16 @@ int symbn_rmsnorm_forward_train_f64(const double *x, const double *gamma, const 
                         }
                     }
 
-                    mine[0 * groups + g] += acc_0;
                 }
-            }
-        }
-    }
 
-    for (ptrdiff_t j = 0; j < 1; ++j)
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            double total = 0.0;
-            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
-            (stats + 0 * groups)[j * groups + g] = total / m;
-        }
-
-    for (ptrdiff_t g = 0; g < groups; ++g) {
-        const double stat_ms = stats[0 * groups + g];
-        const double saved_invstd = 1.0/sqrt(eps + stat_ms);
-        saved[0 * groups + g] = saved_invstd;
-    }
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-                    const double x_v = (double)x[idx];
-                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double xhat_v = saved_invstd*x_v;
-                    const double y_v = beta_v + gamma_v*xhat_v;
-
-                    y[idx] = (double)y_v;
+                    stat_ms = acc_0 / m;
                 }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-                    
+                stats[0 * groups + g] = stat_ms;
+                const double saved_invstd = 1.0/sqrt(eps + stat_ms);
+                saved[0 * groups + g] = saved_invstd;
+                
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -1185,8 +2446,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
-                            const double xhat_v = saved_invstd*x_v;
-                            const double y_v = beta_v + gamma_v*xhat_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*x_v;
 
                             y[idx] = (double)y_v;
                         }
@@ -1199,8 +2459,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
-                                const double xhat_v = saved_invstd*x_v;
-                                const double y_v = beta_v + gamma_v*xhat_v;
+                                const double y_v = beta_v + gamma_v*saved_invstd*x_v;
 
                                 y[idx] = (double)y_v;
                             }
@@ -1208,15 +2467,540 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                double stat_ms;
+                {
+                    double acc_0 = 0.0;
+
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+                            acc_0 += (x_v*x_v);
+                            
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                acc_0 += (x_v*x_v);
+                                
+                            }
+                        }
+                    }
+
+                }
+
+                    stat_ms = acc_0 / m;
+                }
+                stats[0 * groups + g] = stat_ms;
+                const double saved_invstd = 1.0/sqrt(eps + stat_ms);
+                saved[0 * groups + g] = saved_invstd;
+                
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                            y[idx] = (double)y_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                                y[idx] = (double)y_v;
+                            }
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                {
+                double acc_0[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += (x_v*x_v);
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += (x_v*x_v);
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) stats[0 * groups + q * p_count + p0 + k] = acc_0[k] / m;
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double stat_ms = stats[0 * groups + g];
+                    const double saved_invstd = 1.0/sqrt(eps + stat_ms);
+                    saved[0 * groups + g] = saved_invstd;
+
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                {
+                double acc_0[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += (x_v*x_v);
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            
+                            const double x_v = (double)x[idx];
+                            acc_0[k] += (x_v*x_v);
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) stats[0 * groups + q * p_count + p0 + k] = acc_0[k] / m;
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double stat_ms = stats[0 * groups + g];
+                    const double saved_invstd = 1.0/sqrt(eps + stat_ms);
+                    saved[0 * groups + g] = saved_invstd;
+
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    } else {
+    /* pass 1: stat_ms, the mean over each group */
+    for (size_t k = 0; k < (size_t)team * (size_t)groups; ++k) partial[k] = 0.0;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        
+                        const double x_v = (double)x[idx];
+                        mine[0 * groups + g] += (x_v*x_v);
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                acc_0 += (x_v*x_v);
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += (x_v*x_v);
+                                    
+                                }
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        
+                        const double x_v = (double)x[idx];
+                        mine[0 * groups + g] += (x_v*x_v);
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                acc_0 += (x_v*x_v);
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += (x_v*x_v);
+                                    
+                                }
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+
+    for (ptrdiff_t j = 0; j < 1; ++j)
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
+            (stats + 0 * groups)[j * groups + g] = total / m;
+        }
+
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double stat_ms = stats[0 * groups + g];
+    const double saved_invstd = 1.0/sqrt(eps + stat_ms);
+    saved[0 * groups + g] = saved_invstd;
+
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                        y[idx] = (double)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                                y[idx] = (double)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                                    y[idx] = (double)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                        y[idx] = (double)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                                y[idx] = (double)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double y_v = beta_v + gamma_v*saved_invstd*x_v;
+
+                                    y[idx] = (double)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     free(partial);
-    free(pgrad);
-    return SYMBN_OK;
+    int status = SYMBN_OK;
+    if (stats)
+        for (size_t k = 0; k < (size_t)(1 * groups); ++k)
+            if (!isfinite((double)stats[k])) status = SYMBN_ENONFINITE;
+    if (gamma)
+        for (size_t k = 0; k < (size_t)(pl); ++k)
+            if (!isfinite((double)gamma[k])) status = SYMBN_ENONFINITE;
+    if (beta)
+        for (size_t k = 0; k < (size_t)(pl); ++k)
+            if (!isfinite((double)beta[k])) status = SYMBN_ENONFINITE;
+
+    return status;
 }
 
 int symbn_rmsnorm_backward_train_f64(const double *dy, const double *x, const double *gamma, const double *saved, double *dx, double *dgamma, double *dbeta, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count)
@@ -1226,166 +3010,35 @@ int symbn_rmsnorm_backward_train_f64(const double *dy, const double *x, const do
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
     const double *const beta = NULL;
-    double *const partial = calloc((size_t)team * 1 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 2 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 1 * (size_t)groups, n_pgrad = (size_t)team * 2 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 2 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 1 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
 
-            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-            
-            double red_0;
-            {
-                double acc_0 = 0.0;
-
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = saved_invstd*x_v;
-                        (void)dy_v;
-                        acc_0 += dy_v*gamma_v*xhat_v;
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = saved_invstd*x_v;
-                            (void)dy_v;
-                            acc_0 += dy_v*gamma_v*xhat_v;
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
-                            
-                        }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
-                    }
-                }
-
-            }
-
-                red_0 = acc_0;
-            }
-            const double c_dx_v_0 = saved_invstd/m;
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = saved_invstd*x_v;
-                        const double dx_v = c_dx_v_0*(dy_v*gamma_v*m - red_0*xhat_v);
-
-                        dx[idx] = (double)dx_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = saved_invstd*x_v;
-                            const double dx_v = c_dx_v_0*(dy_v*gamma_v*m - red_0*xhat_v);
-
-                            dx[idx] = (double)dx_v;
-                        }
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const sums = malloc((1 * (size_t)groups + 1) * sizeof(double));
-    double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
-    if (!sums || !coef) {
-        free(partial);
-        free(pgrad);
-        free(sums);
-        free(coef);
-        return SYMBN_ENOMEM;
-    }
-    /* per-group coefficients of xhat, then pass 1: the reductions and the parameter gradients */
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 1 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double xhat_v = saved_invstd*x_v;
-                    (void)dy_v;
-                    mine[0 * groups + g] += dy_v*gamma_v*xhat_v;
-                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                    mine_params[1 * pl + pidx] += dy_v;
-                    
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
+                
+                double red_0;
+                {
                     double acc_0 = 0.0;
 
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd reduction(+:acc_0))
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -1425,64 +3078,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         }
                     }
 
-                    mine[0 * groups + g] += acc_0;
                 }
-            }
-        }
-    }
 
-    for (ptrdiff_t j = 0; j < 1; ++j)
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            double total = 0.0;
-            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
-            sums[j * groups + g] = total;
-        }
-
-    /* per-group coefficients of dx, then pass 2: dx */
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-        const double red_0 = sums[0 * groups + g]; (void)red_0;
-
-        const double c_dx_v_0 = saved_invstd/m;
-        coef[0 * groups + g] = c_dx_v_0;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-                    const double red_0 = sums[0 * groups + g]; (void)red_0;
-                    const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
-
-                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double xhat_v = saved_invstd*x_v;
-                    const double dx_v = c_dx_v_0*(dy_v*gamma_v*m - red_0*xhat_v);
-
-                    dx[idx] = (double)dx_v;
+                    red_0 = acc_0;
+                    sums[0 * groups + g] = red_0;
                 }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-                    const double red_0 = sums[0 * groups + g]; (void)red_0;
-                    const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
-
-                    
+                const double c_dx_v_0 = -red_0*saved_invstd/m;
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -1492,7 +3095,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
                             const double xhat_v = saved_invstd*x_v;
-                            const double dx_v = c_dx_v_0*(dy_v*gamma_v*m - red_0*xhat_v);
+                            const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
 
                             dx[idx] = (double)dx_v;
                         }
@@ -1506,7 +3109,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
                                 const double xhat_v = saved_invstd*x_v;
-                                const double dx_v = c_dx_v_0*(dy_v*gamma_v*m - red_0*xhat_v);
+                                const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
 
                                 dx[idx] = (double)dx_v;
                             }
@@ -1514,12 +3117,689 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(sums);
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                
+                double red_0;
+                {
+                    double acc_0 = 0.0;
+
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            (void)dy_v;
+                            acc_0 += dy_v*gamma_v*xhat_v;
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
+                            
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*x_v;
+                                (void)dy_v;
+                                acc_0 += dy_v*gamma_v*xhat_v;
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
+                    }
+
+                }
+
+                    red_0 = acc_0;
+                    sums[0 * groups + g] = red_0;
+                }
+                const double c_dx_v_0 = -red_0*saved_invstd/m;
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                            dx[idx] = (double)dx_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*x_v;
+                                const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                                dx[idx] = (double)dx_v;
+                            }
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                }
+
+                {
+                double acc_0[LANES] = {0.0};
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            (void)dy_v;
+                            acc_0[k] += dy_v*gamma_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            (void)dy_v;
+                            acc_0[k] += dy_v*gamma_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) {
+                        sums[0 * groups + q * p_count + p0 + k] = acc_0[k];
+                    }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+                    const double red_0 = sums[0 * groups + g]; (void)red_0;
+
+                    const double c_dx_v_0 = -red_0*saved_invstd/m;
+                    coef[0 * groups + g] = c_dx_v_0;
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                }
+
+                {
+                double acc_0[LANES] = {0.0};
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            (void)dy_v;
+                            acc_0[k] += dy_v*gamma_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            (void)dy_v;
+                            acc_0[k] += dy_v*gamma_v*xhat_v;
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            
+                        }
+                    }
+                }
+
+                    for (ptrdiff_t k = 0; k < width; ++k) {
+                        sums[0 * groups + q * p_count + p0 + k] = acc_0[k];
+                    }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+                    const double red_0 = sums[0 * groups + g]; (void)red_0;
+
+                    const double c_dx_v_0 = -red_0*saved_invstd/m;
+                    coef[0 * groups + g] = c_dx_v_0;
+                }
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+                            const double red_0 = sums[0 * groups + g]; (void)red_0;
+                            const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = saved_invstd*x_v;
+                            const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                }
+
+
+            }
+        }
+
+    } else {
+    /* per-group coefficients of xhat, then pass 1: the reductions and the parameter gradients */
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*x_v;
+                        (void)dy_v;
+                        mine[0 * groups + g] += dy_v*gamma_v*xhat_v;
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*x_v;
+                                (void)dy_v;
+                                acc_0 += dy_v*gamma_v*xhat_v;
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*x_v;
+                                    (void)dy_v;
+                                    acc_0 += dy_v*gamma_v*xhat_v;
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 1 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*x_v;
+                        (void)dy_v;
+                        mine[0 * groups + g] += dy_v*gamma_v*xhat_v;
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+
+                        double acc_0 = 0.0;
+
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*x_v;
+                                (void)dy_v;
+                                acc_0 += dy_v*gamma_v*xhat_v;
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*x_v;
+                                    (void)dy_v;
+                                    acc_0 += dy_v*gamma_v*xhat_v;
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                        mine[0 * groups + g] += acc_0;
+                    }
+                }
+            }
+        }
+
+
+    for (ptrdiff_t j = 0; j < 1; ++j)
+        for (ptrdiff_t g = 0; g < groups; ++g) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += partial[((size_t)t * 1 + (size_t)j) * (size_t)groups + (size_t)g];
+            sums[j * groups + g] = total;
+        }
+
+    /* per-group coefficients of dx, then pass 2: dx */
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+    const double red_0 = sums[0 * groups + g]; (void)red_0;
+
+    const double c_dx_v_0 = -red_0*saved_invstd/m;
+    coef[0 * groups + g] = c_dx_v_0;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*x_v;
+                        const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                        dx[idx] = (double)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*x_v;
+                                const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                                dx[idx] = (double)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*x_v;
+                                    const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                                    dx[idx] = (double)dx_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = saved_invstd*x_v;
+                        const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                        dx[idx] = (double)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
+                        const double red_0 = sums[0 * groups + g]; (void)red_0;
+                        const double c_dx_v_0 = coef[0 * groups + g]; (void)c_dx_v_0;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = saved_invstd*x_v;
+                                const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                                dx[idx] = (double)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*x_v;
+                                    const double dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd;
+
+                                    dx[idx] = (double)dx_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     for (ptrdiff_t k = 0; k < pl; ++k) {
         double dgamma_k = 0.0, dbeta_k = 0.0;
@@ -1531,9 +3811,19 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
         if (dbeta) dbeta[k] += dbeta_k;
     }
 
+    int status = SYMBN_OK;
+    if (sums)
+        for (size_t k = 0; k < (size_t)(1 * groups); ++k)
+            if (!isfinite((double)sums[k])) status = SYMBN_ENONFINITE;
+    if (gamma)
+        for (size_t k = 0; k < (size_t)(pl); ++k)
+            if (!isfinite((double)gamma[k])) status = SYMBN_ENONFINITE;
+    if (saved)
+        for (size_t k = 0; k < (size_t)(1 * groups); ++k)
+            if (!isfinite((double)saved[k])) status = SYMBN_ENONFINITE;
+
     free(partial);
-    free(pgrad);
-    return SYMBN_OK;
+    return status;
 }
 
 int symbn_rmsnorm_forward_eval_f64(const double *x, const double *gamma, const double *beta, const double *running, double *y, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps)
@@ -1543,113 +3833,31 @@ int symbn_rmsnorm_forward_eval_f64(const double *x, const double *gamma, const d
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
-    double *const partial = calloc((size_t)team * 0 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 0 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 0 * (size_t)groups, n_pgrad = (size_t)team * 0 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 1 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 0 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_ms = running[0 * p_count + p]; (void)run_ms;
 
-            const double run_ms = running[0 * p_count + p]; (void)run_ms;
-
-            
-            const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = c_xhat_v_0*x_v;
-                        const double y_v = beta_v + gamma_v*xhat_v;
-
-                        y[idx] = (double)y_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = c_xhat_v_0*x_v;
-                            const double y_v = beta_v + gamma_v*xhat_v;
-
-                            y[idx] = (double)y_v;
-                        }
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const coef = malloc((1 * (size_t)groups + 1) * sizeof(double));
-    if (!coef) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double run_ms = running[0 * p_count + p]; (void)run_ms;
-
-        const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
-        coef[0 * groups + g] = c_xhat_v_0;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double run_ms = running[0 * p_count + p]; (void)run_ms;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-
-                    const double x_v = (double)x[idx];
-                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double xhat_v = c_xhat_v_0*x_v;
-                    const double y_v = beta_v + gamma_v*xhat_v;
-
-                    y[idx] = (double)y_v;
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_ms = running[0 * p_count + p]; (void)run_ms;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-
-                    
+                
+                const double c_y_v_0 = 1.0/sqrt(eps + run_ms);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -1658,8 +3866,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                             (void)gamma_v; (void)beta_v;
-                            const double xhat_v = c_xhat_v_0*x_v;
-                            const double y_v = beta_v + gamma_v*xhat_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
 
                             y[idx] = (double)y_v;
                         }
@@ -1672,8 +3879,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
-                                const double xhat_v = c_xhat_v_0*x_v;
-                                const double y_v = beta_v + gamma_v*xhat_v;
+                                const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
 
                                 y[idx] = (double)y_v;
                             }
@@ -1681,14 +3887,326 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_ms = running[0 * p_count + p]; (void)run_ms;
+
+                
+                const double c_y_v_0 = 1.0/sqrt(eps + run_ms);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                            y[idx] = (double)y_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                                y[idx] = (double)y_v;
+                            }
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_ms = running[0 * p_count + p]; (void)run_ms;
+
+                    const double c_y_v_0 = 1.0/sqrt(eps + run_ms);
+                    coef[0 * groups + g] = c_y_v_0;
+                }
+
+                {
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                }
+
+
+                }
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_ms = running[0 * p_count + p]; (void)run_ms;
+
+                    const double c_y_v_0 = 1.0/sqrt(eps + run_ms);
+                    coef[0 * groups + g] = c_y_v_0;
+                }
+
+                {
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                            const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                            const double x_v = (double)x[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                            y[idx] = (double)y_v;
+                        }
+                    }
+                }
+
+
+                }
+
+            }
+        }
+
+    } else {
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double run_ms = running[0 * p_count + p]; (void)run_ms;
+
+    const double c_y_v_0 = 1.0/sqrt(eps + run_ms);
+    coef[0 * groups + g] = c_y_v_0;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                        y[idx] = (double)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                                y[idx] = (double)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                                    y[idx] = (double)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                        const double x_v = (double)x[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                        y[idx] = (double)y_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                        const double c_y_v_0 = coef[0 * groups + g]; (void)c_y_v_0;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                                y[idx] = (double)y_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double y_v = beta_v + c_y_v_0*gamma_v*x_v;
+
+                                    y[idx] = (double)y_v;
+                                }
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     free(partial);
-    free(pgrad);
     return SYMBN_OK;
 }
 
@@ -1699,130 +4217,33 @@ int symbn_rmsnorm_backward_eval_f64(const double *dy, const double *x, const dou
     const ptrdiff_t ls = l_count * s_count, groups = q_count * p_count, units = outer * q_count, pl = p_count * l_count;
     const double m = (double)outer * (double)ls;
     const int team = team_size(units * p_count * ls);
-    (void)m; (void)pl;
+    const ptrdiff_t blocks = (p_count + LANES - 1) / LANES;
+    const int in_blocks = ls == 1 && q_count * blocks >= team && units * p_count <= SMALL;
+    (void)m; (void)pl; (void)in_blocks;
 
     const double *const beta = NULL;
-    double *const partial = calloc((size_t)team * 0 * (size_t)groups + 1, sizeof(double));
-    double *const pgrad = calloc((size_t)team * 2 * (size_t)pl + 1, sizeof(double));
-    if (!partial || !pgrad) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
+    const size_t n_partial = (size_t)team * 0 * (size_t)groups, n_pgrad = (size_t)team * 2 * (size_t)pl;
+    double *const partial = calloc(n_partial + n_pgrad + 2 * (size_t)groups + 1, sizeof(double));
+    if (!partial) return SYMBN_ENOMEM;
+    double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 0 * groups;
+    (void)sums; (void)coef;
 
     if (ls >= LONG_RUN && groups >= team) {
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
-        (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t g = 0; g < groups; ++g) {
-            const ptrdiff_t p = g % p_count, q = g / p_count;
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_ms = running[0 * p_count + p]; (void)run_ms;
 
-            const double run_ms = running[0 * p_count + p]; (void)run_ms;
-
-            
-            const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
-            const double c_dx_v_0 = 1.0/sqrt(eps + run_ms);
-            for (ptrdiff_t n = 0; n < outer; ++n) {
-                const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
-                if (s_count == 1) {
-                    SYMBN_PRAGMA(omp simd)
-                    for (ptrdiff_t l = 0; l < ls; ++l) {
-                        const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                        (void)pidx;
-                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                        (void)gamma_v; (void)beta_v;
-                        const double xhat_v = c_xhat_v_0*x_v;
-                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
-
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
-                        dx[idx] = (double)dx_v;
-                    }
-                } else {
-                    for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                        const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                        (void)pidx;
-                        double pacc_0 = 0.0;
-                        double pacc_1 = 0.0;
-                        SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                        for (ptrdiff_t s = 0; s < s_count; ++s) {
-                            const ptrdiff_t idx = base + s;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = c_xhat_v_0*x_v;
-                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
-
-                            pacc_0 += dy_v*xhat_v;
-                            pacc_1 += dy_v;
-                            dx[idx] = (double)dx_v;
-                        }
-                        mine_params[0 * pl + pidx] += pacc_0;
-                        mine_params[1 * pl + pidx] += pacc_1;
-                    }
-                }
-
-            }
-
-        }
-    }
-    } else {
-    double *const coef = malloc((2 * (size_t)groups + 1) * sizeof(double));
-    if (!coef) {
-        free(partial);
-        free(pgrad);
-        return SYMBN_ENOMEM;
-    }
-for (ptrdiff_t g = 0; g < groups; ++g) {
-        const ptrdiff_t p = g % p_count;
-        (void)p;
-        const double run_ms = running[0 * p_count + p]; (void)run_ms;
-
-        const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
-        coef[0 * groups + g] = c_xhat_v_0;
-        const double c_dx_v_0 = 1.0/sqrt(eps + run_ms);
-        coef[1 * groups + g] = c_dx_v_0;
-    }
-
-    SYMBN_PRAGMA(omp parallel num_threads(team))
-    {
-        const int t = thread_id();
-        double *const mine = partial + (size_t)t * 0 * (size_t)groups;
-        double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
-        (void)mine; (void)mine_params;
-        SYMBN_PRAGMA(omp for schedule(static))
-        for (ptrdiff_t u = 0; u < units; ++u) {
-            const ptrdiff_t q = u % q_count;
-            if (ls == 1) {
-                SYMBN_PRAGMA(omp simd)
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
-                    (void)idx; (void)pidx;
-                    const double run_ms = running[0 * p_count + p]; (void)run_ms;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
-
-                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                    const double xhat_v = c_xhat_v_0*x_v;
-                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
-
-                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                    mine_params[1 * pl + pidx] += dy_v;
-                    dx[idx] = (double)dx_v;
-                }
-            } else {
-                for (ptrdiff_t p = 0; p < p_count; ++p) {
-                    const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
-                    const double run_ms = running[0 * p_count + p]; (void)run_ms;
-                    const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
-                    const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
-
-                    
+                
+                const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
+                const double c_dx_v_0 = 1.0/sqrt(eps + run_ms);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
                         for (ptrdiff_t l = 0; l < ls; ++l) {
@@ -1863,11 +4284,402 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                     }
 
                 }
+
+
             }
         }
-    }
 
-    free(coef);
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t g = 0; g < groups; ++g) {
+                const ptrdiff_t p = g % p_count, q = g / p_count;
+                const double run_ms = running[0 * p_count + p]; (void)run_ms;
+
+                
+                const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
+                const double c_dx_v_0 = 1.0/sqrt(eps + run_ms);
+                for (ptrdiff_t n = 0; n < outer; ++n) {
+                    const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
+                    if (s_count == 1) {
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t l = 0; l < ls; ++l) {
+                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            (void)pidx;
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*x_v;
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                            mine_params[1 * pl + pidx] += dy_v;
+                            dx[idx] = (double)dx_v;
+                        }
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                            (void)pidx;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                            for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                const ptrdiff_t idx = base + s;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = c_xhat_v_0*x_v;
+                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                pacc_0 += dy_v*xhat_v;
+                                pacc_1 += dy_v;
+                                dx[idx] = (double)dx_v;
+                            }
+                            mine_params[0 * pl + pidx] += pacc_0;
+                            mine_params[1 * pl + pidx] += pacc_1;
+                        }
+                    }
+
+                }
+
+
+            }
+        }
+
+    } else if (in_blocks) {
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_ms = running[0 * p_count + p]; (void)run_ms;
+
+                    const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
+                    coef[0 * groups + g] = c_xhat_v_0;
+                    const double c_dx_v_0 = 1.0/sqrt(eps + run_ms);
+                    coef[1 * groups + g] = c_dx_v_0;
+                }
+
+                {
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*x_v;
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*x_v;
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                }
+
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+
+            }
+        }
+
+    else
+        {
+            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
+                const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
+                    (void)p;
+                    const double run_ms = running[0 * p_count + p]; (void)run_ms;
+
+                    const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
+                    coef[0 * groups + g] = c_xhat_v_0;
+                    const double c_dx_v_0 = 1.0/sqrt(eps + run_ms);
+                    coef[1 * groups + g] = c_dx_v_0;
+                }
+
+                {
+                double pacc_0[LANES] = {0.0};
+                double pacc_1[LANES] = {0.0};
+
+                if (width == LANES) {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < LANES; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*x_v;
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                } else {
+                    for (ptrdiff_t n = 0; n < outer; ++n) {
+                        const ptrdiff_t row = (n * q_count + q) * p_count + p0;
+                        SYMBN_PRAGMA(omp simd)
+                        for (ptrdiff_t k = 0; k < width; ++k) {
+                            const ptrdiff_t p = p0 + k, g = q * p_count + p, idx = row + k, pidx = p;
+                            (void)g; (void)pidx;
+                            const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                            const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                            const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                            (void)gamma_v; (void)beta_v;
+                            const double xhat_v = c_xhat_v_0*x_v;
+                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                            pacc_0[k] += dy_v*xhat_v;
+                            pacc_1[k] += dy_v;
+                            dx[idx] = (double)dx_v;
+                        }
+                    }
+                }
+
+                for (ptrdiff_t k = 0; k < width; ++k) {
+                    mine_params[0 * pl + p0 + k] += pacc_0[k];
+                    mine_params[1 * pl + p0 + k] += pacc_1[k];
+                }
+
+                }
+
+            }
+        }
+
+    } else {
+for (ptrdiff_t g = 0; g < groups; ++g) {
+    const ptrdiff_t p = g % p_count;
+    (void)p;
+    const double run_ms = running[0 * p_count + p]; (void)run_ms;
+
+    const double c_xhat_v_0 = 1.0/sqrt(eps + run_ms);
+    coef[0 * groups + g] = c_xhat_v_0;
+    const double c_dx_v_0 = 1.0/sqrt(eps + run_ms);
+    coef[1 * groups + g] = c_dx_v_0;
+}
+
+    if (team > 1)
+        SYMBN_PRAGMA(omp parallel num_threads(team))
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = c_xhat_v_0*x_v;
+                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        dx[idx] = (double)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = c_xhat_v_0*x_v;
+                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                dx[idx] = (double)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = c_xhat_v_0*x_v;
+                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (double)dx_v;
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+    else
+        {
+            const int t = thread_id();
+            double *const mine = partial + (size_t)t * 0 * (size_t)groups;
+            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            (void)mine; (void)mine_params;
+            SYMBN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t u = 0; u < units; ++u) {
+                const ptrdiff_t q = u % q_count;
+                if (ls == 1) {
+                    SYMBN_PRAGMA(omp simd)
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
+                        (void)idx; (void)pidx;
+                        const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                        (void)gamma_v; (void)beta_v;
+                        const double xhat_v = c_xhat_v_0*x_v;
+                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                        mine_params[1 * pl + pidx] += dy_v;
+                        dx[idx] = (double)dx_v;
+                    }
+                } else {
+                    for (ptrdiff_t p = 0; p < p_count; ++p) {
+                        const ptrdiff_t g = q * p_count + p, row = (u * p_count + p) * ls;
+                        const double run_ms = running[0 * p_count + p]; (void)run_ms;
+                        const double c_xhat_v_0 = coef[0 * groups + g]; (void)c_xhat_v_0;
+                        const double c_dx_v_0 = coef[1 * groups + g]; (void)c_dx_v_0;
+
+                        
+                        if (s_count == 1) {
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t l = 0; l < ls; ++l) {
+                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                                (void)pidx;
+                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                (void)gamma_v; (void)beta_v;
+                                const double xhat_v = c_xhat_v_0*x_v;
+                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+                                dx[idx] = (double)dx_v;
+                            }
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
+                                (void)pidx;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
+                                for (ptrdiff_t s = 0; s < s_count; ++s) {
+                                    const ptrdiff_t idx = base + s;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = c_xhat_v_0*x_v;
+                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (double)dx_v;
+                                }
+                                mine_params[0 * pl + pidx] += pacc_0;
+                                mine_params[1 * pl + pidx] += pacc_1;
+                            }
+                        }
+
+                    }
+                }
+            }
+        }
+
+
     }
     for (ptrdiff_t k = 0; k < pl; ++k) {
         double dgamma_k = 0.0, dbeta_k = 0.0;
@@ -1880,6 +4692,5 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
     }
 
     free(partial);
-    free(pgrad);
     return SYMBN_OK;
 }

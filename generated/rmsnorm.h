@@ -17,13 +17,17 @@
  * running: 1 x p_count doubles, [statistic][p]
  * gamma and beta may be NULL (1 and 0); dgamma and dbeta may be NULL (not computed) and
  * are accumulated into (+=), in double precision.
- * Every function returns SYMBN_OK, or an error code and writes nothing. Compiled with OpenMP,
+ * Every function returns SYMBN_OK or an error code: on SYMBN_ENULL, SYMBN_ESIZE and SYMBN_ENOMEM
+ * it writes nothing; the training kernels return SYMBN_ENONFINITE when an input held NaN or
+ * infinity (found from their sums over x and dy, and by reading gamma, beta and saved), or a sum
+ * overflowed: the outputs are then written but meaningless. Compiled with OpenMP,
  * they split the work over threads (all available, or set_num_threads(n); 0 restores the default).
  */
 #define SYMBN_OK 0
 #define SYMBN_ENULL 1
 #define SYMBN_ESIZE 2
 #define SYMBN_ENOMEM 3
+#define SYMBN_ENONFINITE 4
 
 #define SYMBN_RMSNORM_NSTATS 1
 #define SYMBN_RMSNORM_NSAVED 1

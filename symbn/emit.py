@@ -72,7 +72,7 @@ def _printed(p: KernelPlan, printer) -> dict:
         "running_locals": [f"run_{s}" for s in p.stat_names],
         "stats": [code(a) for a in p.stats], "saved": [code(a) for a in p.saved],
         "reductions": [code(a) for a in p.reductions], "running": [code(a) for a in p.running],
-        "xhat": step(p.xhat), "y": step(p.y), "dx": step(p.dx), "xhat_eval": step(p.xhat_eval), "dx_eval": step(p.dx_eval),
+        "xhat": step(p.xhat), "y": step(p.y), "dx": step(p.dx), "y_eval": step(p.y_eval), "dx_eval": step(p.dx_eval),
         **{name: printer.doprint(getattr(p, name)) for name in ("dgamma", "dbeta", "dgamma_eval", "dbeta_eval")},
         "dtypes": DTYPES,
     }

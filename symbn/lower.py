@@ -51,13 +51,13 @@ class KernelPlan:
     element_affine: bool
     stats: tuple[Assign, ...]        # stat = mean over the group of expr(x_v, earlier stats)
     saved: tuple[Assign, ...]        # what the forward keeps for the backward, from stats and eps
-    xhat: Pass                       # x_v, saved -> xhat_v
-    y: Pass                          # xhat_v, gamma_v, beta_v -> y
+    xhat: Pass                       # x_v, saved -> xhat_v (the reductions' pass)
+    y: Pass                          # x_v, saved, gamma_v, beta_v -> y_v
     reductions: tuple[Assign, ...]   # red_j = sum over the group of expr(dy_v, xhat_v, gamma_v)
-    dx: Pass                         # -> dx
+    dx: Pass                         # x_v, dy_v, saved, reductions -> dx_v
     dgamma: sp.Expr                  # each element's contribution to dl/dgamma
     dbeta: sp.Expr
-    xhat_eval: Pass                  # x_v, running statistics, eps -> xhat_v
+    y_eval: Pass                     # x_v, running statistics, eps -> y_v
     dx_eval: Pass
     dgamma_eval: sp.Expr
     dbeta_eval: sp.Expr
@@ -97,21 +97,25 @@ def plan(norm: str | Norm) -> KernelPlan:
     to_running = _renaming(inference, "run_")
     inference_compact = {name: expr.xreplace(to_running) for name, expr in inference.compact.items()}
     xhat_eval = next(s.definition for s in inference.forward if s.name == "xhat").xreplace(to_running)
+    xhat = hoist("xhat_v", _in_saved(xhat_def, to_saved), group_level)
+    dgamma_eval, dbeta_eval = (_contribution(inference_compact[name]) for name in ("gamma", "beta"))
+    collected = group_level - {X}  # dx in x_v's coordinate xhat_v, never expanded in x_v itself
     return KernelPlan(
         norm=norm,
         element_affine=element_affine,
         stats=stats,
         saved=saved,
-        xhat=hoist("xhat_v", _in_saved(xhat_def, to_saved), group_level),
-        y=hoist("y_v", y_def, group_level),
+        xhat=xhat,
+        y=hoist("y_v", y_def.xreplace({XHAT: _in_saved(xhat_def, to_saved)}), group_level),
         reductions=reductions,
-        dx=hoist("dx_v", dx, group_level),
+        dx=after(xhat, hoist("dx_v", dx, group_level, collected)),
         dgamma=_contribution(compact["gamma"]),
         dbeta=_contribution(compact["beta"]),
-        xhat_eval=hoist("xhat_v", xhat_eval, group_level),
-        dx_eval=hoist("dx_v", inference_compact["x"], group_level),
-        dgamma_eval=_contribution(inference_compact["gamma"]),
-        dbeta_eval=_contribution(inference_compact["beta"]),
+        y_eval=hoist("y_v", y_def.xreplace({XHAT: xhat_eval}), group_level),
+        dx_eval=after(hoist("xhat_v", xhat_eval, group_level), hoist("dx_v", inference_compact["x"], group_level, collected),
+                      dgamma_eval, dbeta_eval),
+        dgamma_eval=dgamma_eval,
+        dbeta_eval=dbeta_eval,
         running=tuple(_running(name, name in norm.unbiased) for name in norm.stat_names),
     )
 
@@ -180,11 +184,15 @@ def _running(name: str, unbiased: bool) -> Assign:
     return Assign(f"run_{name}", (1 - MOMENTUM) * old + MOMENTUM * batch)
 
 
-def hoist(result: str, expr: sp.Expr, varying: set[sp.Symbol]) -> Pass:
+def hoist(result: str, expr: sp.Expr, varying: set[sp.Symbol], collect: set[sp.Symbol] = frozenset()) -> Pass:
     """Loop-invariant code motion, then common subexpressions.
 
     Every maximal part of ``expr`` free of the ``varying`` symbols becomes a per-group
-    coefficient ``c_j``; what is left is shared out with ``sympy.cse`` into ``t_j``."""
+    coefficient ``c_j``; what is left is shared out with ``sympy.cse`` into ``t_j``. When
+    ``expr`` is a polynomial in the ``collect`` symbols it is first written as a sum of
+    coefficient times monomial, so that each coefficient is hoisted whole (batch norm's dx
+    becomes c0·dy + c1·x̂ + c2: two multiply-adds per element). A negative factor is moved
+    into the difference it multiplies (-a·(b - x) is a·(x - b)): no negation per element."""
     group: list[Assign] = []
 
     def invariant(part: sp.Expr) -> sp.Expr:
@@ -199,13 +207,49 @@ def hoist(result: str, expr: sp.Expr, varying: set[sp.Symbol]) -> Pass:
     def split(e: sp.Expr) -> sp.Expr:
         if not (e.free_symbols & varying):
             return invariant(e)
+        if isinstance(e, sp.Mul):
+            e = _sign_inside(e, varying)
         if isinstance(e, (sp.Add, sp.Mul)):
             fixed = [a for a in e.args if not (a.free_symbols & varying)]
             moving = [split(a) for a in e.args if a.free_symbols & varying]
             return e.func(invariant(e.func(*fixed)), *moving) if fixed else e.func(*moving)
         return e.func(*(split(a) for a in e.args)) if e.args else e
 
-    lifted = split(expr)
-    temporaries, (final,) = sp.cse([lifted], symbols=sp.numbered_symbols(f"t_{result}_", real=True), optimizations="basic")
+    lifted = split(_collected(expr, collect & expr.free_symbols))
+    temporaries, (final,) = sp.cse([lifted], symbols=sp.numbered_symbols(f"t_{result}_", real=True))
     element = [Assign(str(t), e) for t, e in temporaries] + [Assign(result, final)]
     return Pass(tuple(group), tuple(element))
+
+
+def _sign_inside(product: sp.Mul, varying: set[sp.Symbol]) -> sp.Expr:
+    """-a·(b - x) as a·(x - b): a negative factor moved into a difference that varies."""
+    coefficient, factors = product.as_coeff_mul()
+    difference = next((f for f in factors if isinstance(f, sp.Add) and f.free_symbols & varying), None)
+    if coefficient >= 0 or difference is None:
+        return product
+    return sp.Mul(-coefficient, *(-f if f is difference else f for f in factors))
+
+
+def _collected(expr: sp.Expr, symbols: set[sp.Symbol]) -> sp.Expr:
+    """``expr`` as Σ coefficient·monomial in ``symbols`` when it is a polynomial in them, else as it is.
+    The coefficients are kept unevaluated products, so that each is one hoistable part."""
+    if not symbols:
+        return expr
+    try:
+        poly = sp.Poly(expr, *sorted(symbols, key=sp.default_sort_key))
+    except sp.PolynomialError:
+        return expr
+    if any(c.free_symbols & symbols for c in poly.coeffs()):
+        return expr
+    monomials = [(sp.factor_terms(c), sp.Mul(*(g**k for g, k in zip(poly.gens, powers)))) for powers, c in poly.terms()]
+    terms = [c if m == 1 else sp.Mul(c, m, evaluate=False) for c, m in monomials]
+    return sp.Add(*terms, evaluate=False)
+
+
+def after(first: Pass, then: Pass, *also: sp.Expr) -> Pass:
+    """``then`` as a self-contained pass: preceded by ``first`` when it, or one of the expressions
+    ``also`` evaluated in the same loop, uses ``first``'s result."""
+    needed = sp.Symbol(first.element[-1].name, real=True)
+    if not any(e.has(needed) for e in (*(a.expr for a in then.element), *also)):
+        return then
+    return Pass(first.group + then.group, first.element + then.element)
