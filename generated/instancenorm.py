@@ -160,14 +160,19 @@ def _view(a, geo):
 
 
 def _param(a, geo, default):
-    return default if a is None else a.reshape(1, 1, geo.p, geo.l, 1).astype(numpy.float64)
+    return default if a is None else a.reshape(1, 1, geo.p, geo.l, 1)
 
 
 def _param_grad(contribution, shape):
-    return numpy.broadcast_to(contribution, shape).sum(axis=(0, 1, 4)).reshape(-1)
+    return numpy.broadcast_to(contribution, shape).sum(axis=(0, 1, 4), dtype=numpy.float64).reshape(-1)
 
 
-_BLOCK = 1 << 16  # elements per block: the float64 temporaries of a block stay in cache
+def _working(group, dtype):
+    """The per-group values (float64) as the element passes use them: in the input's precision."""
+    return {name: value.astype(dtype, copy=False) for name, value in group.items()}
+
+
+_BLOCK = 1 << 16  # elements per block: the temporaries of a block stay in cache
 
 
 def _blocks(geo):
@@ -208,13 +213,18 @@ def _numpy_forward_train(x, gamma, beta, eps, geo, y, stats, saved):
     stat_var = group["stat_var"]
     group["saved_mean"] = saved_mean = numpy.broadcast_to(stat_mean, (1, geo.q, geo.p, 1, 1))
     group["saved_invstd"] = saved_invstd = numpy.broadcast_to(1/numpy.sqrt(eps + stat_var), (1, geo.q, geo.p, 1, 1))
-    group["c_y_v_0"] = c_y_v_0 = numpy.broadcast_to(gamma_v*saved_invstd, (1, geo.q, geo.p, 1, 1))
+    shift = saved_mean.astype(x.dtype)
+    group["shift"] = shift
+    group["c_y_v_0"] = c_y_v_0 = numpy.broadcast_to(-saved_mean + shift, (1, geo.q, geo.p, 1, 1))
+    group["c_y_v_1"] = c_y_v_1 = numpy.broadcast_to(gamma_v*saved_invstd, (1, geo.q, geo.p, 1, 1))
+    work = _working(group, x.dtype)
     for block, part in _blocks(geo):
-        x_v = xv[block].astype(numpy.float64)
-        saved_mean = group["saved_mean"][part]
-        saved_invstd = group["saved_invstd"][part]
-        c_y_v_0 = group["c_y_v_0"][part]
-        y_v = beta_v + c_y_v_0*(-saved_mean + x_v)
+        x_v = xv[block] - work["shift"][part]
+        saved_mean = work["saved_mean"][part]
+        saved_invstd = work["saved_invstd"][part]
+        c_y_v_0 = work["c_y_v_0"][part]
+        c_y_v_1 = work["c_y_v_1"][part]
+        y_v = beta_v + c_y_v_1*(c_y_v_0 + x_v)
         yv[block] = y_v
     stats[0] = group["stat_mean"][0, :, :, 0, 0]
     stats[1] = group["stat_var"][0, :, :, 0, 0]
@@ -229,34 +239,47 @@ def _numpy_backward_train(dy, x, gamma, saved, geo, dx, dgamma, dbeta):
     group = dict(zip(['saved_mean', 'saved_invstd'], (v.reshape(1, geo.q, geo.p, 1, 1) for v in saved)))
     saved_mean = group["saved_mean"]
     saved_invstd = group["saved_invstd"]
+    shift = saved_mean.astype(x.dtype)
+    group["shift"] = shift
+    group["c_xhat_v_0"] = c_xhat_v_0 = numpy.broadcast_to(-saved_mean + shift, (1, geo.q, geo.p, 1, 1))
     totals = [_group_sum(geo) for _ in range(2)]
+    work = _working(group, x.dtype)
     for block, part in _blocks(geo):
-        x_v, dy_v = xv[block].astype(numpy.float64), dyv[block].astype(numpy.float64)
-        saved_mean = group["saved_mean"][part]
-        saved_invstd = group["saved_invstd"][part]
-        xhat_v = saved_invstd*(-saved_mean + x_v)
-        totals[0][part] += numpy.sum(dy_v, axis=_MEMBERS, keepdims=True)
-        totals[1][part] += numpy.sum(dy_v*xhat_v, axis=_MEMBERS, keepdims=True)
-        dgamma += _param_grad(dy_v*xhat_v, x_v.shape)
-        dbeta += _param_grad(dy_v, x_v.shape)
+        x_v = xv[block] - work["shift"][part]
+        dy_v = dyv[block]
+        saved_mean = work["saved_mean"][part]
+        saved_invstd = work["saved_invstd"][part]
+        c_xhat_v_0 = work["c_xhat_v_0"][part]
+        xhat_v = saved_invstd*(c_xhat_v_0 + x_v)
+        totals[0][part] += numpy.sum(dy_v, axis=_MEMBERS, keepdims=True, dtype=numpy.float64)
+        totals[1][part] += numpy.sum(dy_v*xhat_v, axis=_MEMBERS, keepdims=True, dtype=numpy.float64)
+        if geo.l > 1:
+            dgamma += _param_grad(dy_v*xhat_v, x_v.shape)
+        if geo.l > 1:
+            dbeta += _param_grad(dy_v, x_v.shape)
+    if geo.l == 1:  # one parameter per group: its gradient is that group's reduction, summed over q
+        dgamma += totals[1].sum(axis=(0, 1, 3, 4))
+    if geo.l == 1:  # one parameter per group: its gradient is that group's reduction, summed over q
+        dbeta += totals[0].sum(axis=(0, 1, 3, 4))
     group["red_0"] = red_0 = totals[0]
     group["red_1"] = red_1 = totals[1]
     saved_mean = group["saved_mean"]
     saved_invstd = group["saved_invstd"]
-    group["c_dx_v_0"] = c_dx_v_0 = numpy.broadcast_to(gamma_v*saved_invstd, (1, geo.q, geo.p, 1, 1))
-    group["c_dx_v_1"] = c_dx_v_1 = numpy.broadcast_to(-gamma_v*red_1*saved_invstd/m, (1, geo.q, geo.p, 1, 1))
-    group["c_dx_v_2"] = c_dx_v_2 = numpy.broadcast_to(-gamma_v*red_0*saved_invstd/m, (1, geo.q, geo.p, 1, 1))
+    c_xhat_v_0 = group["c_xhat_v_0"]
+    group["c_xhat_v_0"] = c_xhat_v_0 = numpy.broadcast_to(-saved_mean + shift, (1, geo.q, geo.p, 1, 1))
+    group["c_dx_v_0"] = c_dx_v_0 = numpy.broadcast_to(gamma_v*saved_invstd/m, (1, geo.q, geo.p, 1, 1))
+    work = _working(group, x.dtype)
     for block, part in _blocks(geo):
-        x_v, dy_v = xv[block].astype(numpy.float64), dyv[block].astype(numpy.float64)
-        saved_mean = group["saved_mean"][part]
-        saved_invstd = group["saved_invstd"][part]
-        red_0 = group["red_0"][part]
-        red_1 = group["red_1"][part]
-        c_dx_v_0 = group["c_dx_v_0"][part]
-        c_dx_v_1 = group["c_dx_v_1"][part]
-        c_dx_v_2 = group["c_dx_v_2"][part]
-        xhat_v = saved_invstd*(-saved_mean + x_v)
-        dx_v = c_dx_v_0*dy_v + c_dx_v_1*xhat_v + c_dx_v_2
+        x_v = xv[block] - work["shift"][part]
+        dy_v = dyv[block]
+        saved_mean = work["saved_mean"][part]
+        saved_invstd = work["saved_invstd"][part]
+        c_xhat_v_0 = work["c_xhat_v_0"][part]
+        red_0 = work["red_0"][part]
+        red_1 = work["red_1"][part]
+        c_dx_v_0 = work["c_dx_v_0"][part]
+        xhat_v = saved_invstd*(c_xhat_v_0 + x_v)
+        dx_v = c_dx_v_0*(dy_v*m - red_0 - red_1*xhat_v)
         dxv[block] = dx_v
 
 
@@ -314,12 +337,12 @@ def _bind(library):
 _NONFINITE = 4  # SYMBN_ENONFINITE: the kernel's sums over its inputs are not finite
 
 
-def _call(function, inputs, *args):
-    """Run a C kernel. ``inputs()`` gives its (name, array) pairs, searched for the culprit only
+def _call(function, names, inputs, *args):
+    """Run a C kernel. Its ``inputs`` (arrays called ``names``) are searched for the culprit only
     when the kernel reports NaN or infinity: the common case pays for no extra pass."""
     status = function(*args)
     if status == _NONFINITE:
-        nonfinite(inputs())
+        nonfinite(zip(names, inputs))
     if status:
         raise RuntimeError(f"{function.__name__} failed with status {status}")
 
@@ -369,14 +392,14 @@ class Kernels:
         y = numpy.empty_like(x) if y is None else y
         block = numpy.empty((len(STATS) + len(SAVED), geo.q, geo.p))
         stats, saved = block[:len(STATS)], block[len(STATS):]
-        inputs = lambda: (("x", x), ("gamma", gamma), ("beta", beta))  # noqa: E731
+        names, inputs = ("x", "gamma", "beta"), (x, gamma, beta)
         if self._c is None:
             with numpy.errstate(all="ignore"):  # NaN and infinity are reported below, as for C
                 _numpy_forward_train(x, gamma, beta, eps, geo, y, stats, saved)
-            finite_sums(stats, inputs())
+            finite_sums(stats, zip(names, inputs))
         else:
             at = _pointer(block)
-            _call(self._c["forward_train", x.dtype], inputs, _pointer(x), _pointer(gamma), _pointer(beta), _pointer(y),
+            _call(self._c["forward_train", x.dtype], names, inputs, _pointer(x), _pointer(gamma), _pointer(beta), _pointer(y),
                   at, at + 8 * len(STATS) * geo.q * geo.p, geo.outer, geo.q, geo.p, geo.l, geo.s, eps)
         return y, stats, saved
 
@@ -386,14 +409,14 @@ class Kernels:
         dy = array("dy", dy, x.dtype, x.shape, finite=False)
         saved = saved_block((mean, invstd,), geo, "saved" in self._unchecked)
         dx, grads = output("out", out, x), numpy.zeros((2, geo.p * geo.l))
-        inputs = lambda: (("x", x), ("dy", dy), ("gamma", gamma), *zip(SAVED, saved))  # noqa: E731
+        names, inputs = ("x", "dy", "gamma", *SAVED), (x, dy, gamma, *saved)
         if self._c is None:
             with numpy.errstate(all="ignore"):  # NaN and infinity are reported below, as for C
                 _numpy_backward_train(dy, x, gamma, saved, geo, dx, grads[0], grads[1])
-            finite_sums(grads, inputs())
+            finite_sums(grads, zip(names, inputs))
         else:
             at = _pointer(grads)
-            _call(self._c["backward_train", x.dtype], inputs, _pointer(dy), _pointer(x), _pointer(gamma), _pointer(saved),
+            _call(self._c["backward_train", x.dtype], names, inputs, _pointer(dy), _pointer(x), _pointer(gamma), _pointer(saved),
                   _pointer(dx), at, at + 8 * geo.p * geo.l, geo.outer, geo.q, geo.p, geo.l, geo.s)
         return (dx, *grads.astype(x.dtype).reshape((2, *geo.param_shape)))
 
@@ -407,7 +430,7 @@ class Kernels:
             with numpy.errstate(all="ignore"):  # NaN and infinity are reported below, as for C
                 _numpy_eval("forward", None, x, gamma, beta, running, eps, geo, y)
         else:
-            _call(self._c["forward_eval", x.dtype], tuple, _pointer(x), _pointer(gamma), _pointer(beta), _pointer(running),
+            _call(self._c["forward_eval", x.dtype], (), (), _pointer(x), _pointer(gamma), _pointer(beta), _pointer(running),
                   _pointer(y), geo.outer, geo.q, geo.p, geo.l, geo.s, eps)
         return y
 
@@ -422,7 +445,7 @@ class Kernels:
             with numpy.errstate(all="ignore"):  # NaN and infinity are reported below, as for C
                 _numpy_eval("backward", dy, x, gamma, None, running, eps, geo, dx, dgamma, dbeta)
         else:
-            _call(self._c["backward_eval", x.dtype], tuple, _pointer(dy), _pointer(x), _pointer(gamma), _pointer(running),
+            _call(self._c["backward_eval", x.dtype], (), (), _pointer(dy), _pointer(x), _pointer(gamma), _pointer(running),
                   _pointer(dx), _pointer(dgamma), _pointer(dbeta), geo.outer, geo.q, geo.p, geo.l, geo.s, eps)
         finite_sums((dgamma, dbeta), (("x", x), ("dy", dy)))
         return dx, dgamma.astype(x.dtype).reshape(geo.param_shape), dbeta.astype(x.dtype).reshape(geo.param_shape)

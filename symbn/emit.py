@@ -44,11 +44,12 @@ class NumPyKernelPrinter(NumPyPrinter):
 class Backend:
     printer: type
     templates: dict[str, str]  # output file name (with {norm}) -> template
+    frame: bool                # element passes in the input's precision: see lower.plan
 
 
 BACKENDS = {
-    "numpy": Backend(NumPyKernelPrinter, {"{norm}.py": "numpy/kernels.py.j2"}),
-    "c": Backend(CKernelPrinter, {"{norm}.c": "c/kernels.c.j2", "{norm}.h": "c/kernels.h.j2"}),
+    "numpy": Backend(NumPyKernelPrinter, {"{norm}.py": "numpy/kernels.py.j2"}, frame=True),
+    "c": Backend(CKernelPrinter, {"{norm}.c": "c/kernels.c.j2", "{norm}.h": "c/kernels.h.j2"}, frame=False),
 }
 DTYPES = ({"c": "float", "suffix": "f32", "numpy": "float32"}, {"c": "double", "suffix": "f64", "numpy": "float64"})
 
@@ -74,7 +75,8 @@ def _printed(p: KernelPlan, printer) -> dict:
         "reductions": [code(a) for a in p.reductions], "running": [code(a) for a in p.running],
         "xhat": step(p.xhat), "y": step(p.y), "dx": step(p.dx), "y_eval": step(p.y_eval), "dx_eval": step(p.dx_eval),
         **{name: printer.doprint(getattr(p, name)) for name in ("dgamma", "dbeta", "dgamma_eval", "dbeta_eval")},
-        "dtypes": DTYPES,
+        "dtypes": DTYPES, "shift": p.shift,
+        "param_reductions": {name: p.reduction_of(getattr(p, name)) for name in ("dgamma", "dbeta")},
     }
 
 
@@ -86,12 +88,11 @@ def header(template: str, norm: str) -> str:
 def sources(norm: str | Norm, backends: tuple[str, ...] = tuple(BACKENDS)) -> dict[str, str]:
     """File name -> source text of every kernel file for ``norm``."""
     norm = resolve(norm)
-    kernel_plan = plan(norm)
     env = environment("code")
     out = {}
     for name in backends:
         backend = BACKENDS[name]
-        context = _printed(kernel_plan, backend.printer())
+        context = _printed(plan(norm, backend.frame), backend.printer())
         for filename, template in backend.templates.items():
             out[filename.format(norm=norm.name)] = env.get_template(template).render(header=header(template, norm.name), **context)
     return out

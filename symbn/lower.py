@@ -18,6 +18,7 @@ from .spec import Norm, resolve
 from .sums import I, K, M
 
 X, DY, XHAT, GAMMA, BETA = sp.symbols("x_v dy_v xhat_v gamma_v beta_v", real=True)
+SHIFT = sp.Symbol("shift", real=True)  # per group: the mean rounded to the working precision
 MOMENTUM = sp.Symbol("momentum", positive=True)
 EPS = sp.Symbol("eps", positive=True)
 COUNT = sp.Symbol("m", positive=True)
@@ -62,18 +63,30 @@ class KernelPlan:
     dgamma_eval: sp.Expr
     dbeta_eval: sp.Expr
     running: tuple[Assign, ...]      # run_<stat> after one step, PyTorch's momentum rule
+    shift: str | None = None         # the saved mean: xhat, y and dx take x_v - shift (see plan's frame)
 
     @property
     def stat_names(self) -> tuple[str, ...]:
         return self.norm.stat_names
+
+    def reduction_of(self, contribution: sp.Expr) -> int | None:
+        """The reduction whose summand is this parameter-gradient contribution, if any: where the
+        parameters are one per group, that gradient is the reduction summed over q."""
+        return next((j for j, r in enumerate(self.reductions) if r.expr == contribution), None)
 
     @property
     def saved_names(self) -> tuple[str, ...]:
         return tuple(a.name.removeprefix("saved_") for a in self.saved)
 
 
-def plan(norm: str | Norm) -> KernelPlan:
-    """Lower both modes of ``norm`` into one kernel plan."""
+def plan(norm: str | Norm, frame: bool = False) -> KernelPlan:
+    """Lower both modes of ``norm`` into one kernel plan.
+
+    ``frame``: for kernels whose element passes run in the input's precision (float32 NumPy), x_v
+    in the training passes is measured from ``shift``, the group mean rounded to that precision:
+    x_v - shift is exact or nearly so, and the rest of the offset (shift - mean, small) is a
+    per-group coefficient computed in double. Without it, x_v - mean would lose every digit the
+    mean carries beyond float32 (1e4 + noise: a relative error of 1e-3 in xhat)."""
     norm = resolve(norm)
     train, inference = derive(norm, "train"), derive(norm, "eval")
     element_affine = norm.affine == ELEMENT
@@ -97,16 +110,21 @@ def plan(norm: str | Norm) -> KernelPlan:
     to_running = _renaming(inference, "run_")
     inference_compact = {name: expr.xreplace(to_running) for name, expr in inference.compact.items()}
     xhat_eval = next(s.definition for s in inference.forward if s.name == "xhat").xreplace(to_running)
-    xhat = hoist("xhat_v", _in_saved(xhat_def, to_saved), group_level)
+    mean = next((a for a in saved if a.expr in {s.symbol for s in stats if s.expr == X}), None)
+    shift = mean.name if frame and mean is not None else None
+    into_frame = {X: X + SHIFT} if shift else {}
+    xhat = hoist("xhat_v", _in_saved(xhat_def, to_saved).xreplace(into_frame), group_level)
     dgamma_eval, dbeta_eval = (_contribution(inference_compact[name]) for name in ("gamma", "beta"))
-    collected = group_level - {X}  # dx in x_v's coordinate xhat_v, never expanded in x_v itself
+    # dx as c0·dy + c1·xhat + c2 (in x_v's coordinate xhat_v, never expanded in x_v itself) in double;
+    # in the input's precision the factored form, whose differences cancel exactly when they should
+    collected = set() if shift else group_level - {X}
     return KernelPlan(
         norm=norm,
         element_affine=element_affine,
         stats=stats,
         saved=saved,
         xhat=xhat,
-        y=hoist("y_v", y_def.xreplace({XHAT: _in_saved(xhat_def, to_saved)}), group_level),
+        y=hoist("y_v", y_def.xreplace({XHAT: _in_saved(xhat_def, to_saved)}).xreplace(into_frame), group_level),
         reductions=reductions,
         dx=after(xhat, hoist("dx_v", dx, group_level, collected)),
         dgamma=_contribution(compact["gamma"]),
@@ -117,6 +135,7 @@ def plan(norm: str | Norm) -> KernelPlan:
         dgamma_eval=dgamma_eval,
         dbeta_eval=dbeta_eval,
         running=tuple(_running(name, name in norm.unbiased) for name in norm.stat_names),
+        shift=shift,
     )
 
 
