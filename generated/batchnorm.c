@@ -989,7 +989,7 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
     (void)m; (void)pl; (void)in_blocks;
 
     const double *const beta = NULL;
-    const size_t n_partial = (size_t)team * 2 * (size_t)groups, n_pgrad = (size_t)team * 2 * (size_t)pl;
+    const size_t n_partial = (size_t)team * 2 * (size_t)groups, n_pgrad = (size_t)team * 0 * (size_t)pl;
     double *const partial = calloc(n_partial + n_pgrad + 5 * (size_t)groups + 1, sizeof(double));
     if (!partial) return SYMBN_ENOMEM;
     double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 2 * groups;
@@ -999,7 +999,7 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
     if (team > 1)
         SYMBN_PRAGMA(omp parallel num_threads(team))
         {
-            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
             (void)mine_params;
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t g = 0; g < groups; ++g) {
@@ -1028,17 +1028,13 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
                             (void)dy_v;
                             acc_0 += dy_v;
                             acc_1 += dy_v*xhat_v;
-                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                            mine_params[1 * pl + pidx] += dy_v;
                             
                         }
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
                             const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
                             (void)pidx;
-                            double pacc_0 = 0.0;
-                            double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
                             for (ptrdiff_t s = 0; s < s_count; ++s) {
                                 const ptrdiff_t idx = base + s;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
@@ -1047,12 +1043,8 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
                                 (void)dy_v;
                                 acc_0 += dy_v;
                                 acc_1 += dy_v*xhat_v;
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
                                 
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
                         }
                     }
 
@@ -1104,7 +1096,7 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
 
     else
         {
-            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
             (void)mine_params;
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t g = 0; g < groups; ++g) {
@@ -1133,17 +1125,13 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
                             (void)dy_v;
                             acc_0 += dy_v;
                             acc_1 += dy_v*xhat_v;
-                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                            mine_params[1 * pl + pidx] += dy_v;
                             
                         }
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
                             const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
                             (void)pidx;
-                            double pacc_0 = 0.0;
-                            double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
                             for (ptrdiff_t s = 0; s < s_count; ++s) {
                                 const ptrdiff_t idx = base + s;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
@@ -1152,12 +1140,8 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
                                 (void)dy_v;
                                 acc_0 += dy_v;
                                 acc_1 += dy_v*xhat_v;
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
                                 
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
                         }
                     }
 
@@ -1211,7 +1195,7 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
     if (team > 1)
         SYMBN_PRAGMA(omp parallel num_threads(team))
         {
-            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
             (void)mine_params;
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
@@ -1228,8 +1212,6 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
                 {
                 double acc_0[LANES] = {0.0};
                 double acc_1[LANES] = {0.0};
-                double pacc_0[LANES] = {0.0};
-                double pacc_1[LANES] = {0.0};
 
                 if (width == LANES) {
                     for (ptrdiff_t n = 0; n < outer; ++n) {
@@ -1248,8 +1230,6 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
                             (void)dy_v;
                             acc_0[k] += dy_v;
                             acc_1[k] += dy_v*xhat_v;
-                            pacc_0[k] += dy_v*xhat_v;
-                            pacc_1[k] += dy_v;
                             
                         }
                     }
@@ -1270,8 +1250,6 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
                             (void)dy_v;
                             acc_0[k] += dy_v;
                             acc_1[k] += dy_v*xhat_v;
-                            pacc_0[k] += dy_v*xhat_v;
-                            pacc_1[k] += dy_v;
                             
                         }
                     }
@@ -1281,10 +1259,6 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
                         sums[0 * groups + q * p_count + p0 + k] = acc_0[k];
                         sums[1 * groups + q * p_count + p0 + k] = acc_1[k];
                     }
-                for (ptrdiff_t k = 0; k < width; ++k) {
-                    mine_params[0 * pl + p0 + k] += pacc_0[k];
-                    mine_params[1 * pl + p0 + k] += pacc_1[k];
-                }
 
                 }
                 for (ptrdiff_t k = 0; k < width; ++k) {
@@ -1360,7 +1334,7 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
 
     else
         {
-            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
             (void)mine_params;
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
@@ -1377,8 +1351,6 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
                 {
                 double acc_0[LANES] = {0.0};
                 double acc_1[LANES] = {0.0};
-                double pacc_0[LANES] = {0.0};
-                double pacc_1[LANES] = {0.0};
 
                 if (width == LANES) {
                     for (ptrdiff_t n = 0; n < outer; ++n) {
@@ -1397,8 +1369,6 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
                             (void)dy_v;
                             acc_0[k] += dy_v;
                             acc_1[k] += dy_v*xhat_v;
-                            pacc_0[k] += dy_v*xhat_v;
-                            pacc_1[k] += dy_v;
                             
                         }
                     }
@@ -1419,8 +1389,6 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
                             (void)dy_v;
                             acc_0[k] += dy_v;
                             acc_1[k] += dy_v*xhat_v;
-                            pacc_0[k] += dy_v*xhat_v;
-                            pacc_1[k] += dy_v;
                             
                         }
                     }
@@ -1430,10 +1398,6 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
                         sums[0 * groups + q * p_count + p0 + k] = acc_0[k];
                         sums[1 * groups + q * p_count + p0 + k] = acc_1[k];
                     }
-                for (ptrdiff_t k = 0; k < width; ++k) {
-                    mine_params[0 * pl + p0 + k] += pacc_0[k];
-                    mine_params[1 * pl + p0 + k] += pacc_1[k];
-                }
 
                 }
                 for (ptrdiff_t k = 0; k < width; ++k) {
@@ -1523,7 +1487,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
         {
             const int t = thread_id();
             double *const mine = partial + (size_t)t * 2 * (size_t)groups;
-            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
             (void)mine; (void)mine_params;
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t u = 0; u < units; ++u) {
@@ -1543,8 +1507,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         (void)dy_v;
                         mine[0 * groups + g] += dy_v;
                         mine[1 * groups + g] += dy_v*xhat_v;
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
                         
                     }
                 } else {
@@ -1568,17 +1530,13 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 (void)dy_v;
                                 acc_0 += dy_v;
                                 acc_1 += dy_v*xhat_v;
-                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                                mine_params[1 * pl + pidx] += dy_v;
                                 
                             }
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
                                 const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
                                 (void)pidx;
-                                double pacc_0 = 0.0;
-                                double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
                                 for (ptrdiff_t s = 0; s < s_count; ++s) {
                                     const ptrdiff_t idx = base + s;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
@@ -1587,12 +1545,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                     (void)dy_v;
                                     acc_0 += dy_v;
                                     acc_1 += dy_v*xhat_v;
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
                                     
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
                             }
                         }
 
@@ -1607,7 +1561,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
         {
             const int t = thread_id();
             double *const mine = partial + (size_t)t * 2 * (size_t)groups;
-            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
             (void)mine; (void)mine_params;
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t u = 0; u < units; ++u) {
@@ -1627,8 +1581,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         (void)dy_v;
                         mine[0 * groups + g] += dy_v;
                         mine[1 * groups + g] += dy_v*xhat_v;
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
                         
                     }
                 } else {
@@ -1652,17 +1604,13 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 (void)dy_v;
                                 acc_0 += dy_v;
                                 acc_1 += dy_v*xhat_v;
-                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                                mine_params[1 * pl + pidx] += dy_v;
                                 
                             }
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
                                 const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
                                 (void)pidx;
-                                double pacc_0 = 0.0;
-                                double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
                                 for (ptrdiff_t s = 0; s < s_count; ++s) {
                                     const ptrdiff_t idx = base + s;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
@@ -1671,12 +1619,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                     (void)dy_v;
                                     acc_0 += dy_v;
                                     acc_1 += dy_v*xhat_v;
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
                                     
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
                             }
                         }
 
@@ -1868,15 +1812,18 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
 
     }
-    for (ptrdiff_t k = 0; k < pl; ++k) {
-        double dgamma_k = 0.0, dbeta_k = 0.0;
-        for (int t = 0; t < team; ++t) {
-            dgamma_k += pgrad[((size_t)t * 2) * (size_t)pl + (size_t)k];
-            dbeta_k += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
+    if (dgamma)
+        for (ptrdiff_t p = 0; p < p_count; ++p) {
+            double total = 0.0;
+            for (ptrdiff_t q = 0; q < q_count; ++q) total += sums[1 * groups + q * p_count + p];
+            dgamma[p] += total;
         }
-        if (dgamma) dgamma[k] += dgamma_k;
-        if (dbeta) dbeta[k] += dbeta_k;
-    }
+    if (dbeta)
+        for (ptrdiff_t p = 0; p < p_count; ++p) {
+            double total = 0.0;
+            for (ptrdiff_t q = 0; q < q_count; ++q) total += sums[0 * groups + q * p_count + p];
+            dbeta[p] += total;
+        }
 
     int status = SYMBN_OK;
     if (sums)
@@ -2772,15 +2719,18 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
 
     }
-    for (ptrdiff_t k = 0; k < pl; ++k) {
-        double dgamma_k = 0.0, dbeta_k = 0.0;
-        for (int t = 0; t < team; ++t) {
-            dgamma_k += pgrad[((size_t)t * 2) * (size_t)pl + (size_t)k];
-            dbeta_k += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
+    if (dgamma)
+        for (ptrdiff_t k = 0; k < pl; ++k) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += pgrad[((size_t)t * 2 + 0) * (size_t)pl + (size_t)k];
+            dgamma[k] += total;
         }
-        if (dgamma) dgamma[k] += dgamma_k;
-        if (dbeta) dbeta[k] += dbeta_k;
-    }
+    if (dbeta)
+        for (ptrdiff_t k = 0; k < pl; ++k) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
+            dbeta[k] += total;
+        }
 
     free(partial);
     return SYMBN_OK;
@@ -3726,7 +3676,7 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
     (void)m; (void)pl; (void)in_blocks;
 
     const double *const beta = NULL;
-    const size_t n_partial = (size_t)team * 2 * (size_t)groups, n_pgrad = (size_t)team * 2 * (size_t)pl;
+    const size_t n_partial = (size_t)team * 2 * (size_t)groups, n_pgrad = (size_t)team * 0 * (size_t)pl;
     double *const partial = calloc(n_partial + n_pgrad + 5 * (size_t)groups + 1, sizeof(double));
     if (!partial) return SYMBN_ENOMEM;
     double *const pgrad = partial + n_partial, *const sums = pgrad + n_pgrad, *const coef = sums + 2 * groups;
@@ -3736,7 +3686,7 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
     if (team > 1)
         SYMBN_PRAGMA(omp parallel num_threads(team))
         {
-            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
             (void)mine_params;
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t g = 0; g < groups; ++g) {
@@ -3765,17 +3715,13 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
                             (void)dy_v;
                             acc_0 += dy_v;
                             acc_1 += dy_v*xhat_v;
-                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                            mine_params[1 * pl + pidx] += dy_v;
                             
                         }
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
                             const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
                             (void)pidx;
-                            double pacc_0 = 0.0;
-                            double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
                             for (ptrdiff_t s = 0; s < s_count; ++s) {
                                 const ptrdiff_t idx = base + s;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
@@ -3784,12 +3730,8 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
                                 (void)dy_v;
                                 acc_0 += dy_v;
                                 acc_1 += dy_v*xhat_v;
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
                                 
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
                         }
                     }
 
@@ -3841,7 +3783,7 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
 
     else
         {
-            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
             (void)mine_params;
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t g = 0; g < groups; ++g) {
@@ -3870,17 +3812,13 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
                             (void)dy_v;
                             acc_0 += dy_v;
                             acc_1 += dy_v*xhat_v;
-                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                            mine_params[1 * pl + pidx] += dy_v;
                             
                         }
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
                             const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
                             (void)pidx;
-                            double pacc_0 = 0.0;
-                            double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
                             for (ptrdiff_t s = 0; s < s_count; ++s) {
                                 const ptrdiff_t idx = base + s;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
@@ -3889,12 +3827,8 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
                                 (void)dy_v;
                                 acc_0 += dy_v;
                                 acc_1 += dy_v*xhat_v;
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
                                 
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
                         }
                     }
 
@@ -3948,7 +3882,7 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
     if (team > 1)
         SYMBN_PRAGMA(omp parallel num_threads(team))
         {
-            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
             (void)mine_params;
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
@@ -3965,8 +3899,6 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
                 {
                 double acc_0[LANES] = {0.0};
                 double acc_1[LANES] = {0.0};
-                double pacc_0[LANES] = {0.0};
-                double pacc_1[LANES] = {0.0};
 
                 if (width == LANES) {
                     for (ptrdiff_t n = 0; n < outer; ++n) {
@@ -3985,8 +3917,6 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
                             (void)dy_v;
                             acc_0[k] += dy_v;
                             acc_1[k] += dy_v*xhat_v;
-                            pacc_0[k] += dy_v*xhat_v;
-                            pacc_1[k] += dy_v;
                             
                         }
                     }
@@ -4007,8 +3937,6 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
                             (void)dy_v;
                             acc_0[k] += dy_v;
                             acc_1[k] += dy_v*xhat_v;
-                            pacc_0[k] += dy_v*xhat_v;
-                            pacc_1[k] += dy_v;
                             
                         }
                     }
@@ -4018,10 +3946,6 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
                         sums[0 * groups + q * p_count + p0 + k] = acc_0[k];
                         sums[1 * groups + q * p_count + p0 + k] = acc_1[k];
                     }
-                for (ptrdiff_t k = 0; k < width; ++k) {
-                    mine_params[0 * pl + p0 + k] += pacc_0[k];
-                    mine_params[1 * pl + p0 + k] += pacc_1[k];
-                }
 
                 }
                 for (ptrdiff_t k = 0; k < width; ++k) {
@@ -4097,7 +4021,7 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
 
     else
         {
-            double *const mine_params = pgrad + (size_t)thread_id() * 2 * (size_t)pl;
+            double *const mine_params = pgrad + (size_t)thread_id() * 0 * (size_t)pl;
             (void)mine_params;
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
@@ -4114,8 +4038,6 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
                 {
                 double acc_0[LANES] = {0.0};
                 double acc_1[LANES] = {0.0};
-                double pacc_0[LANES] = {0.0};
-                double pacc_1[LANES] = {0.0};
 
                 if (width == LANES) {
                     for (ptrdiff_t n = 0; n < outer; ++n) {
@@ -4134,8 +4056,6 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
                             (void)dy_v;
                             acc_0[k] += dy_v;
                             acc_1[k] += dy_v*xhat_v;
-                            pacc_0[k] += dy_v*xhat_v;
-                            pacc_1[k] += dy_v;
                             
                         }
                     }
@@ -4156,8 +4076,6 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
                             (void)dy_v;
                             acc_0[k] += dy_v;
                             acc_1[k] += dy_v*xhat_v;
-                            pacc_0[k] += dy_v*xhat_v;
-                            pacc_1[k] += dy_v;
                             
                         }
                     }
@@ -4167,10 +4085,6 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
                         sums[0 * groups + q * p_count + p0 + k] = acc_0[k];
                         sums[1 * groups + q * p_count + p0 + k] = acc_1[k];
                     }
-                for (ptrdiff_t k = 0; k < width; ++k) {
-                    mine_params[0 * pl + p0 + k] += pacc_0[k];
-                    mine_params[1 * pl + p0 + k] += pacc_1[k];
-                }
 
                 }
                 for (ptrdiff_t k = 0; k < width; ++k) {
@@ -4260,7 +4174,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
         {
             const int t = thread_id();
             double *const mine = partial + (size_t)t * 2 * (size_t)groups;
-            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
             (void)mine; (void)mine_params;
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t u = 0; u < units; ++u) {
@@ -4280,8 +4194,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         (void)dy_v;
                         mine[0 * groups + g] += dy_v;
                         mine[1 * groups + g] += dy_v*xhat_v;
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
                         
                     }
                 } else {
@@ -4305,17 +4217,13 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 (void)dy_v;
                                 acc_0 += dy_v;
                                 acc_1 += dy_v*xhat_v;
-                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                                mine_params[1 * pl + pidx] += dy_v;
                                 
                             }
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
                                 const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
                                 (void)pidx;
-                                double pacc_0 = 0.0;
-                                double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
                                 for (ptrdiff_t s = 0; s < s_count; ++s) {
                                     const ptrdiff_t idx = base + s;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
@@ -4324,12 +4232,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                     (void)dy_v;
                                     acc_0 += dy_v;
                                     acc_1 += dy_v*xhat_v;
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
                                     
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
                             }
                         }
 
@@ -4344,7 +4248,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
         {
             const int t = thread_id();
             double *const mine = partial + (size_t)t * 2 * (size_t)groups;
-            double *const mine_params = pgrad + (size_t)t * 2 * (size_t)pl;
+            double *const mine_params = pgrad + (size_t)t * 0 * (size_t)pl;
             (void)mine; (void)mine_params;
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t u = 0; u < units; ++u) {
@@ -4364,8 +4268,6 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         (void)dy_v;
                         mine[0 * groups + g] += dy_v;
                         mine[1 * groups + g] += dy_v*xhat_v;
-                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                        mine_params[1 * pl + pidx] += dy_v;
                         
                     }
                 } else {
@@ -4389,17 +4291,13 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 (void)dy_v;
                                 acc_0 += dy_v;
                                 acc_1 += dy_v*xhat_v;
-                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                                mine_params[1 * pl + pidx] += dy_v;
                                 
                             }
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
                                 const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
                                 (void)pidx;
-                                double pacc_0 = 0.0;
-                                double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
+                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
                                 for (ptrdiff_t s = 0; s < s_count; ++s) {
                                     const ptrdiff_t idx = base + s;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
@@ -4408,12 +4306,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                     (void)dy_v;
                                     acc_0 += dy_v;
                                     acc_1 += dy_v*xhat_v;
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
                                     
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
                             }
                         }
 
@@ -4605,15 +4499,18 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
 
     }
-    for (ptrdiff_t k = 0; k < pl; ++k) {
-        double dgamma_k = 0.0, dbeta_k = 0.0;
-        for (int t = 0; t < team; ++t) {
-            dgamma_k += pgrad[((size_t)t * 2) * (size_t)pl + (size_t)k];
-            dbeta_k += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
+    if (dgamma)
+        for (ptrdiff_t p = 0; p < p_count; ++p) {
+            double total = 0.0;
+            for (ptrdiff_t q = 0; q < q_count; ++q) total += sums[1 * groups + q * p_count + p];
+            dgamma[p] += total;
         }
-        if (dgamma) dgamma[k] += dgamma_k;
-        if (dbeta) dbeta[k] += dbeta_k;
-    }
+    if (dbeta)
+        for (ptrdiff_t p = 0; p < p_count; ++p) {
+            double total = 0.0;
+            for (ptrdiff_t q = 0; q < q_count; ++q) total += sums[0 * groups + q * p_count + p];
+            dbeta[p] += total;
+        }
 
     int status = SYMBN_OK;
     if (sums)
@@ -5509,15 +5406,18 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
 
     }
-    for (ptrdiff_t k = 0; k < pl; ++k) {
-        double dgamma_k = 0.0, dbeta_k = 0.0;
-        for (int t = 0; t < team; ++t) {
-            dgamma_k += pgrad[((size_t)t * 2) * (size_t)pl + (size_t)k];
-            dbeta_k += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
+    if (dgamma)
+        for (ptrdiff_t k = 0; k < pl; ++k) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += pgrad[((size_t)t * 2 + 0) * (size_t)pl + (size_t)k];
+            dgamma[k] += total;
         }
-        if (dgamma) dgamma[k] += dgamma_k;
-        if (dbeta) dbeta[k] += dbeta_k;
-    }
+    if (dbeta)
+        for (ptrdiff_t k = 0; k < pl; ++k) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
+            dbeta[k] += total;
+        }
 
     free(partial);
     return SYMBN_OK;

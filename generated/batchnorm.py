@@ -253,14 +253,8 @@ def _numpy_backward_train(dy, x, gamma, saved, geo, dx, dgamma, dbeta):
         xhat_v = saved_invstd*(c_xhat_v_0 + x_v)
         totals[0][part] += numpy.sum(dy_v, axis=_MEMBERS, keepdims=True, dtype=numpy.float64)
         totals[1][part] += numpy.sum(dy_v*xhat_v, axis=_MEMBERS, keepdims=True, dtype=numpy.float64)
-        if geo.l > 1:
-            dgamma += _param_grad(dy_v*xhat_v, x_v.shape)
-        if geo.l > 1:
-            dbeta += _param_grad(dy_v, x_v.shape)
-    if geo.l == 1:  # one parameter per group: its gradient is that group's reduction, summed over q
-        dgamma += totals[1].sum(axis=(0, 1, 3, 4))
-    if geo.l == 1:  # one parameter per group: its gradient is that group's reduction, summed over q
-        dbeta += totals[0].sum(axis=(0, 1, 3, 4))
+    dgamma += totals[1].sum(axis=(0, 1, 3, 4))  # one parameter per group: that group's reduction
+    dbeta += totals[0].sum(axis=(0, 1, 3, 4))  # one parameter per group: that group's reduction
     group["red_0"] = red_0 = totals[0]
     group["red_1"] = red_1 = totals[1]
     saved_mean = group["saved_mean"]

@@ -1841,15 +1841,18 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
 
     }
-    for (ptrdiff_t k = 0; k < pl; ++k) {
-        double dgamma_k = 0.0, dbeta_k = 0.0;
-        for (int t = 0; t < team; ++t) {
-            dgamma_k += pgrad[((size_t)t * 2) * (size_t)pl + (size_t)k];
-            dbeta_k += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
+    if (dgamma)
+        for (ptrdiff_t k = 0; k < pl; ++k) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += pgrad[((size_t)t * 2 + 0) * (size_t)pl + (size_t)k];
+            dgamma[k] += total;
         }
-        if (dgamma) dgamma[k] += dgamma_k;
-        if (dbeta) dbeta[k] += dbeta_k;
-    }
+    if (dbeta)
+        for (ptrdiff_t k = 0; k < pl; ++k) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
+            dbeta[k] += total;
+        }
 
     int status = SYMBN_OK;
     if (sums)
@@ -2747,15 +2750,18 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
 
     }
-    for (ptrdiff_t k = 0; k < pl; ++k) {
-        double dgamma_k = 0.0, dbeta_k = 0.0;
-        for (int t = 0; t < team; ++t) {
-            dgamma_k += pgrad[((size_t)t * 2) * (size_t)pl + (size_t)k];
-            dbeta_k += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
+    if (dgamma)
+        for (ptrdiff_t k = 0; k < pl; ++k) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += pgrad[((size_t)t * 2 + 0) * (size_t)pl + (size_t)k];
+            dgamma[k] += total;
         }
-        if (dgamma) dgamma[k] += dgamma_k;
-        if (dbeta) dbeta[k] += dbeta_k;
-    }
+    if (dbeta)
+        for (ptrdiff_t k = 0; k < pl; ++k) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
+            dbeta[k] += total;
+        }
 
     free(partial);
     return SYMBN_OK;
@@ -4553,15 +4559,18 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
 
     }
-    for (ptrdiff_t k = 0; k < pl; ++k) {
-        double dgamma_k = 0.0, dbeta_k = 0.0;
-        for (int t = 0; t < team; ++t) {
-            dgamma_k += pgrad[((size_t)t * 2) * (size_t)pl + (size_t)k];
-            dbeta_k += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
+    if (dgamma)
+        for (ptrdiff_t k = 0; k < pl; ++k) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += pgrad[((size_t)t * 2 + 0) * (size_t)pl + (size_t)k];
+            dgamma[k] += total;
         }
-        if (dgamma) dgamma[k] += dgamma_k;
-        if (dbeta) dbeta[k] += dbeta_k;
-    }
+    if (dbeta)
+        for (ptrdiff_t k = 0; k < pl; ++k) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
+            dbeta[k] += total;
+        }
 
     int status = SYMBN_OK;
     if (sums)
@@ -5459,15 +5468,18 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
 
     }
-    for (ptrdiff_t k = 0; k < pl; ++k) {
-        double dgamma_k = 0.0, dbeta_k = 0.0;
-        for (int t = 0; t < team; ++t) {
-            dgamma_k += pgrad[((size_t)t * 2) * (size_t)pl + (size_t)k];
-            dbeta_k += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
+    if (dgamma)
+        for (ptrdiff_t k = 0; k < pl; ++k) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += pgrad[((size_t)t * 2 + 0) * (size_t)pl + (size_t)k];
+            dgamma[k] += total;
         }
-        if (dgamma) dgamma[k] += dgamma_k;
-        if (dbeta) dbeta[k] += dbeta_k;
-    }
+    if (dbeta)
+        for (ptrdiff_t k = 0; k < pl; ++k) {
+            double total = 0.0;
+            for (int t = 0; t < team; ++t) total += pgrad[((size_t)t * 2 + 1) * (size_t)pl + (size_t)k];
+            dbeta[k] += total;
+        }
 
     free(partial);
     return SYMBN_OK;

@@ -76,7 +76,7 @@ def _printed(p: KernelPlan, printer) -> dict:
         "xhat": step(p.xhat), "y": step(p.y), "dx": step(p.dx), "y_eval": step(p.y_eval), "dx_eval": step(p.dx_eval),
         **{name: printer.doprint(getattr(p, name)) for name in ("dgamma", "dbeta", "dgamma_eval", "dbeta_eval")},
         "dtypes": DTYPES, "shift": p.shift,
-        "param_reductions": {name: p.reduction_of(getattr(p, name)) for name in ("dgamma", "dbeta")},
+        "param_sums": p.param_sums,
     }
 
 

@@ -69,10 +69,15 @@ class KernelPlan:
     def stat_names(self) -> tuple[str, ...]:
         return self.norm.stat_names
 
-    def reduction_of(self, contribution: sp.Expr) -> int | None:
-        """The reduction whose summand is this parameter-gradient contribution, if any: where the
-        parameters are one per group, that gradient is the reduction summed over q."""
-        return next((j for j, r in enumerate(self.reductions) if r.expr == contribution), None)
+    @property
+    def param_sums(self) -> dict[str, int | None]:
+        """dgamma, dbeta -> the reduction that already sums its contributions, or None. Where the
+        layout has one parameter per group, such a gradient is that reduction summed over q, and
+        the backward's first pass need not accumulate it again."""
+        def reduction_of(contribution: sp.Expr) -> int | None:
+            return next((j for j, r in enumerate(self.reductions) if r.expr == contribution), None)
+        per_group = self.norm.layout.params_per_group
+        return {name: reduction_of(getattr(self, name)) if per_group else None for name in ("dgamma", "dbeta")}
 
     @property
     def saved_names(self) -> tuple[str, ...]:

@@ -69,6 +69,11 @@ class Layout:
         first = {"channel": (0,), "instance": (), "groups": (1,)}[self.name]
         return first + tuple(range(2, ndim))
 
+    @property
+    def params_per_group(self) -> bool:
+        """Whether gamma and beta hold one entry per group's p (L = 1: channel, instance)."""
+        return self.name in ("channel", "instance")
+
     def param_axes(self, ndim: int, normalized_ndim: int = 1) -> tuple[int, ...]:
         """The axes of x along which gamma and beta vary."""
         return self.reduce_axes(ndim, normalized_ndim) if self.name == "trailing" else (1,)
