@@ -43,15 +43,28 @@ void triad(float *a, const float *b, const float *c, ptrdiff_t n, int threads)
 """
 
 
-def median_ms(call, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
+SAMPLE_S = 0.002  # a sample times enough calls to last about this long: fast calls are timed in batches
+
+
+def median_ms(calls: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median milliseconds per call of each of ``calls`` (name -> function). Samples are taken
+    round-robin, one of each per round, so that the machine's fast and slow spells fall on every
+    implementation alike; a fast call is timed as a batch of calls lasting about SAMPLE_S."""
+    batch = {}
+    for name, call in calls.items():
+        for _ in range(warmup):
+            call()
         start = time.perf_counter()
         call()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        batch[name] = max(1, int(SAMPLE_S / max(time.perf_counter() - start, 1e-9)))
+    samples = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(batch[name]):
+                call()
+            samples[name].append((time.perf_counter() - start) / batch[name])
+    return {name: 1e3 * statistics.median(times) for name, times in samples.items()}
 
 
 def _triad(threads: int):
@@ -81,12 +94,25 @@ def _staged_backward(dy, x, gamma, eps=1e-5):
     return dx, np.sum(dy * xhat, axis=axes), np.sum(dy, axis=axes)
 
 
-def _torch(norm: str, x, dy, gamma, beta, options, threads: int):
-    """(forward, backward) calls of PyTorch's ATen kernels, or None without PyTorch."""
+def _symbn(kernels, name: str, x, dy, gamma, beta, options) -> dict:
+    """Forward and backward calls of generated kernels, into preallocated outputs."""
+    y, dx = np.empty_like(x), np.empty_like(x)
+    _, *saved = kernels.forward_train(x, gamma, beta, **options)
+    return {(name, "forward"): lambda: kernels.forward_train(x, gamma, beta, out=y, **options),
+            (name, "backward"): lambda: kernels.backward_train(dy, x, gamma, *saved, out=dx, **options)}
+
+
+def _torch(norm: str, x, dy, gamma, beta, options, threads: int) -> dict:
+    """Forward and backward calls of PyTorch's ATen kernels (none without PyTorch)."""
     try:
         import torch
     except ImportError:
-        return None
+        return {}
+    return {("torch", kind): call for kind, call in zip(("forward", "backward"), _aten(torch, norm, x, dy, gamma, beta, options, threads))}
+
+
+def _aten(torch, norm: str, x, dy, gamma, beta, options, threads: int):
+    """(forward, backward) calls of PyTorch's own kernels for ``norm``."""
     torch.set_num_threads(threads)
     aten = torch.ops.aten
     tx, tdy, tg, tb = (torch.from_numpy(v) for v in (x, dy, gamma, beta))
@@ -123,21 +149,17 @@ def bench(quick: bool = False, threads: int = 2, progress=None) -> dict:
         params = x.shape[1:2] if norm in ("batchnorm", "groupnorm") else x.shape[-1:]
         gamma, beta = rng.normal(1, 0.2, params).astype(np.float32), rng.normal(size=params).astype(np.float32)
         a, b, c = np.empty_like(x), np.ones_like(x), np.ones_like(x)
-        triad_ms = median_ms(lambda: triad(a, b, c), repeats)
-        bandwidth = 3 * x.nbytes / triad_ms / 1e6
-        timings = {}
+        calls = {("triad", "forward"): lambda: triad(a, b, c)}
         for backend in ("c", "numpy"):
-            kernels = load(norm, backend, threads=threads if backend == "c" else None)
-            y, dx = np.empty_like(x), np.empty_like(x)
-            _, *saved = kernels.forward_train(x, gamma, beta, **options)
-            timings[backend] = (
-                median_ms(lambda: kernels.forward_train(x, gamma, beta, out=y, **options), repeats),
-                median_ms(lambda: kernels.backward_train(dy, x, gamma, *saved, out=dx, **options), repeats))
-        torch_calls = _torch(norm, x, dy, gamma, beta, options, threads)
-        if torch_calls:
-            timings["torch"] = tuple(median_ms(call, repeats) for call in torch_calls)
+            calls.update(_symbn(load(norm, backend, threads=threads if backend == "c" else None), backend, x, dy, gamma, beta, options))
+        calls.update(_torch(norm, x, dy, gamma, beta, options, threads))
         if norm == "batchnorm":
-            timings["staged numpy"] = (None, median_ms(lambda: _staged_backward(dy, x, gamma), repeats))
+            calls["staged numpy", "backward"] = lambda: _staged_backward(dy, x, gamma)
+        ms = median_ms(calls, repeats)
+        bandwidth = 3 * x.nbytes / ms.pop(("triad", "forward")) / 1e6
+        timings = {}
+        for (name, kind), value in ms.items():
+            timings.setdefault(name, [None, None])[kind == "backward"] = value
         forward_bytes, backward_bytes = 3 * x.nbytes, 5 * x.nbytes
         rows = {}
         for name, (fwd, bwd) in timings.items():
@@ -159,7 +181,8 @@ def bench(quick: bool = False, threads: int = 2, progress=None) -> dict:
 
 
 def to_text(report: dict) -> str:
-    lines = [f"median of {report['repeats']} runs after warm-up, float32; {report['allocation']}",
+    lines = [f"median of {report['repeats']} samples after warm-up, taken round-robin across implementations (fast calls "
+             f"timed in batches of about {SAMPLE_S * 1e3:.0f} ms), float32; {report['allocation']}",
              f"bytes counted: {report['bytes']}", ""]
     header = f"{'case':<34}{'impl':<14}{'fwd ms':>9}{'bwd ms':>9}{'fwd GB/s':>10}{'bwd GB/s':>10}{'fwd %triad':>11}{'bwd %triad':>11}{'fwd/torch':>10}{'bwd/torch':>10}"
     lines.append(header)
