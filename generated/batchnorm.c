@@ -9,6 +9,7 @@
 #include "batchnorm.h"
 
 #define LONG_RUN 32 /* runs at least this long: a thread takes whole groups, every pass back to back */
+#define STRANDS 16  /* independent partial sums per reduction over a run: additions overlap */
 #define LANES 16    /* runs of one element (x is (N, C)): a thread takes LANES groups (channels) at a time */
 #define SMALL 65536 /* elements: a problem this small runs on one thread, and in blocks of LANES when it can
                        (large ones stream row by row: a column block strided by a row misses every cache) */
@@ -17,6 +18,11 @@
 #define SYMBN_PRAGMA(text) _Pragma(#text)
 #else
 #define SYMBN_PRAGMA(text)
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define SYMBN_PREFETCH(address) __builtin_prefetch(address) /* a hint: never faults, never reads */
+#else
+#define SYMBN_PREFETCH(address) ((void)0)
 #endif
 
 static int requested_threads = 0;
@@ -80,28 +86,65 @@ int symbn_batchnorm_forward_train_f32(const float *x, const float *gamma, const 
                 {
                     double acc_0 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx];
-                            acc_0 += x_v;
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    strand_acc_0[k] += x_v;
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 acc_0 += x_v;
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += x_v;
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += x_v;
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -117,25 +160,59 @@ int symbn_batchnorm_forward_train_f32(const float *x, const float *gamma, const 
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx];
-                            acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -155,8 +232,8 @@ int symbn_batchnorm_forward_train_f32(const float *x, const float *gamma, const 
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
 
@@ -164,18 +241,21 @@ int symbn_batchnorm_forward_train_f32(const float *x, const float *gamma, const 
 
                             y[idx] = (float)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
 
                                 const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
 
                                 y[idx] = (float)y_v;
                             }
+
                         }
                     }
 
@@ -196,28 +276,65 @@ int symbn_batchnorm_forward_train_f32(const float *x, const float *gamma, const 
                 {
                     double acc_0 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx];
-                            acc_0 += x_v;
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    strand_acc_0[k] += x_v;
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 acc_0 += x_v;
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += x_v;
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += x_v;
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -233,25 +350,59 @@ int symbn_batchnorm_forward_train_f32(const float *x, const float *gamma, const 
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx];
-                            acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -271,8 +422,8 @@ int symbn_batchnorm_forward_train_f32(const float *x, const float *gamma, const 
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
 
@@ -280,18 +431,21 @@ int symbn_batchnorm_forward_train_f32(const float *x, const float *gamma, const 
 
                             y[idx] = (float)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
 
                                 const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
 
                                 y[idx] = (float)y_v;
                             }
+
                         }
                     }
 
@@ -601,25 +755,59 @@ int symbn_batchnorm_forward_train_f32(const float *x, const float *gamma, const 
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx];
-                                acc_0 += x_v;
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += x_v;
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     acc_0 += x_v;
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx];
+                                            strand_acc_0[k] += x_v;
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        acc_0 += x_v;
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -655,25 +843,59 @@ int symbn_batchnorm_forward_train_f32(const float *x, const float *gamma, const 
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx];
-                                acc_0 += x_v;
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += x_v;
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     acc_0 += x_v;
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx];
+                                            strand_acc_0[k] += x_v;
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        acc_0 += x_v;
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -722,25 +944,59 @@ int symbn_batchnorm_forward_train_f32(const float *x, const float *gamma, const 
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx];
-                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx];
+                                            strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -778,25 +1034,59 @@ int symbn_batchnorm_forward_train_f32(const float *x, const float *gamma, const 
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx];
-                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx];
+                                            strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -866,8 +1156,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
 
@@ -875,18 +1165,21 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (float)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
 
                                     const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
 
                                     y[idx] = (float)y_v;
                                 }
+
                             }
                         }
 
@@ -931,8 +1224,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
 
@@ -940,18 +1233,21 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (float)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
 
                                     const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
 
                                     y[idx] = (float)y_v;
                                 }
+
                             }
                         }
 
@@ -1015,36 +1311,87 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
                     double acc_0 = 0.0;
                     double acc_1 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            double strand_acc_1[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PREFETCH(dy + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
-                            (void)dy_v;
-                            acc_0 += dy_v;
-                            acc_1 += dy_v*xhat_v;
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    strand_acc_0[k] += dy_v;
+                                    strand_acc_1[k] += dy_v*xhat_v;
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                                 const double xhat_v = saved_invstd*(-saved_mean + x_v);
                                 (void)dy_v;
                                 acc_0 += dy_v;
                                 acc_1 += dy_v*xhat_v;
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                                acc_1 += strand_acc_1[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                double strand_acc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PREFETCH(dy + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v;
+                                        strand_acc_1[k] += dy_v*xhat_v;
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    acc_0 += dy_v;
+                                    acc_1 += dy_v*xhat_v;
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                    acc_1 += strand_acc_1[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -1062,8 +1409,8 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
@@ -1072,12 +1419,14 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
 
                             dx[idx] = (float)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                                 const double xhat_v = saved_invstd*(-saved_mean + x_v);
@@ -1085,6 +1434,7 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
 
                                 dx[idx] = (float)dx_v;
                             }
+
                         }
                     }
 
@@ -1112,36 +1462,87 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
                     double acc_0 = 0.0;
                     double acc_1 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            double strand_acc_1[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PREFETCH(dy + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
-                            (void)dy_v;
-                            acc_0 += dy_v;
-                            acc_1 += dy_v*xhat_v;
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    strand_acc_0[k] += dy_v;
+                                    strand_acc_1[k] += dy_v*xhat_v;
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                                 const double xhat_v = saved_invstd*(-saved_mean + x_v);
                                 (void)dy_v;
                                 acc_0 += dy_v;
                                 acc_1 += dy_v*xhat_v;
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                                acc_1 += strand_acc_1[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                double strand_acc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PREFETCH(dy + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v;
+                                        strand_acc_1[k] += dy_v*xhat_v;
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    acc_0 += dy_v;
+                                    acc_1 += dy_v*xhat_v;
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                    acc_1 += strand_acc_1[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -1159,8 +1560,8 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
@@ -1169,12 +1570,14 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
 
                             dx[idx] = (float)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                                 const double xhat_v = saved_invstd*(-saved_mean + x_v);
@@ -1182,6 +1585,7 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
 
                                 dx[idx] = (float)dx_v;
                             }
+
                         }
                     }
 
@@ -1520,33 +1924,79 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         double acc_1 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                double strand_acc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
-                                (void)dy_v;
-                                acc_0 += dy_v;
-                                acc_1 += dy_v*xhat_v;
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v;
+                                        strand_acc_1[k] += dy_v*xhat_v;
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                                     const double xhat_v = saved_invstd*(-saved_mean + x_v);
                                     (void)dy_v;
                                     acc_0 += dy_v;
                                     acc_1 += dy_v*xhat_v;
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                    acc_1 += strand_acc_1[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    double strand_acc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                            (void)dy_v;
+                                            strand_acc_0[k] += dy_v;
+                                            strand_acc_1[k] += dy_v*xhat_v;
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        acc_0 += dy_v;
+                                        acc_1 += dy_v*xhat_v;
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                        acc_1 += strand_acc_1[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -1594,33 +2044,79 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         double acc_1 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                double strand_acc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
-                                (void)dy_v;
-                                acc_0 += dy_v;
-                                acc_1 += dy_v*xhat_v;
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v;
+                                        strand_acc_1[k] += dy_v*xhat_v;
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                                     const double xhat_v = saved_invstd*(-saved_mean + x_v);
                                     (void)dy_v;
                                     acc_0 += dy_v;
                                     acc_1 += dy_v*xhat_v;
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                    acc_1 += strand_acc_1[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    double strand_acc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                            (void)dy_v;
+                                            strand_acc_0[k] += dy_v;
+                                            strand_acc_1[k] += dy_v*xhat_v;
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        acc_0 += dy_v;
+                                        acc_1 += dy_v*xhat_v;
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                        acc_1 += strand_acc_1[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -1703,8 +2199,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
@@ -1713,12 +2209,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 dx[idx] = (float)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                                     const double xhat_v = saved_invstd*(-saved_mean + x_v);
@@ -1726,6 +2224,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     dx[idx] = (float)dx_v;
                                 }
+
                             }
                         }
 
@@ -1779,8 +2278,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
@@ -1789,12 +2288,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 dx[idx] = (float)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                                     const double xhat_v = saved_invstd*(-saved_mean + x_v);
@@ -1802,6 +2303,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     dx[idx] = (float)dx_v;
                                 }
+
                             }
                         }
 
@@ -1876,8 +2378,8 @@ int symbn_batchnorm_forward_eval_f32(const float *x, const float *gamma, const f
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
 
@@ -1885,18 +2387,21 @@ int symbn_batchnorm_forward_eval_f32(const float *x, const float *gamma, const f
 
                             y[idx] = (float)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
 
                                 const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
 
                                 y[idx] = (float)y_v;
                             }
+
                         }
                     }
 
@@ -1923,8 +2428,8 @@ int symbn_batchnorm_forward_eval_f32(const float *x, const float *gamma, const f
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
 
@@ -1932,18 +2437,21 @@ int symbn_batchnorm_forward_eval_f32(const float *x, const float *gamma, const f
 
                             y[idx] = (float)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
 
                                 const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
 
                                 y[idx] = (float)y_v;
                             }
+
                         }
                     }
 
@@ -2136,8 +2644,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
 
@@ -2145,18 +2653,21 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (float)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
 
                                     const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
 
                                     y[idx] = (float)y_v;
                                 }
+
                             }
                         }
 
@@ -2201,8 +2712,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
 
@@ -2210,18 +2721,21 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (float)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
 
                                     const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
 
                                     y[idx] = (float)y_v;
                                 }
+
                             }
                         }
 
@@ -2274,8 +2788,8 @@ int symbn_batchnorm_backward_eval_f32(const float *dy, const float *x, const flo
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
@@ -2286,26 +2800,51 @@ int symbn_batchnorm_backward_eval_f32(const float *dy, const float *x, const flo
                             mine_params[1 * pl + pidx] += dy_v;
                             dx[idx] = (float)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
+                            const ptrdiff_t base = row + lp * s_count;
                             double pacc_0 = 0.0;
                             double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            {
+                                double strand_pacc_0[STRANDS] = {0.0};
+                                double strand_pacc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
-                                const double dx_v = c_dx_v_0*dy_v;
+                                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                        const double dx_v = c_dx_v_0*dy_v;
 
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
-                                dx[idx] = (float)dx_v;
+                                        strand_pacc_0[k] += dy_v*xhat_v;
+                                        strand_pacc_1[k] += dy_v;
+                                        dx[idx] = (float)dx_v;
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                    const double dx_v = c_dx_v_0*dy_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (float)dx_v;
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    pacc_0 += strand_pacc_0[k];
+                                    pacc_1 += strand_pacc_1[k];
+                                }
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
+
+                            mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                            mine_params[1 * pl + p * l_count + lp] += pacc_1;
                         }
                     }
 
@@ -2333,8 +2872,8 @@ int symbn_batchnorm_backward_eval_f32(const float *dy, const float *x, const flo
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
@@ -2345,26 +2884,51 @@ int symbn_batchnorm_backward_eval_f32(const float *dy, const float *x, const flo
                             mine_params[1 * pl + pidx] += dy_v;
                             dx[idx] = (float)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
+                            const ptrdiff_t base = row + lp * s_count;
                             double pacc_0 = 0.0;
                             double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            {
+                                double strand_pacc_0[STRANDS] = {0.0};
+                                double strand_pacc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
-                                const double dx_v = c_dx_v_0*dy_v;
+                                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                        const double dx_v = c_dx_v_0*dy_v;
 
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
-                                dx[idx] = (float)dx_v;
+                                        strand_pacc_0[k] += dy_v*xhat_v;
+                                        strand_pacc_1[k] += dy_v;
+                                        dx[idx] = (float)dx_v;
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                    const double dx_v = c_dx_v_0*dy_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (float)dx_v;
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    pacc_0 += strand_pacc_0[k];
+                                    pacc_1 += strand_pacc_1[k];
+                                }
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
+
+                            mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                            mine_params[1 * pl + p * l_count + lp] += pacc_1;
                         }
                     }
 
@@ -2596,8 +3160,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
@@ -2608,26 +3172,51 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 mine_params[1 * pl + pidx] += dy_v;
                                 dx[idx] = (float)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
+                                const ptrdiff_t base = row + lp * s_count;
                                 double pacc_0 = 0.0;
                                 double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
-                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                {
+                                    double strand_pacc_0[STRANDS] = {0.0};
+                                    double strand_pacc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
-                                    const double dx_v = c_dx_v_0*dy_v;
+                                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                            const double dx_v = c_dx_v_0*dy_v;
 
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
-                                    dx[idx] = (float)dx_v;
+                                            strand_pacc_0[k] += dy_v*xhat_v;
+                                            strand_pacc_1[k] += dy_v;
+                                            dx[idx] = (float)dx_v;
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                        const double dx_v = c_dx_v_0*dy_v;
+
+                                        pacc_0 += dy_v*xhat_v;
+                                        pacc_1 += dy_v;
+                                        dx[idx] = (float)dx_v;
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        pacc_0 += strand_pacc_0[k];
+                                        pacc_1 += strand_pacc_1[k];
+                                    }
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
+
+                                mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                                mine_params[1 * pl + p * l_count + lp] += pacc_1;
                             }
                         }
 
@@ -2677,8 +3266,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
@@ -2689,26 +3278,51 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 mine_params[1 * pl + pidx] += dy_v;
                                 dx[idx] = (float)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
+                                const ptrdiff_t base = row + lp * s_count;
                                 double pacc_0 = 0.0;
                                 double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
-                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                {
+                                    double strand_pacc_0[STRANDS] = {0.0};
+                                    double strand_pacc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
-                                    const double dx_v = c_dx_v_0*dy_v;
+                                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                            const double dx_v = c_dx_v_0*dy_v;
 
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
-                                    dx[idx] = (float)dx_v;
+                                            strand_pacc_0[k] += dy_v*xhat_v;
+                                            strand_pacc_1[k] += dy_v;
+                                            dx[idx] = (float)dx_v;
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                        const double dx_v = c_dx_v_0*dy_v;
+
+                                        pacc_0 += dy_v*xhat_v;
+                                        pacc_1 += dy_v;
+                                        dx[idx] = (float)dx_v;
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        pacc_0 += strand_pacc_0[k];
+                                        pacc_1 += strand_pacc_1[k];
+                                    }
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
+
+                                mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                                mine_params[1 * pl + p * l_count + lp] += pacc_1;
                             }
                         }
 
@@ -2767,28 +3381,65 @@ int symbn_batchnorm_forward_train_f64(const double *x, const double *gamma, cons
                 {
                     double acc_0 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx];
-                            acc_0 += x_v;
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    strand_acc_0[k] += x_v;
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 acc_0 += x_v;
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += x_v;
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += x_v;
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -2804,25 +3455,59 @@ int symbn_batchnorm_forward_train_f64(const double *x, const double *gamma, cons
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx];
-                            acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -2842,8 +3527,8 @@ int symbn_batchnorm_forward_train_f64(const double *x, const double *gamma, cons
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
 
@@ -2851,18 +3536,21 @@ int symbn_batchnorm_forward_train_f64(const double *x, const double *gamma, cons
 
                             y[idx] = (double)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
 
                                 const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
 
                                 y[idx] = (double)y_v;
                             }
+
                         }
                     }
 
@@ -2883,28 +3571,65 @@ int symbn_batchnorm_forward_train_f64(const double *x, const double *gamma, cons
                 {
                     double acc_0 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx];
-                            acc_0 += x_v;
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    strand_acc_0[k] += x_v;
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 acc_0 += x_v;
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += x_v;
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += x_v;
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -2920,25 +3645,59 @@ int symbn_batchnorm_forward_train_f64(const double *x, const double *gamma, cons
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx];
-                            acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -2958,8 +3717,8 @@ int symbn_batchnorm_forward_train_f64(const double *x, const double *gamma, cons
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
 
@@ -2967,18 +3726,21 @@ int symbn_batchnorm_forward_train_f64(const double *x, const double *gamma, cons
 
                             y[idx] = (double)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
 
                                 const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
 
                                 y[idx] = (double)y_v;
                             }
+
                         }
                     }
 
@@ -3288,25 +4050,59 @@ int symbn_batchnorm_forward_train_f64(const double *x, const double *gamma, cons
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx];
-                                acc_0 += x_v;
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += x_v;
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     acc_0 += x_v;
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx];
+                                            strand_acc_0[k] += x_v;
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        acc_0 += x_v;
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -3342,25 +4138,59 @@ int symbn_batchnorm_forward_train_f64(const double *x, const double *gamma, cons
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx];
-                                acc_0 += x_v;
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += x_v;
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     acc_0 += x_v;
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx];
+                                            strand_acc_0[k] += x_v;
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        acc_0 += x_v;
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -3409,25 +4239,59 @@ int symbn_batchnorm_forward_train_f64(const double *x, const double *gamma, cons
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx];
-                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx];
+                                            strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -3465,25 +4329,59 @@ int symbn_batchnorm_forward_train_f64(const double *x, const double *gamma, cons
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx];
-                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx];
+                                            strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -3553,8 +4451,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
 
@@ -3562,18 +4460,21 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (double)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
 
                                     const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
 
                                     y[idx] = (double)y_v;
                                 }
+
                             }
                         }
 
@@ -3618,8 +4519,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
 
@@ -3627,18 +4528,21 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (double)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
 
                                     const double y_v = beta_v + c_y_v_0*(-saved_mean + x_v);
 
                                     y[idx] = (double)y_v;
                                 }
+
                             }
                         }
 
@@ -3702,36 +4606,87 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
                     double acc_0 = 0.0;
                     double acc_1 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            double strand_acc_1[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PREFETCH(dy + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
-                            (void)dy_v;
-                            acc_0 += dy_v;
-                            acc_1 += dy_v*xhat_v;
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    strand_acc_0[k] += dy_v;
+                                    strand_acc_1[k] += dy_v*xhat_v;
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                                 const double xhat_v = saved_invstd*(-saved_mean + x_v);
                                 (void)dy_v;
                                 acc_0 += dy_v;
                                 acc_1 += dy_v*xhat_v;
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                                acc_1 += strand_acc_1[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                double strand_acc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PREFETCH(dy + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v;
+                                        strand_acc_1[k] += dy_v*xhat_v;
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    acc_0 += dy_v;
+                                    acc_1 += dy_v*xhat_v;
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                    acc_1 += strand_acc_1[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -3749,8 +4704,8 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
@@ -3759,12 +4714,14 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
 
                             dx[idx] = (double)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                                 const double xhat_v = saved_invstd*(-saved_mean + x_v);
@@ -3772,6 +4729,7 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
 
                                 dx[idx] = (double)dx_v;
                             }
+
                         }
                     }
 
@@ -3799,36 +4757,87 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
                     double acc_0 = 0.0;
                     double acc_1 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            double strand_acc_1[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PREFETCH(dy + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
-                            (void)dy_v;
-                            acc_0 += dy_v;
-                            acc_1 += dy_v*xhat_v;
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    strand_acc_0[k] += dy_v;
+                                    strand_acc_1[k] += dy_v*xhat_v;
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                                 const double xhat_v = saved_invstd*(-saved_mean + x_v);
                                 (void)dy_v;
                                 acc_0 += dy_v;
                                 acc_1 += dy_v*xhat_v;
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                                acc_1 += strand_acc_1[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                double strand_acc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PREFETCH(dy + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v;
+                                        strand_acc_1[k] += dy_v*xhat_v;
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    acc_0 += dy_v;
+                                    acc_1 += dy_v*xhat_v;
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                    acc_1 += strand_acc_1[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -3846,8 +4855,8 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
@@ -3856,12 +4865,14 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
 
                             dx[idx] = (double)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                                 const double xhat_v = saved_invstd*(-saved_mean + x_v);
@@ -3869,6 +4880,7 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
 
                                 dx[idx] = (double)dx_v;
                             }
+
                         }
                     }
 
@@ -4207,33 +5219,79 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         double acc_1 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                double strand_acc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
-                                (void)dy_v;
-                                acc_0 += dy_v;
-                                acc_1 += dy_v*xhat_v;
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v;
+                                        strand_acc_1[k] += dy_v*xhat_v;
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                                     const double xhat_v = saved_invstd*(-saved_mean + x_v);
                                     (void)dy_v;
                                     acc_0 += dy_v;
                                     acc_1 += dy_v*xhat_v;
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                    acc_1 += strand_acc_1[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    double strand_acc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                            (void)dy_v;
+                                            strand_acc_0[k] += dy_v;
+                                            strand_acc_1[k] += dy_v*xhat_v;
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        acc_0 += dy_v;
+                                        acc_1 += dy_v*xhat_v;
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                        acc_1 += strand_acc_1[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -4281,33 +5339,79 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         double acc_1 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                double strand_acc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
-                                (void)dy_v;
-                                acc_0 += dy_v;
-                                acc_1 += dy_v*xhat_v;
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v;
+                                        strand_acc_1[k] += dy_v*xhat_v;
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                                     const double xhat_v = saved_invstd*(-saved_mean + x_v);
                                     (void)dy_v;
                                     acc_0 += dy_v;
                                     acc_1 += dy_v*xhat_v;
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                    acc_1 += strand_acc_1[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    double strand_acc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                            (void)dy_v;
+                                            strand_acc_0[k] += dy_v;
+                                            strand_acc_1[k] += dy_v*xhat_v;
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        acc_0 += dy_v;
+                                        acc_1 += dy_v*xhat_v;
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                        acc_1 += strand_acc_1[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -4390,8 +5494,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
@@ -4400,12 +5504,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 dx[idx] = (double)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                                     const double xhat_v = saved_invstd*(-saved_mean + x_v);
@@ -4413,6 +5519,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     dx[idx] = (double)dx_v;
                                 }
+
                             }
                         }
 
@@ -4466,8 +5573,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
@@ -4476,12 +5583,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 dx[idx] = (double)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
                                     const double xhat_v = saved_invstd*(-saved_mean + x_v);
@@ -4489,6 +5598,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     dx[idx] = (double)dx_v;
                                 }
+
                             }
                         }
 
@@ -4563,8 +5673,8 @@ int symbn_batchnorm_forward_eval_f64(const double *x, const double *gamma, const
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
 
@@ -4572,18 +5682,21 @@ int symbn_batchnorm_forward_eval_f64(const double *x, const double *gamma, const
 
                             y[idx] = (double)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
 
                                 const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
 
                                 y[idx] = (double)y_v;
                             }
+
                         }
                     }
 
@@ -4610,8 +5723,8 @@ int symbn_batchnorm_forward_eval_f64(const double *x, const double *gamma, const
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
 
@@ -4619,18 +5732,21 @@ int symbn_batchnorm_forward_eval_f64(const double *x, const double *gamma, const
 
                             y[idx] = (double)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
 
                                 const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
 
                                 y[idx] = (double)y_v;
                             }
+
                         }
                     }
 
@@ -4823,8 +5939,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
 
@@ -4832,18 +5948,21 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (double)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
 
                                     const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
 
                                     y[idx] = (double)y_v;
                                 }
+
                             }
                         }
 
@@ -4888,8 +6007,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
 
@@ -4897,18 +6016,21 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (double)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
 
                                     const double y_v = beta_v + c_y_v_0*(-run_mean + x_v);
 
                                     y[idx] = (double)y_v;
                                 }
+
                             }
                         }
 
@@ -4961,8 +6083,8 @@ int symbn_batchnorm_backward_eval_f64(const double *dy, const double *x, const d
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
@@ -4973,26 +6095,51 @@ int symbn_batchnorm_backward_eval_f64(const double *dy, const double *x, const d
                             mine_params[1 * pl + pidx] += dy_v;
                             dx[idx] = (double)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
+                            const ptrdiff_t base = row + lp * s_count;
                             double pacc_0 = 0.0;
                             double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            {
+                                double strand_pacc_0[STRANDS] = {0.0};
+                                double strand_pacc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
-                                const double dx_v = c_dx_v_0*dy_v;
+                                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                        const double dx_v = c_dx_v_0*dy_v;
 
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
-                                dx[idx] = (double)dx_v;
+                                        strand_pacc_0[k] += dy_v*xhat_v;
+                                        strand_pacc_1[k] += dy_v;
+                                        dx[idx] = (double)dx_v;
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                    const double dx_v = c_dx_v_0*dy_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (double)dx_v;
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    pacc_0 += strand_pacc_0[k];
+                                    pacc_1 += strand_pacc_1[k];
+                                }
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
+
+                            mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                            mine_params[1 * pl + p * l_count + lp] += pacc_1;
                         }
                     }
 
@@ -5020,8 +6167,8 @@ int symbn_batchnorm_backward_eval_f64(const double *dy, const double *x, const d
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
@@ -5032,26 +6179,51 @@ int symbn_batchnorm_backward_eval_f64(const double *dy, const double *x, const d
                             mine_params[1 * pl + pidx] += dy_v;
                             dx[idx] = (double)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
+                            const ptrdiff_t base = row + lp * s_count;
                             double pacc_0 = 0.0;
                             double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                            {
+                                double strand_pacc_0[STRANDS] = {0.0};
+                                double strand_pacc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
-                                const double dx_v = c_dx_v_0*dy_v;
+                                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                        const double dx_v = c_dx_v_0*dy_v;
 
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
-                                dx[idx] = (double)dx_v;
+                                        strand_pacc_0[k] += dy_v*xhat_v;
+                                        strand_pacc_1[k] += dy_v;
+                                        dx[idx] = (double)dx_v;
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                    const double dx_v = c_dx_v_0*dy_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (double)dx_v;
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    pacc_0 += strand_pacc_0[k];
+                                    pacc_1 += strand_pacc_1[k];
+                                }
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
+
+                            mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                            mine_params[1 * pl + p * l_count + lp] += pacc_1;
                         }
                     }
 
@@ -5283,8 +6455,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
@@ -5295,26 +6467,51 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 mine_params[1 * pl + pidx] += dy_v;
                                 dx[idx] = (double)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
+                                const ptrdiff_t base = row + lp * s_count;
                                 double pacc_0 = 0.0;
                                 double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
-                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                {
+                                    double strand_pacc_0[STRANDS] = {0.0};
+                                    double strand_pacc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
-                                    const double dx_v = c_dx_v_0*dy_v;
+                                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                            const double dx_v = c_dx_v_0*dy_v;
 
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
-                                    dx[idx] = (double)dx_v;
+                                            strand_pacc_0[k] += dy_v*xhat_v;
+                                            strand_pacc_1[k] += dy_v;
+                                            dx[idx] = (double)dx_v;
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                        const double dx_v = c_dx_v_0*dy_v;
+
+                                        pacc_0 += dy_v*xhat_v;
+                                        pacc_1 += dy_v;
+                                        dx[idx] = (double)dx_v;
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        pacc_0 += strand_pacc_0[k];
+                                        pacc_1 += strand_pacc_1[k];
+                                    }
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
+
+                                mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                                mine_params[1 * pl + p * l_count + lp] += pacc_1;
                             }
                         }
 
@@ -5364,8 +6561,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
@@ -5376,26 +6573,51 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 mine_params[1 * pl + pidx] += dy_v;
                                 dx[idx] = (double)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
+                                const ptrdiff_t base = row + lp * s_count;
                                 double pacc_0 = 0.0;
                                 double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
-                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                {
+                                    double strand_pacc_0[STRANDS] = {0.0};
+                                    double strand_pacc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
 
-                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
-                                    const double dx_v = c_dx_v_0*dy_v;
+                                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                            const double dx_v = c_dx_v_0*dy_v;
 
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
-                                    dx[idx] = (double)dx_v;
+                                            strand_pacc_0[k] += dy_v*xhat_v;
+                                            strand_pacc_1[k] += dy_v;
+                                            dx[idx] = (double)dx_v;
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+
+                                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                        const double dx_v = c_dx_v_0*dy_v;
+
+                                        pacc_0 += dy_v*xhat_v;
+                                        pacc_1 += dy_v;
+                                        dx[idx] = (double)dx_v;
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        pacc_0 += strand_pacc_0[k];
+                                        pacc_1 += strand_pacc_1[k];
+                                    }
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
+
+                                mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                                mine_params[1 * pl + p * l_count + lp] += pacc_1;
                             }
                         }
 

@@ -9,6 +9,7 @@
 #include "groupnorm.h"
 
 #define LONG_RUN 32 /* runs at least this long: a thread takes whole groups, every pass back to back */
+#define STRANDS 16  /* independent partial sums per reduction over a run: additions overlap */
 #define LANES 16    /* runs of one element (x is (N, C)): a thread takes LANES groups (channels) at a time */
 #define SMALL 65536 /* elements: a problem this small runs on one thread, and in blocks of LANES when it can
                        (large ones stream row by row: a column block strided by a row misses every cache) */
@@ -17,6 +18,11 @@
 #define SYMBN_PRAGMA(text) _Pragma(#text)
 #else
 #define SYMBN_PRAGMA(text)
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define SYMBN_PREFETCH(address) __builtin_prefetch(address) /* a hint: never faults, never reads */
+#else
+#define SYMBN_PREFETCH(address) ((void)0)
 #endif
 
 static int requested_threads = 0;
@@ -80,28 +86,65 @@ int symbn_groupnorm_forward_train_f32(const float *x, const float *gamma, const 
                 {
                     double acc_0 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx];
-                            acc_0 += x_v;
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    strand_acc_0[k] += x_v;
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 acc_0 += x_v;
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += x_v;
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += x_v;
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -117,25 +160,59 @@ int symbn_groupnorm_forward_train_f32(const float *x, const float *gamma, const 
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx];
-                            acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -153,8 +230,8 @@ int symbn_groupnorm_forward_train_f32(const float *x, const float *gamma, const 
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -163,12 +240,14 @@ int symbn_groupnorm_forward_train_f32(const float *x, const float *gamma, const 
 
                             y[idx] = (float)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -176,6 +255,7 @@ int symbn_groupnorm_forward_train_f32(const float *x, const float *gamma, const 
 
                                 y[idx] = (float)y_v;
                             }
+
                         }
                     }
 
@@ -196,28 +276,65 @@ int symbn_groupnorm_forward_train_f32(const float *x, const float *gamma, const 
                 {
                     double acc_0 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx];
-                            acc_0 += x_v;
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    strand_acc_0[k] += x_v;
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 acc_0 += x_v;
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += x_v;
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += x_v;
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -233,25 +350,59 @@ int symbn_groupnorm_forward_train_f32(const float *x, const float *gamma, const 
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx];
-                            acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -269,8 +420,8 @@ int symbn_groupnorm_forward_train_f32(const float *x, const float *gamma, const 
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -279,12 +430,14 @@ int symbn_groupnorm_forward_train_f32(const float *x, const float *gamma, const 
 
                             y[idx] = (float)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -292,6 +445,7 @@ int symbn_groupnorm_forward_train_f32(const float *x, const float *gamma, const 
 
                                 y[idx] = (float)y_v;
                             }
+
                         }
                     }
 
@@ -591,25 +745,59 @@ int symbn_groupnorm_forward_train_f32(const float *x, const float *gamma, const 
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx];
-                                acc_0 += x_v;
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += x_v;
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     acc_0 += x_v;
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx];
+                                            strand_acc_0[k] += x_v;
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        acc_0 += x_v;
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -645,25 +833,59 @@ int symbn_groupnorm_forward_train_f32(const float *x, const float *gamma, const 
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx];
-                                acc_0 += x_v;
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += x_v;
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     acc_0 += x_v;
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx];
+                                            strand_acc_0[k] += x_v;
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        acc_0 += x_v;
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -712,25 +934,59 @@ int symbn_groupnorm_forward_train_f32(const float *x, const float *gamma, const 
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx];
-                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx];
+                                            strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -768,25 +1024,59 @@ int symbn_groupnorm_forward_train_f32(const float *x, const float *gamma, const 
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx];
-                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx];
+                                            strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -850,8 +1140,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -860,12 +1150,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (float)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -873,6 +1165,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     y[idx] = (float)y_v;
                                 }
+
                             }
                         }
 
@@ -914,8 +1207,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -924,12 +1217,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (float)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -937,6 +1232,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     y[idx] = (float)y_v;
                                 }
+
                             }
                         }
 
@@ -999,33 +1295,36 @@ int symbn_groupnorm_backward_train_f32(const float *dy, const float *x, const fl
                     double acc_0 = 0.0;
                     double acc_1 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
-                            (void)dy_v;
-                            acc_0 += dy_v*gamma_v;
-                            acc_1 += dy_v*gamma_v*xhat_v;
-                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                            mine_params[1 * pl + pidx] += dy_v;
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            double pacc_0 = 0.0;
-                            double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            double strand_acc_1[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PREFETCH(dy + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    strand_acc_0[k] += dy_v*gamma_v;
+                                    strand_acc_1[k] += dy_v*gamma_v*xhat_v;
+                                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                    mine_params[1 * pl + pidx] += dy_v;
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -1033,12 +1332,70 @@ int symbn_groupnorm_backward_train_f32(const float *dy, const float *x, const fl
                                 (void)dy_v;
                                 acc_0 += dy_v*gamma_v;
                                 acc_1 += dy_v*gamma_v*xhat_v;
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
-                                
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                                acc_1 += strand_acc_1[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                double strand_acc_1[STRANDS] = {0.0};
+                                double strand_pacc_0[STRANDS] = {0.0};
+                                double strand_pacc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PREFETCH(dy + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v*gamma_v;
+                                        strand_acc_1[k] += dy_v*gamma_v*xhat_v;
+                                        strand_pacc_0[k] += dy_v*xhat_v;
+                                        strand_pacc_1[k] += dy_v;
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    acc_0 += dy_v*gamma_v;
+                                    acc_1 += dy_v*gamma_v*xhat_v;
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                    acc_1 += strand_acc_1[k];
+                                    pacc_0 += strand_pacc_0[k];
+                                    pacc_1 += strand_pacc_1[k];
+                                }
+                            }
+
+                            mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                            mine_params[1 * pl + p * l_count + lp] += pacc_1;
                         }
                     }
 
@@ -1055,8 +1412,8 @@ int symbn_groupnorm_backward_train_f32(const float *dy, const float *x, const fl
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -1066,12 +1423,14 @@ int symbn_groupnorm_backward_train_f32(const float *dy, const float *x, const fl
 
                             dx[idx] = (float)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -1080,6 +1439,7 @@ int symbn_groupnorm_backward_train_f32(const float *dy, const float *x, const fl
 
                                 dx[idx] = (float)dx_v;
                             }
+
                         }
                     }
 
@@ -1106,33 +1466,36 @@ int symbn_groupnorm_backward_train_f32(const float *dy, const float *x, const fl
                     double acc_0 = 0.0;
                     double acc_1 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
-                            (void)dy_v;
-                            acc_0 += dy_v*gamma_v;
-                            acc_1 += dy_v*gamma_v*xhat_v;
-                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                            mine_params[1 * pl + pidx] += dy_v;
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            double pacc_0 = 0.0;
-                            double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            double strand_acc_1[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PREFETCH(dy + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    strand_acc_0[k] += dy_v*gamma_v;
+                                    strand_acc_1[k] += dy_v*gamma_v*xhat_v;
+                                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                    mine_params[1 * pl + pidx] += dy_v;
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -1140,12 +1503,70 @@ int symbn_groupnorm_backward_train_f32(const float *dy, const float *x, const fl
                                 (void)dy_v;
                                 acc_0 += dy_v*gamma_v;
                                 acc_1 += dy_v*gamma_v*xhat_v;
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
-                                
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                                acc_1 += strand_acc_1[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                double strand_acc_1[STRANDS] = {0.0};
+                                double strand_pacc_0[STRANDS] = {0.0};
+                                double strand_pacc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PREFETCH(dy + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v*gamma_v;
+                                        strand_acc_1[k] += dy_v*gamma_v*xhat_v;
+                                        strand_pacc_0[k] += dy_v*xhat_v;
+                                        strand_pacc_1[k] += dy_v;
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    acc_0 += dy_v*gamma_v;
+                                    acc_1 += dy_v*gamma_v*xhat_v;
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                    acc_1 += strand_acc_1[k];
+                                    pacc_0 += strand_pacc_0[k];
+                                    pacc_1 += strand_pacc_1[k];
+                                }
+                            }
+
+                            mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                            mine_params[1 * pl + p * l_count + lp] += pacc_1;
                         }
                     }
 
@@ -1162,8 +1583,8 @@ int symbn_groupnorm_backward_train_f32(const float *dy, const float *x, const fl
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -1173,12 +1594,14 @@ int symbn_groupnorm_backward_train_f32(const float *dy, const float *x, const fl
 
                             dx[idx] = (float)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -1187,6 +1610,7 @@ int symbn_groupnorm_backward_train_f32(const float *dy, const float *x, const fl
 
                                 dx[idx] = (float)dx_v;
                             }
+
                         }
                     }
 
@@ -1533,30 +1957,30 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         double acc_1 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                (void)gamma_v; (void)beta_v;
-                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
-                                (void)dy_v;
-                                acc_0 += dy_v*gamma_v;
-                                acc_1 += dy_v*gamma_v*xhat_v;
-                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                                mine_params[1 * pl + pidx] += dy_v;
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                double pacc_0 = 0.0;
-                                double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                double strand_acc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v*gamma_v;
+                                        strand_acc_1[k] += dy_v*gamma_v*xhat_v;
+                                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                        mine_params[1 * pl + pidx] += dy_v;
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -1564,12 +1988,68 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                     (void)dy_v;
                                     acc_0 += dy_v*gamma_v;
                                     acc_1 += dy_v*gamma_v*xhat_v;
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
-                                    
+                                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                    mine_params[1 * pl + pidx] += dy_v;
+
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                    acc_1 += strand_acc_1[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    double strand_acc_1[STRANDS] = {0.0};
+                                    double strand_pacc_0[STRANDS] = {0.0};
+                                    double strand_pacc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                            (void)gamma_v; (void)beta_v;
+                                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                            (void)dy_v;
+                                            strand_acc_0[k] += dy_v*gamma_v;
+                                            strand_acc_1[k] += dy_v*gamma_v*xhat_v;
+                                            strand_pacc_0[k] += dy_v*xhat_v;
+                                            strand_pacc_1[k] += dy_v;
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        acc_0 += dy_v*gamma_v;
+                                        acc_1 += dy_v*gamma_v*xhat_v;
+                                        pacc_0 += dy_v*xhat_v;
+                                        pacc_1 += dy_v;
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                        acc_1 += strand_acc_1[k];
+                                        pacc_0 += strand_pacc_0[k];
+                                        pacc_1 += strand_pacc_1[k];
+                                    }
+                                }
+
+                                mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                                mine_params[1 * pl + p * l_count + lp] += pacc_1;
                             }
                         }
 
@@ -1618,30 +2098,30 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         double acc_1 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                (void)gamma_v; (void)beta_v;
-                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
-                                (void)dy_v;
-                                acc_0 += dy_v*gamma_v;
-                                acc_1 += dy_v*gamma_v*xhat_v;
-                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                                mine_params[1 * pl + pidx] += dy_v;
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                double pacc_0 = 0.0;
-                                double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                double strand_acc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v*gamma_v;
+                                        strand_acc_1[k] += dy_v*gamma_v*xhat_v;
+                                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                        mine_params[1 * pl + pidx] += dy_v;
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -1649,12 +2129,68 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                     (void)dy_v;
                                     acc_0 += dy_v*gamma_v;
                                     acc_1 += dy_v*gamma_v*xhat_v;
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
-                                    
+                                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                    mine_params[1 * pl + pidx] += dy_v;
+
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                    acc_1 += strand_acc_1[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    double strand_acc_1[STRANDS] = {0.0};
+                                    double strand_pacc_0[STRANDS] = {0.0};
+                                    double strand_pacc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                            (void)gamma_v; (void)beta_v;
+                                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                            (void)dy_v;
+                                            strand_acc_0[k] += dy_v*gamma_v;
+                                            strand_acc_1[k] += dy_v*gamma_v*xhat_v;
+                                            strand_pacc_0[k] += dy_v*xhat_v;
+                                            strand_pacc_1[k] += dy_v;
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        acc_0 += dy_v*gamma_v;
+                                        acc_1 += dy_v*gamma_v*xhat_v;
+                                        pacc_0 += dy_v*xhat_v;
+                                        pacc_1 += dy_v;
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                        acc_1 += strand_acc_1[k];
+                                        pacc_0 += strand_pacc_0[k];
+                                        pacc_1 += strand_pacc_1[k];
+                                    }
+                                }
+
+                                mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                                mine_params[1 * pl + p * l_count + lp] += pacc_1;
                             }
                         }
 
@@ -1731,8 +2267,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -1742,12 +2278,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 dx[idx] = (float)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -1756,6 +2294,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     dx[idx] = (float)dx_v;
                                 }
+
                             }
                         }
 
@@ -1806,8 +2345,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -1817,12 +2356,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 dx[idx] = (float)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -1831,6 +2372,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     dx[idx] = (float)dx_v;
                                 }
+
                             }
                         }
 
@@ -1904,8 +2446,8 @@ int symbn_groupnorm_forward_eval_f32(const float *x, const float *gamma, const f
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -1914,12 +2456,14 @@ int symbn_groupnorm_forward_eval_f32(const float *x, const float *gamma, const f
 
                             y[idx] = (float)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -1927,6 +2471,7 @@ int symbn_groupnorm_forward_eval_f32(const float *x, const float *gamma, const f
 
                                 y[idx] = (float)y_v;
                             }
+
                         }
                     }
 
@@ -1952,8 +2497,8 @@ int symbn_groupnorm_forward_eval_f32(const float *x, const float *gamma, const f
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -1962,12 +2507,14 @@ int symbn_groupnorm_forward_eval_f32(const float *x, const float *gamma, const f
 
                             y[idx] = (float)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -1975,6 +2522,7 @@ int symbn_groupnorm_forward_eval_f32(const float *x, const float *gamma, const f
 
                                 y[idx] = (float)y_v;
                             }
+
                         }
                     }
 
@@ -2163,8 +2711,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -2173,12 +2721,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (float)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -2186,6 +2736,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     y[idx] = (float)y_v;
                                 }
+
                             }
                         }
 
@@ -2229,8 +2780,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -2239,12 +2790,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (float)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -2252,6 +2805,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     y[idx] = (float)y_v;
                                 }
+
                             }
                         }
 
@@ -2303,8 +2857,8 @@ int symbn_groupnorm_backward_eval_f32(const float *dy, const float *x, const flo
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -2316,27 +2870,53 @@ int symbn_groupnorm_backward_eval_f32(const float *dy, const float *x, const flo
                             mine_params[1 * pl + pidx] += dy_v;
                             dx[idx] = (float)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
+                            const ptrdiff_t base = row + lp * s_count;
                             double pacc_0 = 0.0;
                             double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                (void)gamma_v; (void)beta_v;
-                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
-                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+                            {
+                                double strand_pacc_0[STRANDS] = {0.0};
+                                double strand_pacc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
-                                dx[idx] = (float)dx_v;
+                                        strand_pacc_0[k] += dy_v*xhat_v;
+                                        strand_pacc_1[k] += dy_v;
+                                        dx[idx] = (float)dx_v;
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (float)dx_v;
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    pacc_0 += strand_pacc_0[k];
+                                    pacc_1 += strand_pacc_1[k];
+                                }
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
+
+                            mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                            mine_params[1 * pl + p * l_count + lp] += pacc_1;
                         }
                     }
 
@@ -2363,8 +2943,8 @@ int symbn_groupnorm_backward_eval_f32(const float *dy, const float *x, const flo
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -2376,27 +2956,53 @@ int symbn_groupnorm_backward_eval_f32(const float *dy, const float *x, const flo
                             mine_params[1 * pl + pidx] += dy_v;
                             dx[idx] = (float)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
+                            const ptrdiff_t base = row + lp * s_count;
                             double pacc_0 = 0.0;
                             double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                (void)gamma_v; (void)beta_v;
-                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
-                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+                            {
+                                double strand_pacc_0[STRANDS] = {0.0};
+                                double strand_pacc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
-                                dx[idx] = (float)dx_v;
+                                        strand_pacc_0[k] += dy_v*xhat_v;
+                                        strand_pacc_1[k] += dy_v;
+                                        dx[idx] = (float)dx_v;
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (float)dx_v;
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    pacc_0 += strand_pacc_0[k];
+                                    pacc_1 += strand_pacc_1[k];
+                                }
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
+
+                            mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                            mine_params[1 * pl + p * l_count + lp] += pacc_1;
                         }
                     }
 
@@ -2624,8 +3230,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -2637,27 +3243,53 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 mine_params[1 * pl + pidx] += dy_v;
                                 dx[idx] = (float)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
+                                const ptrdiff_t base = row + lp * s_count;
                                 double pacc_0 = 0.0;
                                 double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
-                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                    (void)gamma_v; (void)beta_v;
-                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
-                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+                                {
+                                    double strand_pacc_0[STRANDS] = {0.0};
+                                    double strand_pacc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                            (void)gamma_v; (void)beta_v;
+                                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
-                                    dx[idx] = (float)dx_v;
+                                            strand_pacc_0[k] += dy_v*xhat_v;
+                                            strand_pacc_1[k] += dy_v;
+                                            dx[idx] = (float)dx_v;
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                        pacc_0 += dy_v*xhat_v;
+                                        pacc_1 += dy_v;
+                                        dx[idx] = (float)dx_v;
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        pacc_0 += strand_pacc_0[k];
+                                        pacc_1 += strand_pacc_1[k];
+                                    }
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
+
+                                mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                                mine_params[1 * pl + p * l_count + lp] += pacc_1;
                             }
                         }
 
@@ -2706,8 +3338,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -2719,27 +3351,53 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 mine_params[1 * pl + pidx] += dy_v;
                                 dx[idx] = (float)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
+                                const ptrdiff_t base = row + lp * s_count;
                                 double pacc_0 = 0.0;
                                 double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
-                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                    (void)gamma_v; (void)beta_v;
-                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
-                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+                                {
+                                    double strand_pacc_0[STRANDS] = {0.0};
+                                    double strand_pacc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                            (void)gamma_v; (void)beta_v;
+                                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
-                                    dx[idx] = (float)dx_v;
+                                            strand_pacc_0[k] += dy_v*xhat_v;
+                                            strand_pacc_1[k] += dy_v;
+                                            dx[idx] = (float)dx_v;
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                        pacc_0 += dy_v*xhat_v;
+                                        pacc_1 += dy_v;
+                                        dx[idx] = (float)dx_v;
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        pacc_0 += strand_pacc_0[k];
+                                        pacc_1 += strand_pacc_1[k];
+                                    }
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
+
+                                mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                                mine_params[1 * pl + p * l_count + lp] += pacc_1;
                             }
                         }
 
@@ -2798,28 +3456,65 @@ int symbn_groupnorm_forward_train_f64(const double *x, const double *gamma, cons
                 {
                     double acc_0 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx];
-                            acc_0 += x_v;
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    strand_acc_0[k] += x_v;
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 acc_0 += x_v;
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += x_v;
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += x_v;
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -2835,25 +3530,59 @@ int symbn_groupnorm_forward_train_f64(const double *x, const double *gamma, cons
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx];
-                            acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -2871,8 +3600,8 @@ int symbn_groupnorm_forward_train_f64(const double *x, const double *gamma, cons
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -2881,12 +3610,14 @@ int symbn_groupnorm_forward_train_f64(const double *x, const double *gamma, cons
 
                             y[idx] = (double)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -2894,6 +3625,7 @@ int symbn_groupnorm_forward_train_f64(const double *x, const double *gamma, cons
 
                                 y[idx] = (double)y_v;
                             }
+
                         }
                     }
 
@@ -2914,28 +3646,65 @@ int symbn_groupnorm_forward_train_f64(const double *x, const double *gamma, cons
                 {
                     double acc_0 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx];
-                            acc_0 += x_v;
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    strand_acc_0[k] += x_v;
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 acc_0 += x_v;
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += x_v;
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += x_v;
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -2951,25 +3720,59 @@ int symbn_groupnorm_forward_train_f64(const double *x, const double *gamma, cons
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx];
-                            acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -2987,8 +3790,8 @@ int symbn_groupnorm_forward_train_f64(const double *x, const double *gamma, cons
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -2997,12 +3800,14 @@ int symbn_groupnorm_forward_train_f64(const double *x, const double *gamma, cons
 
                             y[idx] = (double)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -3010,6 +3815,7 @@ int symbn_groupnorm_forward_train_f64(const double *x, const double *gamma, cons
 
                                 y[idx] = (double)y_v;
                             }
+
                         }
                     }
 
@@ -3309,25 +4115,59 @@ int symbn_groupnorm_forward_train_f64(const double *x, const double *gamma, cons
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx];
-                                acc_0 += x_v;
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += x_v;
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     acc_0 += x_v;
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx];
+                                            strand_acc_0[k] += x_v;
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        acc_0 += x_v;
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -3363,25 +4203,59 @@ int symbn_groupnorm_forward_train_f64(const double *x, const double *gamma, cons
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx];
-                                acc_0 += x_v;
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += x_v;
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     acc_0 += x_v;
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx];
+                                            strand_acc_0[k] += x_v;
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        acc_0 += x_v;
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -3430,25 +4304,59 @@ int symbn_groupnorm_forward_train_f64(const double *x, const double *gamma, cons
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx];
-                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx];
+                                            strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -3486,25 +4394,59 @@ int symbn_groupnorm_forward_train_f64(const double *x, const double *gamma, cons
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx];
-                                acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx];
+                                            strand_acc_0[k] += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        acc_0 += ((-stat_mean + x_v)*(-stat_mean + x_v));
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -3568,8 +4510,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -3578,12 +4520,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (double)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -3591,6 +4535,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     y[idx] = (double)y_v;
                                 }
+
                             }
                         }
 
@@ -3632,8 +4577,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -3642,12 +4587,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (double)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -3655,6 +4602,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     y[idx] = (double)y_v;
                                 }
+
                             }
                         }
 
@@ -3717,33 +4665,36 @@ int symbn_groupnorm_backward_train_f64(const double *dy, const double *x, const 
                     double acc_0 = 0.0;
                     double acc_1 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
-                            (void)dy_v;
-                            acc_0 += dy_v*gamma_v;
-                            acc_1 += dy_v*gamma_v*xhat_v;
-                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                            mine_params[1 * pl + pidx] += dy_v;
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            double pacc_0 = 0.0;
-                            double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            double strand_acc_1[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PREFETCH(dy + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    strand_acc_0[k] += dy_v*gamma_v;
+                                    strand_acc_1[k] += dy_v*gamma_v*xhat_v;
+                                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                    mine_params[1 * pl + pidx] += dy_v;
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -3751,12 +4702,70 @@ int symbn_groupnorm_backward_train_f64(const double *dy, const double *x, const 
                                 (void)dy_v;
                                 acc_0 += dy_v*gamma_v;
                                 acc_1 += dy_v*gamma_v*xhat_v;
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
-                                
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                                acc_1 += strand_acc_1[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                double strand_acc_1[STRANDS] = {0.0};
+                                double strand_pacc_0[STRANDS] = {0.0};
+                                double strand_pacc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PREFETCH(dy + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v*gamma_v;
+                                        strand_acc_1[k] += dy_v*gamma_v*xhat_v;
+                                        strand_pacc_0[k] += dy_v*xhat_v;
+                                        strand_pacc_1[k] += dy_v;
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    acc_0 += dy_v*gamma_v;
+                                    acc_1 += dy_v*gamma_v*xhat_v;
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                    acc_1 += strand_acc_1[k];
+                                    pacc_0 += strand_pacc_0[k];
+                                    pacc_1 += strand_pacc_1[k];
+                                }
+                            }
+
+                            mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                            mine_params[1 * pl + p * l_count + lp] += pacc_1;
                         }
                     }
 
@@ -3773,8 +4782,8 @@ int symbn_groupnorm_backward_train_f64(const double *dy, const double *x, const 
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -3784,12 +4793,14 @@ int symbn_groupnorm_backward_train_f64(const double *dy, const double *x, const 
 
                             dx[idx] = (double)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -3798,6 +4809,7 @@ int symbn_groupnorm_backward_train_f64(const double *dy, const double *x, const 
 
                                 dx[idx] = (double)dx_v;
                             }
+
                         }
                     }
 
@@ -3824,33 +4836,36 @@ int symbn_groupnorm_backward_train_f64(const double *dy, const double *x, const 
                     double acc_0 = 0.0;
                     double acc_1 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
-                            (void)dy_v;
-                            acc_0 += dy_v*gamma_v;
-                            acc_1 += dy_v*gamma_v*xhat_v;
-                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                            mine_params[1 * pl + pidx] += dy_v;
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            double pacc_0 = 0.0;
-                            double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            double strand_acc_1[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PREFETCH(dy + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    strand_acc_0[k] += dy_v*gamma_v;
+                                    strand_acc_1[k] += dy_v*gamma_v*xhat_v;
+                                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                    mine_params[1 * pl + pidx] += dy_v;
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -3858,12 +4873,70 @@ int symbn_groupnorm_backward_train_f64(const double *dy, const double *x, const 
                                 (void)dy_v;
                                 acc_0 += dy_v*gamma_v;
                                 acc_1 += dy_v*gamma_v*xhat_v;
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
-                                
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                                acc_1 += strand_acc_1[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                double strand_acc_1[STRANDS] = {0.0};
+                                double strand_pacc_0[STRANDS] = {0.0};
+                                double strand_pacc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PREFETCH(dy + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v*gamma_v;
+                                        strand_acc_1[k] += dy_v*gamma_v*xhat_v;
+                                        strand_pacc_0[k] += dy_v*xhat_v;
+                                        strand_pacc_1[k] += dy_v;
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                    (void)dy_v;
+                                    acc_0 += dy_v*gamma_v;
+                                    acc_1 += dy_v*gamma_v*xhat_v;
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                    acc_1 += strand_acc_1[k];
+                                    pacc_0 += strand_pacc_0[k];
+                                    pacc_1 += strand_pacc_1[k];
+                                }
+                            }
+
+                            mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                            mine_params[1 * pl + p * l_count + lp] += pacc_1;
                         }
                     }
 
@@ -3880,8 +4953,8 @@ int symbn_groupnorm_backward_train_f64(const double *dy, const double *x, const 
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -3891,12 +4964,14 @@ int symbn_groupnorm_backward_train_f64(const double *dy, const double *x, const 
 
                             dx[idx] = (double)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -3905,6 +4980,7 @@ int symbn_groupnorm_backward_train_f64(const double *dy, const double *x, const 
 
                                 dx[idx] = (double)dx_v;
                             }
+
                         }
                     }
 
@@ -4251,30 +5327,30 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         double acc_1 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                (void)gamma_v; (void)beta_v;
-                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
-                                (void)dy_v;
-                                acc_0 += dy_v*gamma_v;
-                                acc_1 += dy_v*gamma_v*xhat_v;
-                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                                mine_params[1 * pl + pidx] += dy_v;
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                double pacc_0 = 0.0;
-                                double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                double strand_acc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v*gamma_v;
+                                        strand_acc_1[k] += dy_v*gamma_v*xhat_v;
+                                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                        mine_params[1 * pl + pidx] += dy_v;
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -4282,12 +5358,68 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                     (void)dy_v;
                                     acc_0 += dy_v*gamma_v;
                                     acc_1 += dy_v*gamma_v*xhat_v;
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
-                                    
+                                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                    mine_params[1 * pl + pidx] += dy_v;
+
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                    acc_1 += strand_acc_1[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    double strand_acc_1[STRANDS] = {0.0};
+                                    double strand_pacc_0[STRANDS] = {0.0};
+                                    double strand_pacc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                            (void)gamma_v; (void)beta_v;
+                                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                            (void)dy_v;
+                                            strand_acc_0[k] += dy_v*gamma_v;
+                                            strand_acc_1[k] += dy_v*gamma_v*xhat_v;
+                                            strand_pacc_0[k] += dy_v*xhat_v;
+                                            strand_pacc_1[k] += dy_v;
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        acc_0 += dy_v*gamma_v;
+                                        acc_1 += dy_v*gamma_v*xhat_v;
+                                        pacc_0 += dy_v*xhat_v;
+                                        pacc_1 += dy_v;
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                        acc_1 += strand_acc_1[k];
+                                        pacc_0 += strand_pacc_0[k];
+                                        pacc_1 += strand_pacc_1[k];
+                                    }
+                                }
+
+                                mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                                mine_params[1 * pl + p * l_count + lp] += pacc_1;
                             }
                         }
 
@@ -4336,30 +5468,30 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         double acc_1 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                (void)gamma_v; (void)beta_v;
-                                const double xhat_v = saved_invstd*(-saved_mean + x_v);
-                                (void)dy_v;
-                                acc_0 += dy_v*gamma_v;
-                                acc_1 += dy_v*gamma_v*xhat_v;
-                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                                mine_params[1 * pl + pidx] += dy_v;
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                double pacc_0 = 0.0;
-                                double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, acc_1, pacc_0, pacc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                double strand_acc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v*gamma_v;
+                                        strand_acc_1[k] += dy_v*gamma_v*xhat_v;
+                                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                        mine_params[1 * pl + pidx] += dy_v;
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -4367,12 +5499,68 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                     (void)dy_v;
                                     acc_0 += dy_v*gamma_v;
                                     acc_1 += dy_v*gamma_v*xhat_v;
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
-                                    
+                                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                    mine_params[1 * pl + pidx] += dy_v;
+
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                    acc_1 += strand_acc_1[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    double strand_acc_1[STRANDS] = {0.0};
+                                    double strand_pacc_0[STRANDS] = {0.0};
+                                    double strand_pacc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                            (void)gamma_v; (void)beta_v;
+                                            const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                            (void)dy_v;
+                                            strand_acc_0[k] += dy_v*gamma_v;
+                                            strand_acc_1[k] += dy_v*gamma_v*xhat_v;
+                                            strand_pacc_0[k] += dy_v*xhat_v;
+                                            strand_pacc_1[k] += dy_v;
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*(-saved_mean + x_v);
+                                        (void)dy_v;
+                                        acc_0 += dy_v*gamma_v;
+                                        acc_1 += dy_v*gamma_v*xhat_v;
+                                        pacc_0 += dy_v*xhat_v;
+                                        pacc_1 += dy_v;
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                        acc_1 += strand_acc_1[k];
+                                        pacc_0 += strand_pacc_0[k];
+                                        pacc_1 += strand_pacc_1[k];
+                                    }
+                                }
+
+                                mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                                mine_params[1 * pl + p * l_count + lp] += pacc_1;
                             }
                         }
 
@@ -4449,8 +5637,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -4460,12 +5648,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 dx[idx] = (double)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -4474,6 +5664,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     dx[idx] = (double)dx_v;
                                 }
+
                             }
                         }
 
@@ -4524,8 +5715,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -4535,12 +5726,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 dx[idx] = (double)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -4549,6 +5742,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     dx[idx] = (double)dx_v;
                                 }
+
                             }
                         }
 
@@ -4622,8 +5816,8 @@ int symbn_groupnorm_forward_eval_f64(const double *x, const double *gamma, const
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -4632,12 +5826,14 @@ int symbn_groupnorm_forward_eval_f64(const double *x, const double *gamma, const
 
                             y[idx] = (double)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -4645,6 +5841,7 @@ int symbn_groupnorm_forward_eval_f64(const double *x, const double *gamma, const
 
                                 y[idx] = (double)y_v;
                             }
+
                         }
                     }
 
@@ -4670,8 +5867,8 @@ int symbn_groupnorm_forward_eval_f64(const double *x, const double *gamma, const
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -4680,12 +5877,14 @@ int symbn_groupnorm_forward_eval_f64(const double *x, const double *gamma, const
 
                             y[idx] = (double)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -4693,6 +5892,7 @@ int symbn_groupnorm_forward_eval_f64(const double *x, const double *gamma, const
 
                                 y[idx] = (double)y_v;
                             }
+
                         }
                     }
 
@@ -4881,8 +6081,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -4891,12 +6091,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (double)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -4904,6 +6106,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     y[idx] = (double)y_v;
                                 }
+
                             }
                         }
 
@@ -4947,8 +6150,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -4957,12 +6160,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (double)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -4970,6 +6175,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     y[idx] = (double)y_v;
                                 }
+
                             }
                         }
 
@@ -5021,8 +6227,8 @@ int symbn_groupnorm_backward_eval_f64(const double *dy, const double *x, const d
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -5034,27 +6240,53 @@ int symbn_groupnorm_backward_eval_f64(const double *dy, const double *x, const d
                             mine_params[1 * pl + pidx] += dy_v;
                             dx[idx] = (double)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
+                            const ptrdiff_t base = row + lp * s_count;
                             double pacc_0 = 0.0;
                             double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                (void)gamma_v; (void)beta_v;
-                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
-                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+                            {
+                                double strand_pacc_0[STRANDS] = {0.0};
+                                double strand_pacc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
-                                dx[idx] = (double)dx_v;
+                                        strand_pacc_0[k] += dy_v*xhat_v;
+                                        strand_pacc_1[k] += dy_v;
+                                        dx[idx] = (double)dx_v;
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (double)dx_v;
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    pacc_0 += strand_pacc_0[k];
+                                    pacc_1 += strand_pacc_1[k];
+                                }
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
+
+                            mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                            mine_params[1 * pl + p * l_count + lp] += pacc_1;
                         }
                     }
 
@@ -5081,8 +6313,8 @@ int symbn_groupnorm_backward_eval_f64(const double *dy, const double *x, const d
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -5094,27 +6326,53 @@ int symbn_groupnorm_backward_eval_f64(const double *dy, const double *x, const d
                             mine_params[1 * pl + pidx] += dy_v;
                             dx[idx] = (double)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
+                            const ptrdiff_t base = row + lp * s_count;
                             double pacc_0 = 0.0;
                             double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                (void)gamma_v; (void)beta_v;
-                                const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
-                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+                            {
+                                double strand_pacc_0[STRANDS] = {0.0};
+                                double strand_pacc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
-                                dx[idx] = (double)dx_v;
+                                        strand_pacc_0[k] += dy_v*xhat_v;
+                                        strand_pacc_1[k] += dy_v;
+                                        dx[idx] = (double)dx_v;
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (double)dx_v;
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    pacc_0 += strand_pacc_0[k];
+                                    pacc_1 += strand_pacc_1[k];
+                                }
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
+
+                            mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                            mine_params[1 * pl + p * l_count + lp] += pacc_1;
                         }
                     }
 
@@ -5342,8 +6600,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -5355,27 +6613,53 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 mine_params[1 * pl + pidx] += dy_v;
                                 dx[idx] = (double)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
+                                const ptrdiff_t base = row + lp * s_count;
                                 double pacc_0 = 0.0;
                                 double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
-                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                    (void)gamma_v; (void)beta_v;
-                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
-                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+                                {
+                                    double strand_pacc_0[STRANDS] = {0.0};
+                                    double strand_pacc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                            (void)gamma_v; (void)beta_v;
+                                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
-                                    dx[idx] = (double)dx_v;
+                                            strand_pacc_0[k] += dy_v*xhat_v;
+                                            strand_pacc_1[k] += dy_v;
+                                            dx[idx] = (double)dx_v;
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                        pacc_0 += dy_v*xhat_v;
+                                        pacc_1 += dy_v;
+                                        dx[idx] = (double)dx_v;
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        pacc_0 += strand_pacc_0[k];
+                                        pacc_1 += strand_pacc_1[k];
+                                    }
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
+
+                                mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                                mine_params[1 * pl + p * l_count + lp] += pacc_1;
                             }
                         }
 
@@ -5424,8 +6708,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -5437,27 +6721,53 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 mine_params[1 * pl + pidx] += dy_v;
                                 dx[idx] = (double)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
+                                const ptrdiff_t base = row + lp * s_count;
                                 double pacc_0 = 0.0;
                                 double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
-                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                    (void)gamma_v; (void)beta_v;
-                                    const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
-                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+                                {
+                                    double strand_pacc_0[STRANDS] = {0.0};
+                                    double strand_pacc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                            (void)gamma_v; (void)beta_v;
+                                            const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
-                                    dx[idx] = (double)dx_v;
+                                            strand_pacc_0[k] += dy_v*xhat_v;
+                                            strand_pacc_1[k] += dy_v;
+                                            dx[idx] = (double)dx_v;
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = c_xhat_v_0*(-run_mean + x_v);
+                                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                        pacc_0 += dy_v*xhat_v;
+                                        pacc_1 += dy_v;
+                                        dx[idx] = (double)dx_v;
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        pacc_0 += strand_pacc_0[k];
+                                        pacc_1 += strand_pacc_1[k];
+                                    }
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
+
+                                mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                                mine_params[1 * pl + p * l_count + lp] += pacc_1;
                             }
                         }
 

@@ -9,6 +9,7 @@
 #include "rmsnorm.h"
 
 #define LONG_RUN 32 /* runs at least this long: a thread takes whole groups, every pass back to back */
+#define STRANDS 16  /* independent partial sums per reduction over a run: additions overlap */
 #define LANES 16    /* runs of one element (x is (N, C)): a thread takes LANES groups (channels) at a time */
 #define SMALL 65536 /* elements: a problem this small runs on one thread, and in blocks of LANES when it can
                        (large ones stream row by row: a column block strided by a row misses every cache) */
@@ -17,6 +18,11 @@
 #define SYMBN_PRAGMA(text) _Pragma(#text)
 #else
 #define SYMBN_PRAGMA(text)
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define SYMBN_PREFETCH(address) __builtin_prefetch(address) /* a hint: never faults, never reads */
+#else
+#define SYMBN_PREFETCH(address) ((void)0)
 #endif
 
 static int requested_threads = 0;
@@ -80,28 +86,65 @@ int symbn_rmsnorm_forward_train_f32(const float *x, const float *gamma, const fl
                 {
                     double acc_0 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx];
-                            acc_0 += (x_v*x_v);
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    strand_acc_0[k] += (x_v*x_v);
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 acc_0 += (x_v*x_v);
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += (x_v*x_v);
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += (x_v*x_v);
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -117,8 +160,8 @@ int symbn_rmsnorm_forward_train_f32(const float *x, const float *gamma, const fl
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -127,12 +170,14 @@ int symbn_rmsnorm_forward_train_f32(const float *x, const float *gamma, const fl
 
                             y[idx] = (float)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -140,6 +185,7 @@ int symbn_rmsnorm_forward_train_f32(const float *x, const float *gamma, const fl
 
                                 y[idx] = (float)y_v;
                             }
+
                         }
                     }
 
@@ -160,28 +206,65 @@ int symbn_rmsnorm_forward_train_f32(const float *x, const float *gamma, const fl
                 {
                     double acc_0 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx];
-                            acc_0 += (x_v*x_v);
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    strand_acc_0[k] += (x_v*x_v);
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 acc_0 += (x_v*x_v);
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += (x_v*x_v);
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += (x_v*x_v);
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -197,8 +280,8 @@ int symbn_rmsnorm_forward_train_f32(const float *x, const float *gamma, const fl
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -207,12 +290,14 @@ int symbn_rmsnorm_forward_train_f32(const float *x, const float *gamma, const fl
 
                             y[idx] = (float)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -220,6 +305,7 @@ int symbn_rmsnorm_forward_train_f32(const float *x, const float *gamma, const fl
 
                                 y[idx] = (float)y_v;
                             }
+
                         }
                     }
 
@@ -439,25 +525,59 @@ int symbn_rmsnorm_forward_train_f32(const float *x, const float *gamma, const fl
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx];
-                                acc_0 += (x_v*x_v);
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += (x_v*x_v);
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     acc_0 += (x_v*x_v);
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx];
+                                            strand_acc_0[k] += (x_v*x_v);
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        acc_0 += (x_v*x_v);
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -493,25 +613,59 @@ int symbn_rmsnorm_forward_train_f32(const float *x, const float *gamma, const fl
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx];
-                                acc_0 += (x_v*x_v);
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += (x_v*x_v);
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     acc_0 += (x_v*x_v);
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx];
+                                            strand_acc_0[k] += (x_v*x_v);
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        acc_0 += (x_v*x_v);
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -570,8 +724,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -580,12 +734,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (float)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -593,6 +749,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     y[idx] = (float)y_v;
                                 }
+
                             }
                         }
 
@@ -632,8 +789,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -642,12 +799,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (float)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -655,6 +814,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     y[idx] = (float)y_v;
                                 }
+
                             }
                         }
 
@@ -714,44 +874,99 @@ int symbn_rmsnorm_backward_train_f32(const float *dy, const float *x, const floa
                 {
                     double acc_0 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = saved_invstd*x_v;
-                            (void)dy_v;
-                            acc_0 += dy_v*gamma_v*xhat_v;
-                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                            mine_params[1 * pl + pidx] += dy_v;
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            double pacc_0 = 0.0;
-                            double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PREFETCH(dy + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*x_v;
+                                    (void)dy_v;
+                                    strand_acc_0[k] += dy_v*gamma_v*xhat_v;
+                                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                    mine_params[1 * pl + pidx] += dy_v;
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
                                 const double xhat_v = saved_invstd*x_v;
                                 (void)dy_v;
                                 acc_0 += dy_v*gamma_v*xhat_v;
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
-                                
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                double strand_pacc_0[STRANDS] = {0.0};
+                                double strand_pacc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PREFETCH(dy + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*x_v;
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v*gamma_v*xhat_v;
+                                        strand_pacc_0[k] += dy_v*xhat_v;
+                                        strand_pacc_1[k] += dy_v;
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*x_v;
+                                    (void)dy_v;
+                                    acc_0 += dy_v*gamma_v*xhat_v;
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                    pacc_0 += strand_pacc_0[k];
+                                    pacc_1 += strand_pacc_1[k];
+                                }
+                            }
+
+                            mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                            mine_params[1 * pl + p * l_count + lp] += pacc_1;
                         }
                     }
 
@@ -765,8 +980,8 @@ int symbn_rmsnorm_backward_train_f32(const float *dy, const float *x, const floa
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -776,12 +991,14 @@ int symbn_rmsnorm_backward_train_f32(const float *dy, const float *x, const floa
 
                             dx[idx] = (float)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -790,6 +1007,7 @@ int symbn_rmsnorm_backward_train_f32(const float *dy, const float *x, const floa
 
                                 dx[idx] = (float)dx_v;
                             }
+
                         }
                     }
 
@@ -813,44 +1031,99 @@ int symbn_rmsnorm_backward_train_f32(const float *dy, const float *x, const floa
                 {
                     double acc_0 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = saved_invstd*x_v;
-                            (void)dy_v;
-                            acc_0 += dy_v*gamma_v*xhat_v;
-                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                            mine_params[1 * pl + pidx] += dy_v;
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            double pacc_0 = 0.0;
-                            double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PREFETCH(dy + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*x_v;
+                                    (void)dy_v;
+                                    strand_acc_0[k] += dy_v*gamma_v*xhat_v;
+                                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                    mine_params[1 * pl + pidx] += dy_v;
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
                                 const double xhat_v = saved_invstd*x_v;
                                 (void)dy_v;
                                 acc_0 += dy_v*gamma_v*xhat_v;
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
-                                
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                double strand_pacc_0[STRANDS] = {0.0};
+                                double strand_pacc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PREFETCH(dy + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*x_v;
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v*gamma_v*xhat_v;
+                                        strand_pacc_0[k] += dy_v*xhat_v;
+                                        strand_pacc_1[k] += dy_v;
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*x_v;
+                                    (void)dy_v;
+                                    acc_0 += dy_v*gamma_v*xhat_v;
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                    pacc_0 += strand_pacc_0[k];
+                                    pacc_1 += strand_pacc_1[k];
+                                }
+                            }
+
+                            mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                            mine_params[1 * pl + p * l_count + lp] += pacc_1;
                         }
                     }
 
@@ -864,8 +1137,8 @@ int symbn_rmsnorm_backward_train_f32(const float *dy, const float *x, const floa
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -875,12 +1148,14 @@ int symbn_rmsnorm_backward_train_f32(const float *dy, const float *x, const floa
 
                             dx[idx] = (float)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -889,6 +1164,7 @@ int symbn_rmsnorm_backward_train_f32(const float *dy, const float *x, const floa
 
                                 dx[idx] = (float)dx_v;
                             }
+
                         }
                     }
 
@@ -1196,41 +1472,91 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                (void)gamma_v; (void)beta_v;
-                                const double xhat_v = saved_invstd*x_v;
-                                (void)dy_v;
-                                acc_0 += dy_v*gamma_v*xhat_v;
-                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                                mine_params[1 * pl + pidx] += dy_v;
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                double pacc_0 = 0.0;
-                                double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*x_v;
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v*gamma_v*xhat_v;
+                                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                        mine_params[1 * pl + pidx] += dy_v;
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
                                     const double xhat_v = saved_invstd*x_v;
                                     (void)dy_v;
                                     acc_0 += dy_v*gamma_v*xhat_v;
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
-                                    
+                                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                    mine_params[1 * pl + pidx] += dy_v;
+
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    double strand_pacc_0[STRANDS] = {0.0};
+                                    double strand_pacc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                            (void)gamma_v; (void)beta_v;
+                                            const double xhat_v = saved_invstd*x_v;
+                                            (void)dy_v;
+                                            strand_acc_0[k] += dy_v*gamma_v*xhat_v;
+                                            strand_pacc_0[k] += dy_v*xhat_v;
+                                            strand_pacc_1[k] += dy_v;
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*x_v;
+                                        (void)dy_v;
+                                        acc_0 += dy_v*gamma_v*xhat_v;
+                                        pacc_0 += dy_v*xhat_v;
+                                        pacc_1 += dy_v;
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                        pacc_0 += strand_pacc_0[k];
+                                        pacc_1 += strand_pacc_1[k];
+                                    }
+                                }
+
+                                mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                                mine_params[1 * pl + p * l_count + lp] += pacc_1;
                             }
                         }
 
@@ -1274,41 +1600,91 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                (void)gamma_v; (void)beta_v;
-                                const double xhat_v = saved_invstd*x_v;
-                                (void)dy_v;
-                                acc_0 += dy_v*gamma_v*xhat_v;
-                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                                mine_params[1 * pl + pidx] += dy_v;
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                double pacc_0 = 0.0;
-                                double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*x_v;
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v*gamma_v*xhat_v;
+                                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                        mine_params[1 * pl + pidx] += dy_v;
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
                                     const double xhat_v = saved_invstd*x_v;
                                     (void)dy_v;
                                     acc_0 += dy_v*gamma_v*xhat_v;
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
-                                    
+                                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                    mine_params[1 * pl + pidx] += dy_v;
+
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    double strand_pacc_0[STRANDS] = {0.0};
+                                    double strand_pacc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                            (void)gamma_v; (void)beta_v;
+                                            const double xhat_v = saved_invstd*x_v;
+                                            (void)dy_v;
+                                            strand_acc_0[k] += dy_v*gamma_v*xhat_v;
+                                            strand_pacc_0[k] += dy_v*xhat_v;
+                                            strand_pacc_1[k] += dy_v;
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*x_v;
+                                        (void)dy_v;
+                                        acc_0 += dy_v*gamma_v*xhat_v;
+                                        pacc_0 += dy_v*xhat_v;
+                                        pacc_1 += dy_v;
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                        pacc_0 += strand_pacc_0[k];
+                                        pacc_1 += strand_pacc_1[k];
+                                    }
+                                }
+
+                                mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                                mine_params[1 * pl + p * l_count + lp] += pacc_1;
                             }
                         }
 
@@ -1374,8 +1750,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -1385,12 +1761,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 dx[idx] = (float)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -1399,6 +1777,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     dx[idx] = (float)dx_v;
                                 }
+
                             }
                         }
 
@@ -1443,8 +1822,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -1454,12 +1833,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 dx[idx] = (float)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -1468,6 +1849,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     dx[idx] = (float)dx_v;
                                 }
+
                             }
                         }
 
@@ -1540,8 +1922,8 @@ int symbn_rmsnorm_forward_eval_f32(const float *x, const float *gamma, const flo
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -1550,12 +1932,14 @@ int symbn_rmsnorm_forward_eval_f32(const float *x, const float *gamma, const flo
 
                             y[idx] = (float)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -1563,6 +1947,7 @@ int symbn_rmsnorm_forward_eval_f32(const float *x, const float *gamma, const flo
 
                                 y[idx] = (float)y_v;
                             }
+
                         }
                     }
 
@@ -1587,8 +1972,8 @@ int symbn_rmsnorm_forward_eval_f32(const float *x, const float *gamma, const flo
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -1597,12 +1982,14 @@ int symbn_rmsnorm_forward_eval_f32(const float *x, const float *gamma, const flo
 
                             y[idx] = (float)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -1610,6 +1997,7 @@ int symbn_rmsnorm_forward_eval_f32(const float *x, const float *gamma, const flo
 
                                 y[idx] = (float)y_v;
                             }
+
                         }
                     }
 
@@ -1789,8 +2177,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -1799,12 +2187,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (float)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -1812,6 +2202,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     y[idx] = (float)y_v;
                                 }
+
                             }
                         }
 
@@ -1853,8 +2244,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -1863,12 +2254,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (float)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -1876,6 +2269,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     y[idx] = (float)y_v;
                                 }
+
                             }
                         }
 
@@ -1926,8 +2320,8 @@ int symbn_rmsnorm_backward_eval_f32(const float *dy, const float *x, const float
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -1939,27 +2333,53 @@ int symbn_rmsnorm_backward_eval_f32(const float *dy, const float *x, const float
                             mine_params[1 * pl + pidx] += dy_v;
                             dx[idx] = (float)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
+                            const ptrdiff_t base = row + lp * s_count;
                             double pacc_0 = 0.0;
                             double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                (void)gamma_v; (void)beta_v;
-                                const double xhat_v = c_xhat_v_0*x_v;
-                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+                            {
+                                double strand_pacc_0[STRANDS] = {0.0};
+                                double strand_pacc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = c_xhat_v_0*x_v;
+                                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
-                                dx[idx] = (float)dx_v;
+                                        strand_pacc_0[k] += dy_v*xhat_v;
+                                        strand_pacc_1[k] += dy_v;
+                                        dx[idx] = (float)dx_v;
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = c_xhat_v_0*x_v;
+                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (float)dx_v;
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    pacc_0 += strand_pacc_0[k];
+                                    pacc_1 += strand_pacc_1[k];
+                                }
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
+
+                            mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                            mine_params[1 * pl + p * l_count + lp] += pacc_1;
                         }
                     }
 
@@ -1985,8 +2405,8 @@ int symbn_rmsnorm_backward_eval_f32(const float *dy, const float *x, const float
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -1998,27 +2418,53 @@ int symbn_rmsnorm_backward_eval_f32(const float *dy, const float *x, const float
                             mine_params[1 * pl + pidx] += dy_v;
                             dx[idx] = (float)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
+                            const ptrdiff_t base = row + lp * s_count;
                             double pacc_0 = 0.0;
                             double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                (void)gamma_v; (void)beta_v;
-                                const double xhat_v = c_xhat_v_0*x_v;
-                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+                            {
+                                double strand_pacc_0[STRANDS] = {0.0};
+                                double strand_pacc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = c_xhat_v_0*x_v;
+                                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
-                                dx[idx] = (float)dx_v;
+                                        strand_pacc_0[k] += dy_v*xhat_v;
+                                        strand_pacc_1[k] += dy_v;
+                                        dx[idx] = (float)dx_v;
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = c_xhat_v_0*x_v;
+                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (float)dx_v;
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    pacc_0 += strand_pacc_0[k];
+                                    pacc_1 += strand_pacc_1[k];
+                                }
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
+
+                            mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                            mine_params[1 * pl + p * l_count + lp] += pacc_1;
                         }
                     }
 
@@ -2237,8 +2683,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -2250,27 +2696,53 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 mine_params[1 * pl + pidx] += dy_v;
                                 dx[idx] = (float)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
+                                const ptrdiff_t base = row + lp * s_count;
                                 double pacc_0 = 0.0;
                                 double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
-                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                    (void)gamma_v; (void)beta_v;
-                                    const double xhat_v = c_xhat_v_0*x_v;
-                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+                                {
+                                    double strand_pacc_0[STRANDS] = {0.0};
+                                    double strand_pacc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                            (void)gamma_v; (void)beta_v;
+                                            const double xhat_v = c_xhat_v_0*x_v;
+                                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
-                                    dx[idx] = (float)dx_v;
+                                            strand_pacc_0[k] += dy_v*xhat_v;
+                                            strand_pacc_1[k] += dy_v;
+                                            dx[idx] = (float)dx_v;
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = c_xhat_v_0*x_v;
+                                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                        pacc_0 += dy_v*xhat_v;
+                                        pacc_1 += dy_v;
+                                        dx[idx] = (float)dx_v;
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        pacc_0 += strand_pacc_0[k];
+                                        pacc_1 += strand_pacc_1[k];
+                                    }
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
+
+                                mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                                mine_params[1 * pl + p * l_count + lp] += pacc_1;
                             }
                         }
 
@@ -2317,8 +2789,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -2330,27 +2802,53 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 mine_params[1 * pl + pidx] += dy_v;
                                 dx[idx] = (float)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
+                                const ptrdiff_t base = row + lp * s_count;
                                 double pacc_0 = 0.0;
                                 double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
-                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                    (void)gamma_v; (void)beta_v;
-                                    const double xhat_v = c_xhat_v_0*x_v;
-                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+                                {
+                                    double strand_pacc_0[STRANDS] = {0.0};
+                                    double strand_pacc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                            (void)gamma_v; (void)beta_v;
+                                            const double xhat_v = c_xhat_v_0*x_v;
+                                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
-                                    dx[idx] = (float)dx_v;
+                                            strand_pacc_0[k] += dy_v*xhat_v;
+                                            strand_pacc_1[k] += dy_v;
+                                            dx[idx] = (float)dx_v;
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = c_xhat_v_0*x_v;
+                                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                        pacc_0 += dy_v*xhat_v;
+                                        pacc_1 += dy_v;
+                                        dx[idx] = (float)dx_v;
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        pacc_0 += strand_pacc_0[k];
+                                        pacc_1 += strand_pacc_1[k];
+                                    }
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
+
+                                mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                                mine_params[1 * pl + p * l_count + lp] += pacc_1;
                             }
                         }
 
@@ -2409,28 +2907,65 @@ int symbn_rmsnorm_forward_train_f64(const double *x, const double *gamma, const 
                 {
                     double acc_0 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx];
-                            acc_0 += (x_v*x_v);
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    strand_acc_0[k] += (x_v*x_v);
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 acc_0 += (x_v*x_v);
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += (x_v*x_v);
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += (x_v*x_v);
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -2446,8 +2981,8 @@ int symbn_rmsnorm_forward_train_f64(const double *x, const double *gamma, const 
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -2456,12 +2991,14 @@ int symbn_rmsnorm_forward_train_f64(const double *x, const double *gamma, const 
 
                             y[idx] = (double)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -2469,6 +3006,7 @@ int symbn_rmsnorm_forward_train_f64(const double *x, const double *gamma, const 
 
                                 y[idx] = (double)y_v;
                             }
+
                         }
                     }
 
@@ -2489,28 +3027,65 @@ int symbn_rmsnorm_forward_train_f64(const double *x, const double *gamma, const 
                 {
                     double acc_0 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx];
-                            acc_0 += (x_v*x_v);
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    strand_acc_0[k] += (x_v*x_v);
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 acc_0 += (x_v*x_v);
-                                
+
                             }
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += (x_v*x_v);
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx];
+                                    acc_0 += (x_v*x_v);
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
                         }
                     }
 
@@ -2526,8 +3101,8 @@ int symbn_rmsnorm_forward_train_f64(const double *x, const double *gamma, const 
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -2536,12 +3111,14 @@ int symbn_rmsnorm_forward_train_f64(const double *x, const double *gamma, const 
 
                             y[idx] = (double)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -2549,6 +3126,7 @@ int symbn_rmsnorm_forward_train_f64(const double *x, const double *gamma, const 
 
                                 y[idx] = (double)y_v;
                             }
+
                         }
                     }
 
@@ -2768,25 +3346,59 @@ int symbn_rmsnorm_forward_train_f64(const double *x, const double *gamma, const 
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx];
-                                acc_0 += (x_v*x_v);
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += (x_v*x_v);
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     acc_0 += (x_v*x_v);
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx];
+                                            strand_acc_0[k] += (x_v*x_v);
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        acc_0 += (x_v*x_v);
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -2822,25 +3434,59 @@ int symbn_rmsnorm_forward_train_f64(const double *x, const double *gamma, const 
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx];
-                                acc_0 += (x_v*x_v);
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        strand_acc_0[k] += (x_v*x_v);
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     acc_0 += (x_v*x_v);
-                                    
+
                                 }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx];
+                                            strand_acc_0[k] += (x_v*x_v);
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx];
+                                        acc_0 += (x_v*x_v);
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                    }
+                                }
+
                             }
                         }
 
@@ -2899,8 +3545,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -2909,12 +3555,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (double)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -2922,6 +3570,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     y[idx] = (double)y_v;
                                 }
+
                             }
                         }
 
@@ -2961,8 +3610,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -2971,12 +3620,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (double)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -2984,6 +3635,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     y[idx] = (double)y_v;
                                 }
+
                             }
                         }
 
@@ -3043,44 +3695,99 @@ int symbn_rmsnorm_backward_train_f64(const double *dy, const double *x, const do
                 {
                     double acc_0 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = saved_invstd*x_v;
-                            (void)dy_v;
-                            acc_0 += dy_v*gamma_v*xhat_v;
-                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                            mine_params[1 * pl + pidx] += dy_v;
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            double pacc_0 = 0.0;
-                            double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PREFETCH(dy + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*x_v;
+                                    (void)dy_v;
+                                    strand_acc_0[k] += dy_v*gamma_v*xhat_v;
+                                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                    mine_params[1 * pl + pidx] += dy_v;
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
                                 const double xhat_v = saved_invstd*x_v;
                                 (void)dy_v;
                                 acc_0 += dy_v*gamma_v*xhat_v;
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
-                                
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                double strand_pacc_0[STRANDS] = {0.0};
+                                double strand_pacc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PREFETCH(dy + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*x_v;
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v*gamma_v*xhat_v;
+                                        strand_pacc_0[k] += dy_v*xhat_v;
+                                        strand_pacc_1[k] += dy_v;
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*x_v;
+                                    (void)dy_v;
+                                    acc_0 += dy_v*gamma_v*xhat_v;
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                    pacc_0 += strand_pacc_0[k];
+                                    pacc_1 += strand_pacc_1[k];
+                                }
+                            }
+
+                            mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                            mine_params[1 * pl + p * l_count + lp] += pacc_1;
                         }
                     }
 
@@ -3094,8 +3801,8 @@ int symbn_rmsnorm_backward_train_f64(const double *dy, const double *x, const do
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -3105,12 +3812,14 @@ int symbn_rmsnorm_backward_train_f64(const double *dy, const double *x, const do
 
                             dx[idx] = (double)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -3119,6 +3828,7 @@ int symbn_rmsnorm_backward_train_f64(const double *dy, const double *x, const do
 
                                 dx[idx] = (double)dx_v;
                             }
+
                         }
                     }
 
@@ -3142,44 +3852,99 @@ int symbn_rmsnorm_backward_train_f64(const double *dy, const double *x, const do
                 {
                     double acc_0 = 0.0;
 
+                const ptrdiff_t ahead = g + 1 < groups ? ls : 0;
                 for (ptrdiff_t n = 0; n < outer; ++n) {
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
-                        SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                            (void)pidx;
-                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                            (void)gamma_v; (void)beta_v;
-                            const double xhat_v = saved_invstd*x_v;
-                            (void)dy_v;
-                            acc_0 += dy_v*gamma_v*xhat_v;
-                            mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                            mine_params[1 * pl + pidx] += dy_v;
-                            
-                        }
-                    } else {
-                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            double pacc_0 = 0.0;
-                            double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                        {
+                            double strand_acc_0[STRANDS] = {0.0};
+                            ptrdiff_t i = 0;
+                            for (; i + STRANDS <= ls; i += STRANDS) {
+                                SYMBN_PREFETCH(x + row + i + ahead);
+                                SYMBN_PREFETCH(dy + row + i + ahead);
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*x_v;
+                                    (void)dy_v;
+                                    strand_acc_0[k] += dy_v*gamma_v*xhat_v;
+                                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                    mine_params[1 * pl + pidx] += dy_v;
+
+                                }
+                            }
+                            for (; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
                                 const double xhat_v = saved_invstd*x_v;
                                 (void)dy_v;
                                 acc_0 += dy_v*gamma_v*xhat_v;
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
-                                
+                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                mine_params[1 * pl + pidx] += dy_v;
+
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
+                            for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                acc_0 += strand_acc_0[k];
+                            }
+                        }
+
+                    } else {
+                        for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                            const ptrdiff_t base = row + lp * s_count;
+                            double pacc_0 = 0.0;
+                            double pacc_1 = 0.0;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                double strand_pacc_0[STRANDS] = {0.0};
+                                double strand_pacc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PREFETCH(x + base + i + ahead);
+                                    SYMBN_PREFETCH(dy + base + i + ahead);
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*x_v;
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v*gamma_v*xhat_v;
+                                        strand_pacc_0[k] += dy_v*xhat_v;
+                                        strand_pacc_1[k] += dy_v;
+
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = saved_invstd*x_v;
+                                    (void)dy_v;
+                                    acc_0 += dy_v*gamma_v*xhat_v;
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                    pacc_0 += strand_pacc_0[k];
+                                    pacc_1 += strand_pacc_1[k];
+                                }
+                            }
+
+                            mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                            mine_params[1 * pl + p * l_count + lp] += pacc_1;
                         }
                     }
 
@@ -3193,8 +3958,8 @@ int symbn_rmsnorm_backward_train_f64(const double *dy, const double *x, const do
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -3204,12 +3969,14 @@ int symbn_rmsnorm_backward_train_f64(const double *dy, const double *x, const do
 
                             dx[idx] = (double)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -3218,6 +3985,7 @@ int symbn_rmsnorm_backward_train_f64(const double *dy, const double *x, const do
 
                                 dx[idx] = (double)dx_v;
                             }
+
                         }
                     }
 
@@ -3525,41 +4293,91 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                (void)gamma_v; (void)beta_v;
-                                const double xhat_v = saved_invstd*x_v;
-                                (void)dy_v;
-                                acc_0 += dy_v*gamma_v*xhat_v;
-                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                                mine_params[1 * pl + pidx] += dy_v;
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                double pacc_0 = 0.0;
-                                double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*x_v;
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v*gamma_v*xhat_v;
+                                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                        mine_params[1 * pl + pidx] += dy_v;
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
                                     const double xhat_v = saved_invstd*x_v;
                                     (void)dy_v;
                                     acc_0 += dy_v*gamma_v*xhat_v;
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
-                                    
+                                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                    mine_params[1 * pl + pidx] += dy_v;
+
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    double strand_pacc_0[STRANDS] = {0.0};
+                                    double strand_pacc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                            (void)gamma_v; (void)beta_v;
+                                            const double xhat_v = saved_invstd*x_v;
+                                            (void)dy_v;
+                                            strand_acc_0[k] += dy_v*gamma_v*xhat_v;
+                                            strand_pacc_0[k] += dy_v*xhat_v;
+                                            strand_pacc_1[k] += dy_v;
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*x_v;
+                                        (void)dy_v;
+                                        acc_0 += dy_v*gamma_v*xhat_v;
+                                        pacc_0 += dy_v*xhat_v;
+                                        pacc_1 += dy_v;
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                        pacc_0 += strand_pacc_0[k];
+                                        pacc_1 += strand_pacc_1[k];
+                                    }
+                                }
+
+                                mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                                mine_params[1 * pl + p * l_count + lp] += pacc_1;
                             }
                         }
 
@@ -3603,41 +4421,91 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         double acc_0 = 0.0;
 
                         if (s_count == 1) {
-                            SYMBN_PRAGMA(omp simd reduction(+:acc_0))
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
-                                (void)pidx;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                (void)gamma_v; (void)beta_v;
-                                const double xhat_v = saved_invstd*x_v;
-                                (void)dy_v;
-                                acc_0 += dy_v*gamma_v*xhat_v;
-                                mine_params[0 * pl + pidx] += dy_v*xhat_v;
-                                mine_params[1 * pl + pidx] += dy_v;
-                                
-                            }
-                        } else {
-                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                double pacc_0 = 0.0;
-                                double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:acc_0, pacc_0, pacc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                            {
+                                double strand_acc_0[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= ls; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = row + (i + k), pidx = p * l_count + (i + k);
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*x_v;
+                                        (void)dy_v;
+                                        strand_acc_0[k] += dy_v*gamma_v*xhat_v;
+                                        mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                        mine_params[1 * pl + pidx] += dy_v;
+
+                                    }
+                                }
+                                for (; i < ls; ++i) {
+                                    const ptrdiff_t idx = row + i, pidx = p * l_count + i;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
                                     const double xhat_v = saved_invstd*x_v;
                                     (void)dy_v;
                                     acc_0 += dy_v*gamma_v*xhat_v;
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
-                                    
+                                    mine_params[0 * pl + pidx] += dy_v*xhat_v;
+                                    mine_params[1 * pl + pidx] += dy_v;
+
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    acc_0 += strand_acc_0[k];
+                                }
+                            }
+
+                        } else {
+                            for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
+                                const ptrdiff_t base = row + lp * s_count;
+                                double pacc_0 = 0.0;
+                                double pacc_1 = 0.0;
+                                {
+                                    double strand_acc_0[STRANDS] = {0.0};
+                                    double strand_pacc_0[STRANDS] = {0.0};
+                                    double strand_pacc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                            (void)gamma_v; (void)beta_v;
+                                            const double xhat_v = saved_invstd*x_v;
+                                            (void)dy_v;
+                                            strand_acc_0[k] += dy_v*gamma_v*xhat_v;
+                                            strand_pacc_0[k] += dy_v*xhat_v;
+                                            strand_pacc_1[k] += dy_v;
+
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = saved_invstd*x_v;
+                                        (void)dy_v;
+                                        acc_0 += dy_v*gamma_v*xhat_v;
+                                        pacc_0 += dy_v*xhat_v;
+                                        pacc_1 += dy_v;
+
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        acc_0 += strand_acc_0[k];
+                                        pacc_0 += strand_pacc_0[k];
+                                        pacc_1 += strand_pacc_1[k];
+                                    }
+                                }
+
+                                mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                                mine_params[1 * pl + p * l_count + lp] += pacc_1;
                             }
                         }
 
@@ -3703,8 +4571,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -3714,12 +4582,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 dx[idx] = (double)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -3728,6 +4598,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     dx[idx] = (double)dx_v;
                                 }
+
                             }
                         }
 
@@ -3772,8 +4643,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -3783,12 +4654,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 dx[idx] = (double)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -3797,6 +4670,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     dx[idx] = (double)dx_v;
                                 }
+
                             }
                         }
 
@@ -3869,8 +4743,8 @@ int symbn_rmsnorm_forward_eval_f64(const double *x, const double *gamma, const d
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -3879,12 +4753,14 @@ int symbn_rmsnorm_forward_eval_f64(const double *x, const double *gamma, const d
 
                             y[idx] = (double)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -3892,6 +4768,7 @@ int symbn_rmsnorm_forward_eval_f64(const double *x, const double *gamma, const d
 
                                 y[idx] = (double)y_v;
                             }
+
                         }
                     }
 
@@ -3916,8 +4793,8 @@ int symbn_rmsnorm_forward_eval_f64(const double *x, const double *gamma, const d
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -3926,12 +4803,14 @@ int symbn_rmsnorm_forward_eval_f64(const double *x, const double *gamma, const d
 
                             y[idx] = (double)y_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
+                            const ptrdiff_t base = row + lp * s_count;
+                            SYMBN_PRAGMA(omp simd)
+                            for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                 (void)gamma_v; (void)beta_v;
@@ -3939,6 +4818,7 @@ int symbn_rmsnorm_forward_eval_f64(const double *x, const double *gamma, const d
 
                                 y[idx] = (double)y_v;
                             }
+
                         }
                     }
 
@@ -4118,8 +4998,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -4128,12 +5008,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (double)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -4141,6 +5023,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     y[idx] = (double)y_v;
                                 }
+
                             }
                         }
 
@@ -4182,8 +5065,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -4192,12 +5075,14 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                 y[idx] = (double)y_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
+                                const ptrdiff_t base = row + lp * s_count;
+                                SYMBN_PRAGMA(omp simd)
+                                for (ptrdiff_t i = 0; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
                                     const double x_v = (double)x[idx];
                                     const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
                                     (void)gamma_v; (void)beta_v;
@@ -4205,6 +5090,7 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
 
                                     y[idx] = (double)y_v;
                                 }
+
                             }
                         }
 
@@ -4255,8 +5141,8 @@ int symbn_rmsnorm_backward_eval_f64(const double *dy, const double *x, const dou
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -4268,27 +5154,53 @@ int symbn_rmsnorm_backward_eval_f64(const double *dy, const double *x, const dou
                             mine_params[1 * pl + pidx] += dy_v;
                             dx[idx] = (double)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
+                            const ptrdiff_t base = row + lp * s_count;
                             double pacc_0 = 0.0;
                             double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                (void)gamma_v; (void)beta_v;
-                                const double xhat_v = c_xhat_v_0*x_v;
-                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+                            {
+                                double strand_pacc_0[STRANDS] = {0.0};
+                                double strand_pacc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = c_xhat_v_0*x_v;
+                                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
-                                dx[idx] = (double)dx_v;
+                                        strand_pacc_0[k] += dy_v*xhat_v;
+                                        strand_pacc_1[k] += dy_v;
+                                        dx[idx] = (double)dx_v;
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = c_xhat_v_0*x_v;
+                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (double)dx_v;
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    pacc_0 += strand_pacc_0[k];
+                                    pacc_1 += strand_pacc_1[k];
+                                }
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
+
+                            mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                            mine_params[1 * pl + p * l_count + lp] += pacc_1;
                         }
                     }
 
@@ -4314,8 +5226,8 @@ int symbn_rmsnorm_backward_eval_f64(const double *dy, const double *x, const dou
                     const ptrdiff_t row = ((n * q_count + q) * p_count + p) * ls;
                     if (s_count == 1) {
                         SYMBN_PRAGMA(omp simd)
-                        for (ptrdiff_t l = 0; l < ls; ++l) {
-                            const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                        for (ptrdiff_t i = 0; i < ls; ++i) {
+                            const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                             (void)pidx;
                             const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                             const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -4327,27 +5239,53 @@ int symbn_rmsnorm_backward_eval_f64(const double *dy, const double *x, const dou
                             mine_params[1 * pl + pidx] += dy_v;
                             dx[idx] = (double)dx_v;
                         }
+
                     } else {
                         for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                            const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                            (void)pidx;
+                            const ptrdiff_t base = row + lp * s_count;
                             double pacc_0 = 0.0;
                             double pacc_1 = 0.0;
-                            SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                            for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                const ptrdiff_t idx = base + s;
-                                const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                (void)gamma_v; (void)beta_v;
-                                const double xhat_v = c_xhat_v_0*x_v;
-                                const double dx_v = c_dx_v_0*dy_v*gamma_v;
+                            {
+                                double strand_pacc_0[STRANDS] = {0.0};
+                                double strand_pacc_1[STRANDS] = {0.0};
+                                ptrdiff_t i = 0;
+                                for (; i + STRANDS <= s_count; i += STRANDS) {
+                                    SYMBN_PRAGMA(omp simd)
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = c_xhat_v_0*x_v;
+                                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
-                                pacc_0 += dy_v*xhat_v;
-                                pacc_1 += dy_v;
-                                dx[idx] = (double)dx_v;
+                                        strand_pacc_0[k] += dy_v*xhat_v;
+                                        strand_pacc_1[k] += dy_v;
+                                        dx[idx] = (double)dx_v;
+                                    }
+                                }
+                                for (; i < s_count; ++i) {
+                                    const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                    (void)pidx;
+                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                    (void)gamma_v; (void)beta_v;
+                                    const double xhat_v = c_xhat_v_0*x_v;
+                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                    pacc_0 += dy_v*xhat_v;
+                                    pacc_1 += dy_v;
+                                    dx[idx] = (double)dx_v;
+                                }
+                                for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                    pacc_0 += strand_pacc_0[k];
+                                    pacc_1 += strand_pacc_1[k];
+                                }
                             }
-                            mine_params[0 * pl + pidx] += pacc_0;
-                            mine_params[1 * pl + pidx] += pacc_1;
+
+                            mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                            mine_params[1 * pl + p * l_count + lp] += pacc_1;
                         }
                     }
 
@@ -4566,8 +5504,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -4579,27 +5517,53 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 mine_params[1 * pl + pidx] += dy_v;
                                 dx[idx] = (double)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
+                                const ptrdiff_t base = row + lp * s_count;
                                 double pacc_0 = 0.0;
                                 double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
-                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                    (void)gamma_v; (void)beta_v;
-                                    const double xhat_v = c_xhat_v_0*x_v;
-                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+                                {
+                                    double strand_pacc_0[STRANDS] = {0.0};
+                                    double strand_pacc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                            (void)gamma_v; (void)beta_v;
+                                            const double xhat_v = c_xhat_v_0*x_v;
+                                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
-                                    dx[idx] = (double)dx_v;
+                                            strand_pacc_0[k] += dy_v*xhat_v;
+                                            strand_pacc_1[k] += dy_v;
+                                            dx[idx] = (double)dx_v;
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = c_xhat_v_0*x_v;
+                                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                        pacc_0 += dy_v*xhat_v;
+                                        pacc_1 += dy_v;
+                                        dx[idx] = (double)dx_v;
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        pacc_0 += strand_pacc_0[k];
+                                        pacc_1 += strand_pacc_1[k];
+                                    }
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
+
+                                mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                                mine_params[1 * pl + p * l_count + lp] += pacc_1;
                             }
                         }
 
@@ -4646,8 +5610,8 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                         
                         if (s_count == 1) {
                             SYMBN_PRAGMA(omp simd)
-                            for (ptrdiff_t l = 0; l < ls; ++l) {
-                                const ptrdiff_t idx = row + l, pidx = p * l_count + l;
+                            for (ptrdiff_t i = 0; i < ls; ++i) {
+                                const ptrdiff_t idx = row + i, pidx = p * l_count + i;
                                 (void)pidx;
                                 const double x_v = (double)x[idx], dy_v = (double)dy[idx];
                                 const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
@@ -4659,27 +5623,53 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
                                 mine_params[1 * pl + pidx] += dy_v;
                                 dx[idx] = (double)dx_v;
                             }
+
                         } else {
                             for (ptrdiff_t lp = 0; lp < l_count; ++lp) {
-                                const ptrdiff_t pidx = p * l_count + lp, base = row + lp * s_count;
-                                (void)pidx;
+                                const ptrdiff_t base = row + lp * s_count;
                                 double pacc_0 = 0.0;
                                 double pacc_1 = 0.0;
-                                SYMBN_PRAGMA(omp simd reduction(+:pacc_0, pacc_1))
-                                for (ptrdiff_t s = 0; s < s_count; ++s) {
-                                    const ptrdiff_t idx = base + s;
-                                    const double x_v = (double)x[idx], dy_v = (double)dy[idx];
-                                    const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
-                                    (void)gamma_v; (void)beta_v;
-                                    const double xhat_v = c_xhat_v_0*x_v;
-                                    const double dx_v = c_dx_v_0*dy_v*gamma_v;
+                                {
+                                    double strand_pacc_0[STRANDS] = {0.0};
+                                    double strand_pacc_1[STRANDS] = {0.0};
+                                    ptrdiff_t i = 0;
+                                    for (; i + STRANDS <= s_count; i += STRANDS) {
+                                        SYMBN_PRAGMA(omp simd)
+                                        for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                            const ptrdiff_t idx = base + (i + k), pidx = p * l_count + lp;
+                                            (void)pidx;
+                                            const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                            const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                            (void)gamma_v; (void)beta_v;
+                                            const double xhat_v = c_xhat_v_0*x_v;
+                                            const double dx_v = c_dx_v_0*dy_v*gamma_v;
 
-                                    pacc_0 += dy_v*xhat_v;
-                                    pacc_1 += dy_v;
-                                    dx[idx] = (double)dx_v;
+                                            strand_pacc_0[k] += dy_v*xhat_v;
+                                            strand_pacc_1[k] += dy_v;
+                                            dx[idx] = (double)dx_v;
+                                        }
+                                    }
+                                    for (; i < s_count; ++i) {
+                                        const ptrdiff_t idx = base + i, pidx = p * l_count + lp;
+                                        (void)pidx;
+                                        const double x_v = (double)x[idx], dy_v = (double)dy[idx];
+                                        const double gamma_v = gamma ? (double)gamma[pidx] : 1.0, beta_v = beta ? (double)beta[pidx] : 0.0;
+                                        (void)gamma_v; (void)beta_v;
+                                        const double xhat_v = c_xhat_v_0*x_v;
+                                        const double dx_v = c_dx_v_0*dy_v*gamma_v;
+
+                                        pacc_0 += dy_v*xhat_v;
+                                        pacc_1 += dy_v;
+                                        dx[idx] = (double)dx_v;
+                                    }
+                                    for (ptrdiff_t k = 0; k < STRANDS; ++k) {
+                                        pacc_0 += strand_pacc_0[k];
+                                        pacc_1 += strand_pacc_1[k];
+                                    }
                                 }
-                                mine_params[0 * pl + pidx] += pacc_0;
-                                mine_params[1 * pl + pidx] += pacc_1;
+
+                                mine_params[0 * pl + p * l_count + lp] += pacc_0;
+                                mine_params[1 * pl + p * l_count + lp] += pacc_1;
                             }
                         }
 

@@ -136,48 +136,76 @@ def _aten(torch, norm: str, x, dy, gamma, beta, options, threads: int):
             lambda: torch.autograd.grad(torch.nn.functional.rms_norm(leaf, shape, weight, 1e-5), (leaf, weight), tdy))
 
 
+def keep_freed_memory(keep: bool) -> bool:
+    """Make glibc keep freed large blocks for reuse (``keep``), or hand every large block fresh
+    pages (its default beyond a dynamic threshold, fixed here so that runs agree). Fresh outputs
+    and temporaries (PyTorch's, the staged NumPy's) then page-fault on no call or on every call.
+    False where the C library is not glibc: the allocator behaves as it does."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    threshold = 1 << 30 if keep else 128 << 10
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold) and mallopt(M_TRIM_THRESHOLD, threshold))
+
+
 def bench(quick: bool = False, threads: int = 2, progress=None) -> dict:
     """Every case, every implementation; times in ms, bandwidth in GB/s."""
     cases, repeats = (QUICK, 5) if quick else (FULL, 15)
+    glibc = keep_freed_memory(True)
     triad = _triad(threads)
     results = []
     for number, (norm, shape, options) in enumerate(cases, 1):
         if progress:
             progress(f"[{number}/{len(cases)}] {norm} {'x'.join(map(str, shape))} float32, {threads} threads")
-        rng = np.random.default_rng(number)
-        x, dy = rng.normal(size=shape).astype(np.float32), rng.normal(size=shape).astype(np.float32)
-        params = x.shape[1:2] if norm in ("batchnorm", "groupnorm") else x.shape[-1:]
-        gamma, beta = rng.normal(1, 0.2, params).astype(np.float32), rng.normal(size=params).astype(np.float32)
-        a, b, c = np.empty_like(x), np.ones_like(x), np.ones_like(x)
-        calls = {("triad", "forward"): lambda: triad(a, b, c)}
-        for backend in ("c", "numpy"):
-            calls.update(_symbn(load(norm, backend, threads=threads if backend == "c" else None), backend, x, dy, gamma, beta, options))
-        calls.update(_torch(norm, x, dy, gamma, beta, options, threads))
-        if norm == "batchnorm":
-            calls["staged numpy", "backward"] = lambda: _staged_backward(dy, x, gamma)
-        ms = median_ms(calls, repeats)
-        bandwidth = 3 * x.nbytes / ms.pop(("triad", "forward")) / 1e6
-        timings = {}
-        for (name, kind), value in ms.items():
-            timings.setdefault(name, [None, None])[kind == "backward"] = value
-        forward_bytes, backward_bytes = 3 * x.nbytes, 5 * x.nbytes
-        rows = {}
-        for name, (fwd, bwd) in timings.items():
-            rows[name] = {
-                "forward_ms": fwd, "backward_ms": bwd,
-                "forward_gbs": None if fwd is None else forward_bytes / fwd / 1e6,
-                "backward_gbs": backward_bytes / bwd / 1e6,
-                "forward_vs_torch": None if fwd is None or "torch" not in timings else fwd / timings["torch"][0],
-                "backward_vs_torch": None if "torch" not in timings else bwd / timings["torch"][1],
-            }
-            for key in ("forward", "backward"):
-                rows[name][f"{key}_of_triad"] = None if rows[name][f"{key}_gbs"] is None else rows[name][f"{key}_gbs"] / bandwidth
-        results.append({"norm": norm, "shape": list(shape), "options": options, "dtype": "float32", "threads": threads,
-                        "triad_gbs": bandwidth, "results": rows})
+        results.append(_case(number, norm, shape, options, threads, triad, repeats, glibc))
     return {"cases": results, "quick": quick, "repeats": repeats,
             "allocation": "symbn: outputs preallocated (out=), reused every call; PyTorch: fresh outputs from its "
-                          "allocator every call; staged NumPy: fresh temporaries",
+                          "allocator every call, staged NumPy: fresh temporaries, " + (
+                              "both on memory freed by the call before (glibc told to keep it: no page faults; ratios "
+                              "are against this, PyTorch at its best); 'torch (fresh)': every output on fresh pages"
+                              if glibc else "as the C library's allocator provides them (not glibc)"),
             "bytes": "forward 3|x| (two passes over x, one write of y); backward 5|x| (two passes over x and dy, one write of dx)"}
+
+
+def _case(seed: int, norm: str, shape: tuple, options: dict, threads: int, triad, repeats: int, glibc: bool) -> dict:
+    """One norm and shape: every implementation timed in the same rounds, and the triad."""
+    rng = np.random.default_rng(seed)
+    x, dy = rng.normal(size=shape).astype(np.float32), rng.normal(size=shape).astype(np.float32)
+    params = x.shape[1:2] if norm in ("batchnorm", "groupnorm") else x.shape[-1:]
+    gamma, beta = rng.normal(1, 0.2, params).astype(np.float32), rng.normal(size=params).astype(np.float32)
+    a, b, c = np.empty_like(x), np.ones_like(x), np.ones_like(x)
+    calls = {("triad", "forward"): lambda: triad(a, b, c)}
+    for backend in ("c", "numpy"):
+        calls.update(_symbn(load(norm, backend, threads=threads if backend == "c" else None), backend, x, dy, gamma, beta, options))
+    torch_calls = _torch(norm, x, dy, gamma, beta, options, threads)
+    calls.update(torch_calls)
+    if norm == "batchnorm":
+        calls["staged numpy", "backward"] = lambda: _staged_backward(dy, x, gamma)
+    ms = median_ms(calls, repeats)
+    if torch_calls and glibc:  # PyTorch again, each of its outputs on fresh pages
+        keep_freed_memory(False)
+        ms.update({(f"{name} (fresh)", kind): value for (name, kind), value in median_ms(torch_calls, repeats).items()})
+        keep_freed_memory(True)
+    bandwidth = 3 * x.nbytes / ms.pop(("triad", "forward")) / 1e6
+    timings = {}
+    for (name, kind), value in sorted(ms.items(), key=lambda item: "staged" in item[0][0]):
+        timings.setdefault(name, [None, None])[kind == "backward"] = value
+    return {"norm": norm, "shape": list(shape), "options": options, "dtype": "float32", "threads": threads,
+            "triad_gbs": bandwidth, "results": {name: _row(fwd, bwd, x.nbytes, bandwidth, timings.get("torch"))
+                                                for name, (fwd, bwd) in timings.items()}}
+
+
+def _row(fwd: float | None, bwd: float, nbytes: int, bandwidth: float, torch: list | None) -> dict:
+    """Times, bandwidths (bytes counted as in the report), fraction of the triad, ratio to PyTorch."""
+    row = {"forward_ms": fwd, "backward_ms": bwd,
+           "forward_gbs": None if fwd is None else 3 * nbytes / fwd / 1e6, "backward_gbs": 5 * nbytes / bwd / 1e6,
+           "forward_vs_torch": None if fwd is None or torch is None else fwd / torch[0],
+           "backward_vs_torch": None if torch is None else bwd / torch[1]}
+    for key in ("forward", "backward"):
+        row[f"{key}_of_triad"] = None if row[f"{key}_gbs"] is None else row[f"{key}_gbs"] / bandwidth
+    return row
 
 
 def to_text(report: dict) -> str:
