@@ -1,4 +1,5 @@
 """The command line as a user runs it: output, exit codes, one-line errors, files, LaTeX."""
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -115,6 +116,20 @@ def test_bench_quick_reports_every_implementation(tmp_path):
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert len(report["cases"]) == 3 and "[3/3]" in out.stderr
+    torch = {"torch", "torch (fresh)"} if importlib.util.find_spec("torch") else set()
     for case in report["cases"]:
-        assert {"c", "numpy", "staged numpy"} <= set(case["results"]) and case["triad_gbs"] > 0
+        assert {"c", "numpy", "staged numpy", *torch} <= set(case["results"]) and case["triad_gbs"] > 0
+    assert "glibc told to keep it" in report["allocation"]
     assert (tmp_path / "bench.svg").read_text().startswith("<svg")
+
+
+def test_the_allocator_modes_of_the_bench_leave_results_alone():
+    """keep_freed_memory only changes where large blocks come from, never what they hold."""
+    import numpy as np
+
+    from symbn.bench import keep_freed_memory
+
+    for keep in (True, False, True):
+        assert keep_freed_memory(keep)  # glibc here
+        a = np.arange(1 << 23, dtype=np.float64)
+        assert a[-1] == (1 << 23) - 1 and float(a.sum()) == (1 << 23) * ((1 << 23) - 1) / 2

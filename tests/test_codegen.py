@@ -150,3 +150,46 @@ def test_concurrent_builds_share_one_library(tmp_path):
         assert float(out) == pytest.approx(6.0, rel=1e-5)
     assert len(list((tmp_path / "lib").glob("*.so"))) == 1
     assert not [p for p in (tmp_path / "lib").iterdir() if p.is_dir()]  # no scratch left behind
+
+
+def test_lowering_hoists_whole_coefficients():
+    """dx becomes c0·dy + c1·x̂ + c2 (two multiply-adds per element), every coefficient per group,
+    and no negation is left per element (-a·(b - x) is a·(x - b))."""
+    import sympy as sp
+
+    from symbn.lower import DY, XHAT, plan
+
+    p = plan("batchnorm")
+    dx = p.dx.element[-1].expr
+    coefficients = {a.symbol for a in p.dx.group}
+    assert sp.Poly(dx, DY, XHAT).total_degree() == 1
+    assert all(c.free_symbols <= coefficients for c in sp.Poly(dx, DY, XHAT).coeffs())
+    assert not p.xhat.element[-1].expr.could_extract_minus_sign()
+    assert "c_dx_v" in str(dx) and "m" not in map(str, dx.free_symbols)
+
+
+def test_the_float32_frame_is_exact_algebra():
+    """The NumPy plan measures x from a shift: substituting x_v = x' + shift back gives the
+    unshifted expressions exactly, for every norm with a mean (RMS norm has none: no shift)."""
+    import sympy as sp
+
+    from symbn.lower import SHIFT, X, plan
+
+    for norm in symbn.BUILTINS:
+        plain, framed = plan(norm), plan(norm, frame=True)
+        assert (framed.shift is None) == (norm == "rmsnorm")
+        for name in ("xhat", "y"):
+            def inline(step):
+                expr = step.element[-1].expr
+                return expr.xreplace({a.symbol: a.expr for a in step.group})
+            shifted = inline(getattr(framed, name)).xreplace({X: X - SHIFT} if framed.shift else {})
+            assert sp.simplify(shifted - inline(getattr(plain, name))) == 0, (norm, name)
+
+
+def test_parameter_gradients_reuse_the_reductions_where_parameters_are_per_group():
+    from symbn.lower import plan
+
+    assert set(plan("batchnorm").param_sums.values()) == {0, 1}
+    assert set(plan("instancenorm").param_sums.values()) == {0, 1}
+    for norm in ("layernorm", "groupnorm", "rmsnorm"):
+        assert set(plan(norm).param_sums.values()) == {None}
