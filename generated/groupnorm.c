@@ -1629,13 +1629,6 @@ int symbn_groupnorm_backward_train_f32(const float *dy, const float *x, const fl
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
                 const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
-                for (ptrdiff_t k = 0; k < width; ++k) {
-                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
-                    (void)p;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-                }
 
                 {
                 double acc_0[LANES] = {0.0};
@@ -1772,13 +1765,6 @@ int symbn_groupnorm_backward_train_f32(const float *dy, const float *x, const fl
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
                 const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
-                for (ptrdiff_t k = 0; k < width; ++k) {
-                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
-                    (void)p;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-                }
 
                 {
                 double acc_0[LANES] = {0.0};
@@ -1910,13 +1896,6 @@ int symbn_groupnorm_backward_train_f32(const float *dy, const float *x, const fl
 
     } else {
     /* per-group coefficients of xhat, then pass 1: the reductions and the parameter gradients */
-for (ptrdiff_t g = 0; g < groups; ++g) {
-    const ptrdiff_t p = g % p_count;
-    (void)p;
-    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-}
 
     if (team > 1)
         SYMBN_PRAGMA(omp parallel num_threads(team))
@@ -4999,13 +4978,6 @@ int symbn_groupnorm_backward_train_f64(const double *dy, const double *x, const 
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
                 const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
-                for (ptrdiff_t k = 0; k < width; ++k) {
-                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
-                    (void)p;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-                }
 
                 {
                 double acc_0[LANES] = {0.0};
@@ -5142,13 +5114,6 @@ int symbn_groupnorm_backward_train_f64(const double *dy, const double *x, const 
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
                 const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
-                for (ptrdiff_t k = 0; k < width; ++k) {
-                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
-                    (void)p;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-                }
 
                 {
                 double acc_0[LANES] = {0.0};
@@ -5280,13 +5245,6 @@ int symbn_groupnorm_backward_train_f64(const double *dy, const double *x, const 
 
     } else {
     /* per-group coefficients of xhat, then pass 1: the reductions and the parameter gradients */
-for (ptrdiff_t g = 0; g < groups; ++g) {
-    const ptrdiff_t p = g % p_count;
-    (void)p;
-    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-
-}
 
     if (team > 1)
         SYMBN_PRAGMA(omp parallel num_threads(team))

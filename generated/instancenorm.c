@@ -1604,14 +1604,6 @@ int symbn_instancenorm_backward_train_f32(const float *dy, const float *x, const
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
                 const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
-                for (ptrdiff_t k = 0; k < width; ++k) {
-                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
-                    (void)p;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                }
 
                 {
                 double acc_0[LANES] = {0.0};
@@ -1743,14 +1735,6 @@ int symbn_instancenorm_backward_train_f32(const float *dy, const float *x, const
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
                 const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
-                for (ptrdiff_t k = 0; k < width; ++k) {
-                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
-                    (void)p;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                }
 
                 {
                 double acc_0[LANES] = {0.0};
@@ -1877,14 +1861,6 @@ int symbn_instancenorm_backward_train_f32(const float *dy, const float *x, const
 
     } else {
     /* per-group coefficients of xhat, then pass 1: the reductions and the parameter gradients */
-for (ptrdiff_t g = 0; g < groups; ++g) {
-    const ptrdiff_t p = g % p_count;
-    (void)p;
-    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-    (void)gamma_v; (void)beta_v;
-}
 
     if (team > 1)
         SYMBN_PRAGMA(omp parallel num_threads(team))
@@ -4899,14 +4875,6 @@ int symbn_instancenorm_backward_train_f64(const double *dy, const double *x, con
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
                 const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
-                for (ptrdiff_t k = 0; k < width; ++k) {
-                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
-                    (void)p;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                }
 
                 {
                 double acc_0[LANES] = {0.0};
@@ -5038,14 +5006,6 @@ int symbn_instancenorm_backward_train_f64(const double *dy, const double *x, con
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
                 const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
-                for (ptrdiff_t k = 0; k < width; ++k) {
-                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
-                    (void)p;
-                    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-                    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-                    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-                    (void)gamma_v; (void)beta_v;
-                }
 
                 {
                 double acc_0[LANES] = {0.0};
@@ -5172,14 +5132,6 @@ int symbn_instancenorm_backward_train_f64(const double *dy, const double *x, con
 
     } else {
     /* per-group coefficients of xhat, then pass 1: the reductions and the parameter gradients */
-for (ptrdiff_t g = 0; g < groups; ++g) {
-    const ptrdiff_t p = g % p_count;
-    (void)p;
-    const double saved_mean = saved[0 * groups + g]; (void)saved_mean;
-    const double saved_invstd = saved[1 * groups + g]; (void)saved_invstd;
-    const double gamma_v = gamma ? (double)gamma[p] : 1.0, beta_v = beta ? (double)beta[p] : 0.0;
-    (void)gamma_v; (void)beta_v;
-}
 
     if (team > 1)
         SYMBN_PRAGMA(omp parallel num_threads(team))

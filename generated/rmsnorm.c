@@ -1183,12 +1183,6 @@ int symbn_rmsnorm_backward_train_f32(const float *dy, const float *x, const floa
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
                 const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
-                for (ptrdiff_t k = 0; k < width; ++k) {
-                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
-                    (void)p;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-                }
 
                 {
                 double acc_0[LANES] = {0.0};
@@ -1309,12 +1303,6 @@ int symbn_rmsnorm_backward_train_f32(const float *dy, const float *x, const floa
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
                 const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
-                for (ptrdiff_t k = 0; k < width; ++k) {
-                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
-                    (void)p;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-                }
 
                 {
                 double acc_0[LANES] = {0.0};
@@ -1430,12 +1418,6 @@ int symbn_rmsnorm_backward_train_f32(const float *dy, const float *x, const floa
 
     } else {
     /* per-group coefficients of xhat, then pass 1: the reductions and the parameter gradients */
-for (ptrdiff_t g = 0; g < groups; ++g) {
-    const ptrdiff_t p = g % p_count;
-    (void)p;
-    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-}
 
     if (team > 1)
         SYMBN_PRAGMA(omp parallel num_threads(team))
@@ -4004,12 +3986,6 @@ int symbn_rmsnorm_backward_train_f64(const double *dy, const double *x, const do
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
                 const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
-                for (ptrdiff_t k = 0; k < width; ++k) {
-                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
-                    (void)p;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-                }
 
                 {
                 double acc_0[LANES] = {0.0};
@@ -4130,12 +4106,6 @@ int symbn_rmsnorm_backward_train_f64(const double *dy, const double *x, const do
             SYMBN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t b = 0; b < q_count * blocks; ++b) {
                 const ptrdiff_t q = b / blocks, p0 = b % blocks * LANES, width = p_count - p0 < LANES ? p_count - p0 : LANES;
-                for (ptrdiff_t k = 0; k < width; ++k) {
-                    const ptrdiff_t p = p0 + k, g = q * p_count + p;
-                    (void)p;
-                    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-                }
 
                 {
                 double acc_0[LANES] = {0.0};
@@ -4251,12 +4221,6 @@ int symbn_rmsnorm_backward_train_f64(const double *dy, const double *x, const do
 
     } else {
     /* per-group coefficients of xhat, then pass 1: the reductions and the parameter gradients */
-for (ptrdiff_t g = 0; g < groups; ++g) {
-    const ptrdiff_t p = g % p_count;
-    (void)p;
-    const double saved_invstd = saved[0 * groups + g]; (void)saved_invstd;
-
-}
 
     if (team > 1)
         SYMBN_PRAGMA(omp parallel num_threads(team))
