@@ -9,6 +9,7 @@
 #include "instancenorm.h"
 
 #define LONG_RUN 32 /* runs at least this long: a thread takes whole groups, every pass back to back */
+#define AHEAD_ROWS 2 /* row-major sweeps ask for the row this far ahead */
 #define STRANDS 16  /* independent partial sums per reduction over a run: additions overlap */
 #define LANES 16    /* runs of one element (x is (N, C)): a thread takes LANES groups (channels) at a time */
 #define SMALL 65536 /* elements: a problem this small runs on one thread, and in blocks of LANES when it can
@@ -739,6 +740,10 @@ int symbn_instancenorm_forward_train_f32(const float *x, const float *gamma, con
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -827,6 +832,10 @@ int symbn_instancenorm_forward_train_f32(const float *x, const float *gamma, con
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -926,6 +935,10 @@ int symbn_instancenorm_forward_train_f32(const float *x, const float *gamma, con
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -1016,6 +1029,10 @@ int symbn_instancenorm_forward_train_f32(const float *x, const float *gamma, con
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -1130,6 +1147,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -1198,6 +1219,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -2594,6 +2619,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -2662,6 +2691,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -4010,6 +4043,10 @@ int symbn_instancenorm_forward_train_f64(const double *x, const double *gamma, c
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -4098,6 +4135,10 @@ int symbn_instancenorm_forward_train_f64(const double *x, const double *gamma, c
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -4197,6 +4238,10 @@ int symbn_instancenorm_forward_train_f64(const double *x, const double *gamma, c
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -4287,6 +4332,10 @@ int symbn_instancenorm_forward_train_f64(const double *x, const double *gamma, c
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -4401,6 +4450,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -4469,6 +4522,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -5865,6 +5922,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -5933,6 +5994,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;

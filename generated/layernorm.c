@@ -9,6 +9,7 @@
 #include "layernorm.h"
 
 #define LONG_RUN 32 /* runs at least this long: a thread takes whole groups, every pass back to back */
+#define AHEAD_ROWS 2 /* row-major sweeps ask for the row this far ahead */
 #define STRANDS 16  /* independent partial sums per reduction over a run: additions overlap */
 #define LANES 16    /* runs of one element (x is (N, C)): a thread takes LANES groups (channels) at a time */
 #define SMALL 65536 /* elements: a problem this small runs on one thread, and in blocks of LANES when it can
@@ -729,6 +730,10 @@ int symbn_layernorm_forward_train_f32(const float *x, const float *gamma, const 
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -817,6 +822,10 @@ int symbn_layernorm_forward_train_f32(const float *x, const float *gamma, const 
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -916,6 +925,10 @@ int symbn_layernorm_forward_train_f32(const float *x, const float *gamma, const 
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -1006,6 +1019,10 @@ int symbn_layernorm_forward_train_f32(const float *x, const float *gamma, const 
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -1117,6 +1134,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -1184,6 +1205,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -2665,6 +2690,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -2734,6 +2763,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -4078,6 +4111,10 @@ int symbn_layernorm_forward_train_f64(const double *x, const double *gamma, cons
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -4166,6 +4203,10 @@ int symbn_layernorm_forward_train_f64(const double *x, const double *gamma, cons
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -4265,6 +4306,10 @@ int symbn_layernorm_forward_train_f64(const double *x, const double *gamma, cons
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -4355,6 +4400,10 @@ int symbn_layernorm_forward_train_f64(const double *x, const double *gamma, cons
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -4466,6 +4515,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -4533,6 +4586,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -6014,6 +6071,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -6083,6 +6144,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;

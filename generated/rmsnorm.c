@@ -9,6 +9,7 @@
 #include "rmsnorm.h"
 
 #define LONG_RUN 32 /* runs at least this long: a thread takes whole groups, every pass back to back */
+#define AHEAD_ROWS 2 /* row-major sweeps ask for the row this far ahead */
 #define STRANDS 16  /* independent partial sums per reduction over a run: additions overlap */
 #define LANES 16    /* runs of one element (x is (N, C)): a thread takes LANES groups (channels) at a time */
 #define SMALL 65536 /* elements: a problem this small runs on one thread, and in blocks of LANES when it can
@@ -509,6 +510,10 @@ int symbn_rmsnorm_forward_train_f32(const float *x, const float *gamma, const fl
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -597,6 +602,10 @@ int symbn_rmsnorm_forward_train_f32(const float *x, const float *gamma, const fl
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -703,6 +712,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -768,6 +781,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -2136,6 +2153,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -2203,6 +2224,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -3312,6 +3337,10 @@ int symbn_rmsnorm_forward_train_f64(const double *x, const double *gamma, const 
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -3400,6 +3429,10 @@ int symbn_rmsnorm_forward_train_f64(const double *x, const double *gamma, const 
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -3506,6 +3539,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -3571,6 +3608,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -4939,6 +4980,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
@@ -5006,6 +5051,10 @@ for (ptrdiff_t g = 0; g < groups; ++g) {
             for (ptrdiff_t u = 0; u < units; ++u) {
                 const ptrdiff_t q = u % q_count;
                 if (ls == 1) {
+                    if (u + AHEAD_ROWS < units)
+                        for (ptrdiff_t k = 0; k < p_count; k += (ptrdiff_t)(64 / sizeof *x)) {
+                            SYMBN_PREFETCH(x + (u + AHEAD_ROWS) * p_count + k);
+                        }
                     SYMBN_PRAGMA(omp simd)
                     for (ptrdiff_t p = 0; p < p_count; ++p) {
                         const ptrdiff_t g = q * p_count + p, idx = u * p_count + p, pidx = p;
