@@ -11,7 +11,10 @@ x: (N, C, *spatial); statistics per sample and channel over spatial; gamma, beta
     backward_eval(dy, x, gamma, running_mean, running_var, eps=1e-5, ...) -> (dx, dgamma, dbeta)
 
 Statistics and reductions are computed in float64 whatever the input dtype; outputs have the
-input's dtype, except the saved statistics, which stay float64. forward_train updates running
+input's dtype, except the saved statistics, which stay float64. The C kernels compute every
+element in double; the NumPy kernels compute y, x̂ and dx in training in the input's dtype,
+measuring x from the group mean rounded to that dtype (the small remainder is a per-group
+coefficient in float64), so float32 keeps its accuracy for data far from zero. forward_train updates running
 statistics in place when they are given (PyTorch's momentum rule, unbiased var).
 """
 import ctypes

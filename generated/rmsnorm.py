@@ -11,7 +11,8 @@ x: (*batch, *normalized_shape); statistics per row over the trailing dims; gamma
     backward_eval(dy, x, gamma, running_ms, eps=1e-5, ...) -> (dx, dgamma, dbeta)
 
 Statistics and reductions are computed in float64 whatever the input dtype; outputs have the
-input's dtype, except the saved statistics, which stay float64. forward_train updates running
+input's dtype, except the saved statistics, which stay float64. The C kernels compute every
+element in double; the NumPy kernels compute y, x̂ and dx in training in the input's dtype. forward_train updates running
 statistics in place when they are given (PyTorch's momentum rule).
 """
 import ctypes
