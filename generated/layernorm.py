@@ -66,16 +66,17 @@ def array(name, value, dtype=None, shape=None, finite=True):
     return value if value.flags.c_contiguous else numpy.ascontiguousarray(value)
 
 
-def output(name, out, like):
-    """A preallocated result buffer (reused across calls: no page faults on fresh memory), or a new one."""
+def output(name, out, like, *inputs):
+    """A preallocated result buffer (reused across calls: no page faults on fresh memory), or a new one.
+    It may overlap no input (``like`` and ``inputs``): the kernels write it while they read them."""
     if out is None:
         return numpy.empty_like(like)
     if not isinstance(out, numpy.ndarray) or out.dtype != like.dtype or out.shape != like.shape:
         raise ValueError(f"{name} must be a {like.dtype} array of shape {like.shape}")
     if not (out.flags.c_contiguous and out.flags.writeable):
         raise ValueError(f"{name} must be C-contiguous and writable")
-    if numpy.may_share_memory(out, like):
-        raise ValueError(f"{name} must not overlap the input")
+    if any(numpy.may_share_memory(out, a) for a in (like, *inputs)):
+        raise ValueError(f"{name} must not overlap an input")
     return out
 
 
@@ -171,9 +172,10 @@ def _param_grad(contribution, shape):
     return numpy.broadcast_to(contribution, shape).sum(axis=(0, 1, 4), dtype=numpy.float64).reshape(-1)
 
 
-def _working(group, dtype):
-    """The per-group values (float64) as the element passes use them: in the input's precision."""
-    return {name: value.astype(dtype, copy=False) for name, value in group.items()}
+def _working(group, dtype, names):
+    """The per-group values (float64) that an element pass uses (``names``, and the shift), in the
+    input's precision."""
+    return {name: value.astype(dtype, copy=False) for name, value in group.items() if name in names or name == "shift"}
 
 
 _BLOCK = 1 << 16  # elements per block: the temporaries of a block stay in cache
@@ -202,16 +204,16 @@ def _numpy_forward_train(x, gamma, beta, eps, geo, y, stats, saved):
     xv, yv = _view(x, geo), _view(y, geo)
     gamma_v, beta_v = _param(gamma, geo, 1.0), _param(beta, geo, 0.0)
     group = {}
-    total = _group_sum(geo)
-    for block, part in _blocks(geo):
-        x_v = xv[block].astype(numpy.float64)
-        total[part] += numpy.sum(x_v, axis=_MEMBERS, keepdims=True)
+    x_v = xv  # summed as it is: no temporary, so no blocks
+    total = numpy.sum(x_v, axis=_MEMBERS, keepdims=True, dtype=numpy.float64)
     group["stat_mean"] = total / m
     total = _group_sum(geo)
     for block, part in _blocks(geo):
-        x_v = xv[block].astype(numpy.float64)
+        x_v = xv[block]
         stat_mean = group["stat_mean"][part]
-        total[part] += numpy.sum((-stat_mean + x_v)**2, axis=_MEMBERS, keepdims=True)
+        summand = numpy.add(x_v, -stat_mean, dtype=numpy.float64)
+        numpy.multiply(summand, summand, out=summand)
+        total[part] += numpy.sum(summand, axis=_MEMBERS, keepdims=True, dtype=numpy.float64)
     group["stat_var"] = total / m
     stat_mean = group["stat_mean"]
     stat_var = group["stat_var"]
@@ -220,14 +222,15 @@ def _numpy_forward_train(x, gamma, beta, eps, geo, y, stats, saved):
     shift = saved_mean.astype(x.dtype)
     group["shift"] = shift
     group["c_y_v_0"] = c_y_v_0 = numpy.broadcast_to(-saved_mean + shift, (1, geo.q, geo.p, 1, 1))
-    work = _working(group, x.dtype)
+    work = _working(group, x.dtype, ['beta_v', 'c_y_v_0', 'gamma_v', 'saved_invstd'])
     for block, part in _blocks(geo):
         x_v = xv[block] - work["shift"][part]
-        saved_mean = work["saved_mean"][part]
         saved_invstd = work["saved_invstd"][part]
         c_y_v_0 = work["c_y_v_0"][part]
-        y_v = beta_v + gamma_v*saved_invstd*(c_y_v_0 + x_v)
-        yv[block] = y_v
+        y_v = yv[block]
+        numpy.add(x_v, c_y_v_0, out=y_v)
+        numpy.multiply(y_v, gamma_v*saved_invstd, out=y_v)
+        numpy.add(y_v, beta_v, out=y_v)
     stats[0] = group["stat_mean"][0, :, :, 0, 0]
     stats[1] = group["stat_var"][0, :, :, 0, 0]
     saved[0] = group["saved_mean"][0, :, :, 0, 0]
@@ -245,16 +248,19 @@ def _numpy_backward_train(dy, x, gamma, saved, geo, dx, dgamma, dbeta):
     group["shift"] = shift
     group["c_xhat_v_0"] = c_xhat_v_0 = numpy.broadcast_to(-saved_mean + shift, (1, geo.q, geo.p, 1, 1))
     totals = [_group_sum(geo) for _ in range(2)]
-    work = _working(group, x.dtype)
+    work = _working(group, x.dtype, ['c_xhat_v_0', 'saved_invstd', 'gamma_v'])
     for block, part in _blocks(geo):
         x_v = xv[block] - work["shift"][part]
         dy_v = dyv[block]
-        saved_mean = work["saved_mean"][part]
         saved_invstd = work["saved_invstd"][part]
         c_xhat_v_0 = work["c_xhat_v_0"][part]
-        xhat_v = saved_invstd*(c_xhat_v_0 + x_v)
-        totals[0][part] += numpy.sum(dy_v*gamma_v, axis=_MEMBERS, keepdims=True, dtype=numpy.float64)
-        totals[1][part] += numpy.sum(dy_v*gamma_v*xhat_v, axis=_MEMBERS, keepdims=True, dtype=numpy.float64)
+        xhat_v = numpy.add(x_v, c_xhat_v_0)
+        numpy.multiply(xhat_v, saved_invstd, out=xhat_v)
+        summand = numpy.multiply(dy_v, gamma_v)
+        totals[0][part] += numpy.sum(summand, axis=_MEMBERS, keepdims=True, dtype=numpy.float64)
+        summand = numpy.multiply(dy_v, xhat_v)
+        numpy.multiply(summand, gamma_v, out=summand)
+        totals[1][part] += numpy.sum(summand, axis=_MEMBERS, keepdims=True, dtype=numpy.float64)
         dgamma += _param_grad(dy_v*xhat_v, x_v.shape)
         dbeta += _param_grad(dy_v, x_v.shape)
     group["red_0"] = red_0 = totals[0]
@@ -264,19 +270,23 @@ def _numpy_backward_train(dy, x, gamma, saved, geo, dx, dgamma, dbeta):
     c_xhat_v_0 = group["c_xhat_v_0"]
     group["c_xhat_v_0"] = c_xhat_v_0 = numpy.broadcast_to(-saved_mean + shift, (1, geo.q, geo.p, 1, 1))
     group["c_dx_v_0"] = c_dx_v_0 = numpy.broadcast_to(saved_invstd/m, (1, geo.q, geo.p, 1, 1))
-    work = _working(group, x.dtype)
+    work = _working(group, x.dtype, ['c_dx_v_0', 'c_xhat_v_0', 'gamma_v', 'm', 'red_0', 'red_1', 'saved_invstd'])
     for block, part in _blocks(geo):
         x_v = xv[block] - work["shift"][part]
         dy_v = dyv[block]
-        saved_mean = work["saved_mean"][part]
         saved_invstd = work["saved_invstd"][part]
         c_xhat_v_0 = work["c_xhat_v_0"][part]
         red_0 = work["red_0"][part]
         red_1 = work["red_1"][part]
         c_dx_v_0 = work["c_dx_v_0"][part]
-        xhat_v = saved_invstd*(c_xhat_v_0 + x_v)
-        dx_v = c_dx_v_0*(dy_v*gamma_v*m - red_0 - red_1*xhat_v)
-        dxv[block] = dx_v
+        dx_v = dxv[block]
+        xhat_v = numpy.add(x_v, c_xhat_v_0)
+        numpy.multiply(xhat_v, saved_invstd, out=xhat_v)
+        numpy.multiply(xhat_v, -red_1, out=dx_v)
+        dx_v_0 = numpy.multiply(dy_v, gamma_v*m)
+        numpy.add(dx_v, dx_v_0, out=dx_v)
+        numpy.add(dx_v, -red_0, out=dx_v)
+        numpy.multiply(dx_v, c_dx_v_0, out=dx_v)
 
 
 def _numpy_eval(kind, dy, x, gamma, beta, running, eps, geo, out, dgamma=None, dbeta=None):
@@ -291,12 +301,15 @@ def _numpy_eval(kind, dy, x, gamma, beta, running, eps, geo, out, dgamma=None, d
     for block, _ in _blocks(geo):
         x_v = xv[block].astype(numpy.float64)
         if kind == "forward":
-            y_v = beta_v + c_y_v_0*gamma_v*(-run_mean + x_v)
+            y_v = numpy.add(x_v, -run_mean)
+            numpy.multiply(y_v, c_y_v_0*gamma_v, out=y_v)
+            numpy.add(y_v, beta_v, out=y_v)
             outv[block] = y_v
         else:
             dy_v = dyv[block].astype(numpy.float64)
-            xhat_v = c_xhat_v_0*(-run_mean + x_v)
-            dx_v = c_dx_v_0*dy_v*gamma_v
+            xhat_v = numpy.add(x_v, -run_mean)
+            numpy.multiply(xhat_v, c_xhat_v_0, out=xhat_v)
+            dx_v = numpy.multiply(dy_v, c_dx_v_0*gamma_v)
             outv[block] = dx_v
             dgamma += _param_grad(dy_v*xhat_v, x_v.shape)
             dbeta += _param_grad(dy_v, x_v.shape)
@@ -404,7 +417,7 @@ class Kernels:
         x, gamma, _, geo = prepare(x, gamma, None, normalized_shape, num_groups, self._unchecked)
         dy = array("dy", dy, x.dtype, x.shape, finite=False)
         saved = saved_block((mean, invstd,), geo, "saved" in self._unchecked)
-        dx, grads = output("out", out, x), numpy.zeros((2, geo.p * geo.l))
+        dx, grads = output("out", out, x, dy), numpy.zeros((2, geo.p * geo.l))
         names, inputs = ("x", "dy", "gamma", *SAVED), (x, dy, gamma, *saved)
         if self._c is None:
             with numpy.errstate(all="ignore"):  # NaN and infinity are reported below, as for C
@@ -436,7 +449,7 @@ class Kernels:
         eps = positive("eps", eps)
         dy = array("dy", dy, x.dtype, x.shape, finite=False)
         running = _running_block((running_mean, running_var,), geo)
-        dx, dgamma, dbeta = output("out", out, x), numpy.zeros(geo.p * geo.l), numpy.zeros(geo.p * geo.l)
+        dx, dgamma, dbeta = output("out", out, x, dy), numpy.zeros(geo.p * geo.l), numpy.zeros(geo.p * geo.l)
         if self._c is None:
             with numpy.errstate(all="ignore"):  # NaN and infinity are reported below, as for C
                 _numpy_eval("backward", dy, x, gamma, None, running, eps, geo, dx, dgamma, dbeta)

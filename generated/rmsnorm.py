@@ -64,16 +64,17 @@ def array(name, value, dtype=None, shape=None, finite=True):
     return value if value.flags.c_contiguous else numpy.ascontiguousarray(value)
 
 
-def output(name, out, like):
-    """A preallocated result buffer (reused across calls: no page faults on fresh memory), or a new one."""
+def output(name, out, like, *inputs):
+    """A preallocated result buffer (reused across calls: no page faults on fresh memory), or a new one.
+    It may overlap no input (``like`` and ``inputs``): the kernels write it while they read them."""
     if out is None:
         return numpy.empty_like(like)
     if not isinstance(out, numpy.ndarray) or out.dtype != like.dtype or out.shape != like.shape:
         raise ValueError(f"{name} must be a {like.dtype} array of shape {like.shape}")
     if not (out.flags.c_contiguous and out.flags.writeable):
         raise ValueError(f"{name} must be C-contiguous and writable")
-    if numpy.may_share_memory(out, like):
-        raise ValueError(f"{name} must not overlap the input")
+    if any(numpy.may_share_memory(out, a) for a in (like, *inputs)):
+        raise ValueError(f"{name} must not overlap an input")
     return out
 
 
@@ -166,9 +167,10 @@ def _param_grad(contribution, shape):
     return numpy.broadcast_to(contribution, shape).sum(axis=(0, 1, 4), dtype=numpy.float64).reshape(-1)
 
 
-def _working(group, dtype):
-    """The per-group values (float64) as the element passes use them: in the input's precision."""
-    return {name: value.astype(dtype, copy=False) for name, value in group.items()}
+def _working(group, dtype, names):
+    """The per-group values (float64) that an element pass uses (``names``, and the shift), in the
+    input's precision."""
+    return {name: value.astype(dtype, copy=False) for name, value in group.items() if name in names or name == "shift"}
 
 
 _BLOCK = 1 << 16  # elements per block: the temporaries of a block stay in cache
@@ -199,18 +201,21 @@ def _numpy_forward_train(x, gamma, beta, eps, geo, y, stats, saved):
     group = {}
     total = _group_sum(geo)
     for block, part in _blocks(geo):
-        x_v = xv[block].astype(numpy.float64)
-        total[part] += numpy.sum(x_v**2, axis=_MEMBERS, keepdims=True)
+        x_v = xv[block]
+        summand = numpy.positive(x_v, dtype=numpy.float64)
+        numpy.multiply(summand, summand, out=summand)
+        total[part] += numpy.sum(summand, axis=_MEMBERS, keepdims=True, dtype=numpy.float64)
     group["stat_ms"] = total / m
     stat_ms = group["stat_ms"]
     group["saved_invstd"] = saved_invstd = numpy.broadcast_to(1/numpy.sqrt(eps + stat_ms), (1, geo.q, geo.p, 1, 1))
 
-    work = _working(group, x.dtype)
+    work = _working(group, x.dtype, ['beta_v', 'gamma_v', 'saved_invstd'])
     for block, part in _blocks(geo):
         x_v = xv[block]
         saved_invstd = work["saved_invstd"][part]
-        y_v = beta_v + gamma_v*saved_invstd*x_v
-        yv[block] = y_v
+        y_v = yv[block]
+        numpy.multiply(x_v, gamma_v*saved_invstd, out=y_v)
+        numpy.add(y_v, beta_v, out=y_v)
     stats[0] = group["stat_ms"][0, :, :, 0, 0]
     saved[0] = group["saved_invstd"][0, :, :, 0, 0]
 
@@ -223,28 +228,31 @@ def _numpy_backward_train(dy, x, gamma, saved, geo, dx, dgamma, dbeta):
     saved_invstd = group["saved_invstd"]
 
     totals = [_group_sum(geo) for _ in range(1)]
-    work = _working(group, x.dtype)
+    work = _working(group, x.dtype, ['saved_invstd', 'gamma_v'])
     for block, part in _blocks(geo):
         x_v = xv[block]
         dy_v = dyv[block]
         saved_invstd = work["saved_invstd"][part]
-        xhat_v = saved_invstd*x_v
-        totals[0][part] += numpy.sum(dy_v*gamma_v*xhat_v, axis=_MEMBERS, keepdims=True, dtype=numpy.float64)
+        xhat_v = numpy.multiply(x_v, saved_invstd)
+        summand = numpy.multiply(dy_v, xhat_v)
+        numpy.multiply(summand, gamma_v, out=summand)
+        totals[0][part] += numpy.sum(summand, axis=_MEMBERS, keepdims=True, dtype=numpy.float64)
         dgamma += _param_grad(dy_v*xhat_v, x_v.shape)
         dbeta += _param_grad(dy_v, x_v.shape)
     group["red_0"] = red_0 = totals[0]
     saved_invstd = group["saved_invstd"]
     group["c_dx_v_0"] = c_dx_v_0 = numpy.broadcast_to(-red_0*saved_invstd/m, (1, geo.q, geo.p, 1, 1))
-    work = _working(group, x.dtype)
+    work = _working(group, x.dtype, ['c_dx_v_0', 'gamma_v', 'saved_invstd'])
     for block, part in _blocks(geo):
         x_v = xv[block]
         dy_v = dyv[block]
         saved_invstd = work["saved_invstd"][part]
-        red_0 = work["red_0"][part]
         c_dx_v_0 = work["c_dx_v_0"][part]
-        xhat_v = saved_invstd*x_v
-        dx_v = c_dx_v_0*xhat_v + dy_v*gamma_v*saved_invstd
-        dxv[block] = dx_v
+        dx_v = dxv[block]
+        xhat_v = numpy.multiply(x_v, saved_invstd)
+        numpy.multiply(xhat_v, c_dx_v_0, out=dx_v)
+        dx_v_0 = numpy.multiply(dy_v, gamma_v*saved_invstd)
+        numpy.add(dx_v, dx_v_0, out=dx_v)
 
 
 def _numpy_eval(kind, dy, x, gamma, beta, running, eps, geo, out, dgamma=None, dbeta=None):
@@ -259,12 +267,13 @@ def _numpy_eval(kind, dy, x, gamma, beta, running, eps, geo, out, dgamma=None, d
     for block, _ in _blocks(geo):
         x_v = xv[block].astype(numpy.float64)
         if kind == "forward":
-            y_v = beta_v + c_y_v_0*gamma_v*x_v
+            y_v = numpy.multiply(x_v, c_y_v_0*gamma_v)
+            numpy.add(y_v, beta_v, out=y_v)
             outv[block] = y_v
         else:
             dy_v = dyv[block].astype(numpy.float64)
-            xhat_v = c_xhat_v_0*x_v
-            dx_v = c_dx_v_0*dy_v*gamma_v
+            xhat_v = numpy.multiply(x_v, c_xhat_v_0)
+            dx_v = numpy.multiply(dy_v, c_dx_v_0*gamma_v)
             outv[block] = dx_v
             dgamma += _param_grad(dy_v*xhat_v, x_v.shape)
             dbeta += _param_grad(dy_v, x_v.shape)
@@ -372,7 +381,7 @@ class Kernels:
         x, gamma, _, geo = prepare(x, gamma, None, normalized_shape, num_groups, self._unchecked)
         dy = array("dy", dy, x.dtype, x.shape, finite=False)
         saved = saved_block((invstd,), geo, "saved" in self._unchecked)
-        dx, grads = output("out", out, x), numpy.zeros((2, geo.p * geo.l))
+        dx, grads = output("out", out, x, dy), numpy.zeros((2, geo.p * geo.l))
         names, inputs = ("x", "dy", "gamma", *SAVED), (x, dy, gamma, *saved)
         if self._c is None:
             with numpy.errstate(all="ignore"):  # NaN and infinity are reported below, as for C
@@ -404,7 +413,7 @@ class Kernels:
         eps = positive("eps", eps)
         dy = array("dy", dy, x.dtype, x.shape, finite=False)
         running = _running_block((running_ms,), geo)
-        dx, dgamma, dbeta = output("out", out, x), numpy.zeros(geo.p * geo.l), numpy.zeros(geo.p * geo.l)
+        dx, dgamma, dbeta = output("out", out, x, dy), numpy.zeros(geo.p * geo.l), numpy.zeros(geo.p * geo.l)
         if self._c is None:
             with numpy.errstate(all="ignore"):  # NaN and infinity are reported below, as for C
                 _numpy_eval("backward", dy, x, gamma, None, running, eps, geo, dx, dgamma, dbeta)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import sympy as sp
 from sympy.printing.c import C99CodePrinter
@@ -15,7 +16,7 @@ from sympy.printing.precedence import PRECEDENCE
 
 from . import __version__
 from .jinja import environment, resource_dir
-from .lower import Assign, KernelPlan, Pass, plan
+from .lower import DY, XHAT, Assign, KernelPlan, Pass, X, plan
 from .spec import BUILTINS, Norm, resolve
 
 
@@ -37,7 +38,57 @@ class CKernelPrinter(C99CodePrinter):
 
 
 class NumPyKernelPrinter(NumPyPrinter):
-    """NumPy over float64 arrays: the same expressions, element-wise."""
+    """NumPy arrays: the same expressions, element-wise; and (``statements``) as in-place ufunc
+    calls, which reuse one buffer per assignment instead of allocating a temporary per operation."""
+
+    UFUNCS: ClassVar[dict[type, str]] = {sp.Add: "numpy.add", sp.Mul: "numpy.multiply"}
+    FUNCTIONS: ClassVar[dict[type, str]] = {sp.exp: "numpy.exp", sp.log: "numpy.log", sp.Abs: "numpy.absolute"}
+
+    def statements(self, expr: sp.Expr, target: str, varying: set[sp.Symbol], new: bool = True,
+                   dtype: str | None = None) -> list[str]:
+        """Python lines that leave ``expr`` in the array ``target``: a new variable (``new``; its
+        first operation allocates it, in ``dtype`` if given) or an existing array (an output block,
+        written in place). Only the ``varying`` (element-wise) parts are computed in the buffer;
+        per-group parts stay ordinary expressions, which broadcast."""
+        spare = (f"{target}_{j}" for j in range(1000))
+
+        def first(call: str, *operands: str) -> str:
+            options = ("" if not dtype else f", dtype={dtype}") if new else f", out={target}"
+            return f"{target} = {call}({', '.join(operands)}{options})" if new else f"{call}({', '.join(operands)}{options})"
+
+        def again(call: str, *operands: str) -> str:
+            return f"{call}({target}, {', '.join(operands)}, out={target})" if operands else f"{call}({target}, out={target})"
+
+        def moving(e: sp.Expr) -> bool:
+            return bool(e.free_symbols & varying)
+
+        if not moving(expr) or expr.is_Symbol:
+            return [first("numpy.positive", self.doprint(expr))]
+        if type(expr) in self.UFUNCS:
+            call = self.UFUNCS[type(expr)]
+            nested = [a for a in expr.args if moving(a) and not a.is_Symbol]
+            symbols = [a for a in expr.args if moving(a) and a.is_Symbol]
+            fixed = [a for a in expr.args if not moving(a)]
+            plain = [self.doprint(a) for a in symbols] + ([self.doprint(type(expr)(*fixed))] if fixed else [])
+            if nested:
+                lines = self.statements(nested[0], target, varying, new, dtype)
+            else:  # the first operation combines an element-wise symbol with another operand
+                lines, plain = [first(call, *plain[:2])], plain[2:]
+            for operand in nested[1:]:
+                name = next(spare)
+                lines += self.statements(operand, name, varying, True, dtype)
+                lines.append(again(call, name))
+            return lines + [again(call, a) for a in plain]
+        if isinstance(expr, sp.Pow) and not moving(expr.exp):
+            lines = self.statements(expr.base, target, varying, new, dtype)
+            if expr.exp == 2:
+                return lines + [again("numpy.multiply", target)]
+            if expr.exp == sp.S.Half:
+                return lines + [again("numpy.sqrt")]
+            return lines + [again("numpy.power", self.doprint(expr.exp))]
+        if type(expr) in self.FUNCTIONS and len(expr.args) == 1:
+            return self.statements(expr.args[0], target, varying, new, dtype) + [again(self.FUNCTIONS[type(expr)])]
+        return [first("numpy.positive", self.doprint(expr))]
 
 
 @dataclass(frozen=True)
@@ -59,8 +110,23 @@ def _printed(p: KernelPlan, printer) -> dict:
     def code(a: Assign) -> dict:
         return {"name": a.name, "code": printer.doprint(a.expr)}
 
+    statements = getattr(printer, "statements", None)  # in-place code, where the backend has it
+    blocks = {X, DY, XHAT}  # what has an element's shape; the rest broadcasts per group
+
     def step(s: Pass) -> dict:
-        return {"group": [code(a) for a in s.group], "element": [code(a) for a in s.element]}
+        moving = blocks | {a.symbol for a in s.element}
+        used = set().union(*(a.expr.free_symbols for a in s.element)) - moving
+        return {"group": [code(a) for a in s.group], "uses": sorted(map(str, used)),
+                "element": [{**code(a), **({"lines": statements(a.expr, a.name, moving),
+                                            "into": statements(a.expr, a.name, moving, new=False)} if statements else {})}
+                            for a in s.element]}
+
+    def summed(a: Assign, dtype: str | None) -> dict:
+        """A statistic's or a reduction's summand: the lines computing it into ``summand``, or
+        none where it is an element-wise symbol itself (summed as it is)."""
+        bare = a.expr.is_Symbol or not statements
+        return {**code(a), "lines": [] if bare else statements(a.expr, "summand", blocks, dtype=dtype),
+                "summand": printer.doprint(a.expr) if bare else "summand"}
 
     norm = p.norm
     return {
@@ -71,8 +137,9 @@ def _printed(p: KernelPlan, printer) -> dict:
         "running_args": [f"running_{s}" for s in p.stat_names],
         "running_kwargs": [f"running_{s}=None" for s in p.stat_names],
         "running_locals": [f"run_{s}" for s in p.stat_names],
-        "stats": [code(a) for a in p.stats], "saved": [code(a) for a in p.saved],
-        "reductions": [code(a) for a in p.reductions], "running": [code(a) for a in p.running],
+        "stats": [summed(a, "numpy.float64") for a in p.stats], "saved": [code(a) for a in p.saved],
+        "reductions": [summed(a, None) for a in p.reductions], "running": [code(a) for a in p.running],
+        "reduction_uses": sorted({str(v) for a in p.reductions for v in a.expr.free_symbols - blocks}),
         "xhat": step(p.xhat), "y": step(p.y), "dx": step(p.dx), "y_eval": step(p.y_eval), "dx_eval": step(p.dx_eval),
         **{name: printer.doprint(getattr(p, name)) for name in ("dgamma", "dbeta", "dgamma_eval", "dbeta_eval")},
         "dtypes": DTYPES, "shift": p.shift,

@@ -193,3 +193,33 @@ def test_parameter_gradients_reuse_the_reductions_where_parameters_are_per_group
     assert set(plan("instancenorm").param_sums.values()) == {0, 1}
     for norm in ("layernorm", "groupnorm", "rmsnorm"):
         assert set(plan(norm).param_sums.values()) == {None}
+
+
+@pytest.mark.parametrize("norm", [*symbn.BUILTINS, "quartic"])
+def test_in_place_numpy_code_computes_what_the_expression_does(norm):
+    """The NumPy backend's in-place statements (one buffer per assignment, written through ufuncs'
+    out=) against SymPy's own NumPy printing of the same expression, on block-shaped element
+    arrays and broadcast per-group ones, into a new buffer and into an existing one."""
+    from symbn.emit import NumPyKernelPrinter
+    from symbn.lower import DY, XHAT, X, plan
+
+    spec = symbn.Norm("quartic", stats={"mean": "x", "m4": "(x - mean)**4"}, normalized="(x - mean) / (m4 + eps)**(1/4)",
+                      affine="group", layout=CHANNEL) if norm == "quartic" else norm
+    p, printer, rng = plan(spec, frame=True), NumPyKernelPrinter(), np.random.default_rng(5)
+    block, group = (6, 1, 4, 1, 3), (1, 1, 4, 1, 1)
+    for step in (p.y, p.xhat, p.dx, p.y_eval, p.dx_eval):
+        moving = {X, DY, XHAT} | {a.symbol for a in step.element}
+        values = {"numpy": np, "m": 7.0}
+        for a in step.element:
+            for symbol in a.expr.free_symbols:
+                if str(symbol) not in values:
+                    shape = block if symbol in moving else group
+                    values[str(symbol)] = rng.uniform(0.5, 2.0, shape)
+            expected = eval(NumPyKernelPrinter().doprint(a.expr), dict(values))
+            scope = dict(values)
+            exec("\n".join(printer.statements(a.expr, a.name, moving)), scope)  # noqa: S102
+            into = {**values, a.name: np.zeros(block)}
+            exec("\n".join(printer.statements(a.expr, a.name, moving, new=False)), into)  # noqa: S102
+            for result in (scope[a.name], into[a.name]):
+                np.testing.assert_allclose(np.broadcast_to(result, block), np.broadcast_to(expected, block), rtol=1e-12)
+            values[a.name] = expected
