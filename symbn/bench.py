@@ -1,8 +1,9 @@
 """``python -m symbn bench``: the generated kernels' speed against PyTorch and NumPy, in one process.
 
 Each case times, as medians over repeats after warm-up: the generated C kernels, the generated
-NumPy kernels, PyTorch's own CPU kernels (ATen, same thread count; when installed), the paper's
-staged backward written in NumPy (batch norm), and a STREAM-like triad on the same working set,
+NumPy kernels, PyTorch's own CPU kernels (ATen, same thread count; when installed), for batch
+norm the best NumPy written by hand (the compact form, in place) and the paper's staged backward
+written in NumPy, and a STREAM-like triad on the same working set,
 which gives the memory bandwidth the kernels are measured against. Bytes are counted as two
 passes over the inputs plus one write of the output. Nothing here is a test: speed is reported,
 never asserted.
@@ -19,13 +20,15 @@ import numpy as np
 
 from .build import cache_dir, compile_library, load
 
-FULL = [
-    ("batchnorm", (8192, 1024), {}),
-    ("batchnorm", (32, 64, 56, 56), {}),
-    ("batchnorm", (256, 64), {}),
-    ("layernorm", (8192, 1024), {}),
-    ("rmsnorm", (8192, 1024), {}),
-    ("groupnorm", (32, 64, 56, 56), {"num_groups": 8}),
+FULL = [  # norm, shape, options, dtype
+    ("batchnorm", (8192, 1024), {}, "float32"),
+    ("batchnorm", (32, 64, 56, 56), {}, "float32"),
+    ("batchnorm", (256, 64), {}, "float32"),
+    ("layernorm", (8192, 1024), {}, "float32"),
+    ("rmsnorm", (8192, 1024), {}, "float32"),
+    ("groupnorm", (32, 64, 56, 56), {"num_groups": 8}, "float32"),
+    ("batchnorm", (8192, 1024), {}, "float64"),
+    ("batchnorm", (256, 64), {}, "float64"),
 ]
 QUICK = FULL[:3]
 
@@ -68,21 +71,26 @@ def median_ms(calls: dict, repeats: int, warmup: int = 2) -> dict:
 
 
 def _triad(threads: int):
-    """A compiled triad a = b + 3c with OpenMP, built like the kernels."""
+    """A compiled triad a = b + 3c with OpenMP, built like the kernels; over the arrays' bytes
+    (as float32, whatever their dtype: the bandwidth is the same)."""
     directory = cache_dir() / "sources" / "triad"
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "triad.c").write_text(TRIAD)
     (directory / "triad.h").write_text("#include <stddef.h>\nvoid triad(float *a, const float *b, const float *c, ptrdiff_t n, int threads);\n")
     function = ctypes.CDLL(str(compile_library(directory / "triad.c"))).triad
     function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_ssize_t, ctypes.c_int]
-    return lambda a, b, c: function(a.ctypes.data, b.ctypes.data, c.ctypes.data, a.size, threads)
+    return lambda a, b, c: function(a.ctypes.data, b.ctypes.data, c.ctypes.data, a.nbytes // 4, threads)
+
+
+def _moment_axes(x) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Batch norm's reduction axes, and the shape that broadcasts a per-channel array against x."""
+    return (0, *range(2, x.ndim)), (1, -1) + (1,) * (x.ndim - 2)
 
 
 def _staged_backward(dy, x, gamma, eps=1e-5):
     """The paper's page-4 backward, stage by stage, in NumPy (batch norm): the baseline the
     compact form is measured against, written here as a reader of the paper would."""
-    axes = (0, *range(2, x.ndim))
-    shape = (1, -1) + (1,) * (x.ndim - 2)
+    axes, shape = _moment_axes(x)
     m = x.size // x.shape[1]
     mu = x.mean(axis=axes, keepdims=True)
     var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
@@ -92,6 +100,33 @@ def _staged_backward(dy, x, gamma, eps=1e-5):
     dmu = np.sum(dxhat * -1 / np.sqrt(var + eps), axis=axes, keepdims=True) + dvar * np.sum(-2 * (x - mu), axis=axes, keepdims=True) / m
     dx = dxhat / np.sqrt(var + eps) + dvar * 2 * (x - mu) / m + dmu / m
     return dx, np.sum(dy * xhat, axis=axes), np.sum(dy, axis=axes)
+
+
+def _compact_forward(x, gamma, beta, eps=1e-5):
+    """Batch norm's training forward as a NumPy user writes it at best: moments summed in float64
+    (the variance in a second pass), y in x's dtype in one temporary, updated in place."""
+    axes, shape = _moment_axes(x)
+    mean = x.mean(axis=axes, dtype=np.float64)
+    y = x - mean.astype(x.dtype).reshape(shape)
+    invstd = 1.0 / np.sqrt((y * y).mean(axis=axes, dtype=np.float64) + eps)
+    y *= (gamma * invstd).astype(x.dtype).reshape(shape)
+    y += beta.reshape(shape)
+    return y, mean, invstd
+
+
+def _compact_backward(dy, x, gamma, mean, invstd):
+    """Batch norm's compact backward, dx = γ/(m·σ)·(m·dy − Σdy − x̂·Σ(dy·x̂)), by hand at its best:
+    the sums in float64, the element-wise work in x's dtype in one temporary, in place."""
+    axes, shape = _moment_axes(x)
+    m = x.size // x.shape[1]
+    xhat = (x - mean.astype(x.dtype).reshape(shape)) * invstd.astype(x.dtype).reshape(shape)
+    dbeta = dy.sum(axis=axes, dtype=np.float64)
+    dgamma = (dy * xhat).sum(axis=axes, dtype=np.float64)
+    xhat *= (-dgamma / m).astype(x.dtype).reshape(shape)
+    xhat += dy
+    xhat -= (dbeta / m).astype(x.dtype).reshape(shape)
+    xhat *= (gamma * invstd).astype(x.dtype).reshape(shape)
+    return xhat, dgamma, dbeta
 
 
 def _symbn(kernels, name: str, x, dy, gamma, beta, options) -> dict:
@@ -156,25 +191,26 @@ def bench(quick: bool = False, threads: int = 2, progress=None) -> dict:
     glibc = keep_freed_memory(True)
     triad = _triad(threads)
     results = []
-    for number, (norm, shape, options) in enumerate(cases, 1):
+    for number, (norm, shape, options, dtype) in enumerate(cases, 1):
         if progress:
-            progress(f"[{number}/{len(cases)}] {norm} {'x'.join(map(str, shape))} float32, {threads} threads")
-        results.append(_case(number, norm, shape, options, threads, triad, repeats, glibc))
+            progress(f"[{number}/{len(cases)}] {norm} {'x'.join(map(str, shape))} {dtype}, {threads} threads")
+        results.append(_case(number, norm, shape, options, np.dtype(dtype), threads, triad, repeats, glibc))
     return {"cases": results, "quick": quick, "repeats": repeats,
             "allocation": "symbn: outputs preallocated (out=), reused every call; PyTorch: fresh outputs from its "
-                          "allocator every call, staged NumPy: fresh temporaries, " + (
+                          "allocator every call, NumPy by hand (compact, staged): fresh temporaries, " + (
                               "both on memory freed by the call before (glibc told to keep it: no page faults; ratios "
                               "are against this, PyTorch at its best); 'torch (fresh)': every output on fresh pages"
                               if glibc else "as the C library's allocator provides them (not glibc)"),
             "bytes": "forward 3|x| (two passes over x, one write of y); backward 5|x| (two passes over x and dy, one write of dx)"}
 
 
-def _case(seed: int, norm: str, shape: tuple, options: dict, threads: int, triad, repeats: int, glibc: bool) -> dict:
-    """One norm and shape: every implementation timed in the same rounds, and the triad."""
+def _case(seed: int, norm: str, shape: tuple, options: dict, dtype: np.dtype, threads: int, triad, repeats: int,
+          glibc: bool) -> dict:
+    """One norm, shape and dtype: every implementation timed in the same rounds, and the triad."""
     rng = np.random.default_rng(seed)
-    x, dy = rng.normal(size=shape).astype(np.float32), rng.normal(size=shape).astype(np.float32)
+    x, dy = rng.normal(size=shape).astype(dtype), rng.normal(size=shape).astype(dtype)
     params = x.shape[1:2] if norm in ("batchnorm", "groupnorm") else x.shape[-1:]
-    gamma, beta = rng.normal(1, 0.2, params).astype(np.float32), rng.normal(size=params).astype(np.float32)
+    gamma, beta = rng.normal(1, 0.2, params).astype(dtype), rng.normal(size=params).astype(dtype)
     a, b, c = np.empty_like(x), np.ones_like(x), np.ones_like(x)
     calls = {("triad", "forward"): lambda: triad(a, b, c)}
     for backend in ("c", "numpy"):
@@ -182,6 +218,9 @@ def _case(seed: int, norm: str, shape: tuple, options: dict, threads: int, triad
     torch_calls = _torch(norm, x, dy, gamma, beta, options, threads)
     calls.update(torch_calls)
     if norm == "batchnorm":
+        _, mean, invstd = _compact_forward(x, gamma, beta)
+        calls["compact numpy", "forward"] = lambda: _compact_forward(x, gamma, beta)
+        calls["compact numpy", "backward"] = lambda: _compact_backward(dy, x, gamma, mean, invstd)
         calls["staged numpy", "backward"] = lambda: _staged_backward(dy, x, gamma)
     ms = median_ms(calls, repeats)
     if torch_calls and glibc:  # PyTorch again, each of its outputs on fresh pages
@@ -190,9 +229,9 @@ def _case(seed: int, norm: str, shape: tuple, options: dict, threads: int, triad
         keep_freed_memory(True)
     bandwidth = 3 * x.nbytes / ms.pop(("triad", "forward")) / 1e6
     timings = {}
-    for (name, kind), value in sorted(ms.items(), key=lambda item: "staged" in item[0][0]):
+    for (name, kind), value in sorted(ms.items(), key=lambda item: item[0][0] in ("compact numpy", "staged numpy")):
         timings.setdefault(name, [None, None])[kind == "backward"] = value
-    return {"norm": norm, "shape": list(shape), "options": options, "dtype": "float32", "threads": threads,
+    return {"norm": norm, "shape": list(shape), "options": options, "dtype": dtype.name, "threads": threads,
             "triad_gbs": bandwidth, "results": {name: _row(fwd, bwd, x.nbytes, bandwidth, timings.get("torch"))
                                                 for name, (fwd, bwd) in timings.items()}}
 
@@ -209,18 +248,18 @@ def _row(fwd: float | None, bwd: float, nbytes: int, bandwidth: float, torch: li
 
 
 def to_text(report: dict) -> str:
-    lines = [f"median of {report['repeats']} samples after warm-up, taken round-robin across implementations (fast calls "
-             f"timed in batches of about {SAMPLE_S * 1e3:.0f} ms), float32; {report['allocation']}",
+    lines = [(f"median of {report['repeats']} samples after warm-up, taken round-robin across implementations (fast calls "
+              f"timed in batches of about {SAMPLE_S * 1e3:.0f} ms); {report['allocation']}"),
              f"bytes counted: {report['bytes']}", ""]
-    header = f"{'case':<34}{'impl':<14}{'fwd ms':>9}{'bwd ms':>9}{'fwd GB/s':>10}{'bwd GB/s':>10}{'fwd %triad':>11}{'bwd %triad':>11}{'fwd/torch':>10}{'bwd/torch':>10}"
+    header = f"{'case':<42}{'impl':<15}{'fwd ms':>9}{'bwd ms':>9}{'fwd GB/s':>10}{'bwd GB/s':>10}{'fwd %triad':>11}{'bwd %triad':>11}{'fwd/torch':>10}{'bwd/torch':>10}"
     lines.append(header)
     for case in report["cases"]:
-        label = f"{case['norm']} {'x'.join(map(str, case['shape']))} ({case['triad_gbs']:.0f} GB/s)"
+        label = f"{case['norm']} {'x'.join(map(str, case['shape']))} {case['dtype']} ({case['triad_gbs']:.0f} GB/s)"
         for name, r in case["results"].items():
             cells = [_cell(r["forward_ms"], ".3f"), _cell(r["backward_ms"], ".3f"), _cell(r["forward_gbs"], ".1f"),
                      _cell(r["backward_gbs"], ".1f"), _cell(r["forward_of_triad"], ".0%"), _cell(r["backward_of_triad"], ".0%"),
                      _cell(r["forward_vs_torch"], ".2f"), _cell(r["backward_vs_torch"], ".2f")]
-            lines.append(f"{label:<34}{name:<14}" + "".join(f"{c:>{w}}" for c, w in zip(cells, (9, 9, 10, 10, 11, 11, 10, 10))))
+            lines.append(f"{label:<42}{name:<15}" + "".join(f"{c:>{w}}" for c, w in zip(cells, (9, 9, 10, 10, 11, 11, 10, 10))))
             label = ""
     return "\n".join(lines) + "\n"
 
@@ -231,21 +270,21 @@ def _cell(value, spec: str) -> str:
 
 def to_svg(report: dict) -> str:
     """Bars of time relative to PyTorch (1 = as fast; lower is faster), forward and backward, per case."""
-    bars = [(f"{c['norm']} {'x'.join(map(str, c['shape']))}", name, key, c["results"][name][f"{key}_vs_torch"])
+    bars = [(f"{c['norm']} {'x'.join(map(str, c['shape']))} {c['dtype']}", name, key, c["results"][name][f"{key}_vs_torch"])
             for c in report["cases"] for name in ("c", "numpy") if name in c["results"]
             for key in ("forward", "backward") if c["results"][name][f"{key}_vs_torch"] is not None]
     height, top, scale = 22 * len(bars) + 60, 40, 120.0
     limit = max([1.0, *(min(v, 4.0) for *_, v in bars)])
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="760" height="{height}" font-family="sans-serif" font-size="12">',
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="800" height="{height}" font-family="sans-serif" font-size="12">',
            '<text x="10" y="20" font-size="14">time relative to PyTorch, same threads (1 = as fast, lower is faster)</text>']
     for j, (case, name, key, value) in enumerate(bars):
         y = top + 22 * j
         width = scale * min(value, 4.0) / limit * 3
         colour = {"c": "#2b6cb0", "numpy": "#dd6b20"}[name]
         out.append(f'<text x="10" y="{y + 14}">{case} {name} {key}</text>')
-        out.append(f'<rect x="300" y="{y}" width="{width:.1f}" height="16" fill="{colour}" opacity="{0.6 if key == "forward" else 1}"/>')
-        out.append(f'<text x="{305 + width:.1f}" y="{y + 13}">{value:.2f}{"+" if value > 4 else ""}</text>')
-    x_one = 300 + scale / limit * 3
+        out.append(f'<rect x="340" y="{y}" width="{width:.1f}" height="16" fill="{colour}" opacity="{0.6 if key == "forward" else 1}"/>')
+        out.append(f'<text x="{345 + width:.1f}" y="{y + 13}">{value:.2f}{"+" if value > 4 else ""}</text>')
+    x_one = 340 + scale / limit * 3
     out.append(f'<line x1="{x_one:.1f}" y1="{top - 5}" x2="{x_one:.1f}" y2="{height - 15}" stroke="black" stroke-dasharray="4"/>')
     out.append(f'<text x="{x_one - 20:.1f}" y="{height - 3}">PyTorch</text></svg>')
     return "\n".join(out) + "\n"

@@ -111,16 +111,39 @@ def test_check_rejects_unknown_norms_in_one_line():
 
 @pytest.mark.slow
 def test_bench_quick_reports_every_implementation(tmp_path):
-    """Runs the benchmark (no timing is asserted): every case has C, NumPy and the staged baseline."""
+    """Runs the benchmark (no timing is asserted): every case has C, NumPy and the hand-written baselines."""
     out = run("bench", "--quick", "--json", "--plot", str(tmp_path / "bench.svg"))
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert len(report["cases"]) == 3 and "[3/3]" in out.stderr
     torch = {"torch", "torch (fresh)"} if importlib.util.find_spec("torch") else set()
     for case in report["cases"]:
-        assert {"c", "numpy", "staged numpy", *torch} <= set(case["results"]) and case["triad_gbs"] > 0
+        assert {"c", "numpy", "compact numpy", "staged numpy", *torch} <= set(case["results"]) and case["triad_gbs"] > 0
+        assert case["dtype"] == "float32" and case["results"]["compact numpy"]["forward_ms"] > 0
     assert "glibc told to keep it" in report["allocation"]
     assert (tmp_path / "bench.svg").read_text().startswith("<svg")
+
+
+@pytest.mark.parametrize("shape", [(64, 8), (4, 3, 5, 6)])
+def test_the_bench_baselines_compute_batch_norm(shape):
+    """The hand-written NumPy the bench times symbn against computes what the generated kernels do
+    (float64; they are checked against PyTorch and finite differences elsewhere)."""
+    import numpy as np
+
+    from symbn import load
+    from symbn.bench import _compact_backward, _compact_forward, _staged_backward
+
+    rng = np.random.default_rng(3)
+    x, dy = rng.normal(3, 2, shape), rng.normal(size=shape)
+    gamma, beta = rng.normal(1, 0.2, shape[1]), rng.normal(size=shape[1])
+    y, mean, invstd = load("batchnorm").forward_train(x, gamma, beta)
+    expected = load("batchnorm").backward_train(dy, x, gamma, mean, invstd)
+    hand = _compact_forward(x, gamma, beta)
+    for mine, theirs in zip(hand, (y, mean, invstd)):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-12, atol=1e-12)
+    for backward in (_compact_backward(dy, x, gamma, hand[1], hand[2]), _staged_backward(dy, x, gamma)):
+        for mine, theirs in zip(backward, expected):
+            np.testing.assert_allclose(mine, theirs, rtol=1e-10, atol=1e-10)
 
 
 def test_the_allocator_modes_of_the_bench_leave_results_alone():
