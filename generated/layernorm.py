@@ -195,6 +195,18 @@ def _blocks(geo):
             yield (slice(None), slice(start, start + step)), (slice(None), slice(start, start + step))
 
 
+def _per_group(value, geo):
+    """A per-group value with the shape of one (1, q, p, 1, 1); as it is when it has it already
+    (numpy.broadcast_to alone costs more than a small problem's element-wise pass)."""
+    shape = (1, geo.q, geo.p, 1, 1)
+    return value if getattr(value, "shape", None) == shape else numpy.broadcast_to(value, shape)
+
+
+def _sum(summand):
+    """Each group's sum over its members of an element-wise array, accumulated in float64."""
+    return numpy.add.reduce(summand, axis=_MEMBERS, keepdims=True, dtype=numpy.float64)
+
+
 def _group_sum(geo):
     return numpy.zeros((1, geo.q, geo.p, 1, 1))
 
@@ -205,7 +217,7 @@ def _numpy_forward_train(x, gamma, beta, eps, geo, y, stats, saved):
     gamma_v, beta_v = _param(gamma, geo, 1.0), _param(beta, geo, 0.0)
     group = {}
     x_v = xv  # summed as it is: no temporary, so no blocks
-    total = numpy.sum(x_v, axis=_MEMBERS, keepdims=True, dtype=numpy.float64)
+    total = _sum(x_v)
     group["stat_mean"] = total / m
     total = _group_sum(geo)
     for block, part in _blocks(geo):
@@ -213,15 +225,15 @@ def _numpy_forward_train(x, gamma, beta, eps, geo, y, stats, saved):
         stat_mean = group["stat_mean"][part]
         summand = numpy.add(x_v, -stat_mean, dtype=numpy.float64)
         numpy.multiply(summand, summand, out=summand)
-        total[part] += numpy.sum(summand, axis=_MEMBERS, keepdims=True, dtype=numpy.float64)
+        total[part] += _sum(summand)
     group["stat_var"] = total / m
     stat_mean = group["stat_mean"]
     stat_var = group["stat_var"]
-    group["saved_mean"] = saved_mean = numpy.broadcast_to(stat_mean, (1, geo.q, geo.p, 1, 1))
-    group["saved_invstd"] = saved_invstd = numpy.broadcast_to(1/numpy.sqrt(eps + stat_var), (1, geo.q, geo.p, 1, 1))
+    group["saved_mean"] = saved_mean = _per_group(stat_mean, geo)
+    group["saved_invstd"] = saved_invstd = _per_group(1/numpy.sqrt(eps + stat_var), geo)
     shift = saved_mean.astype(x.dtype)
     group["shift"] = shift
-    group["c_y_v_0"] = c_y_v_0 = numpy.broadcast_to(-saved_mean + shift, (1, geo.q, geo.p, 1, 1))
+    group["c_y_v_0"] = c_y_v_0 = _per_group(-saved_mean + shift, geo)
     work = _working(group, x.dtype, ['beta_v', 'c_y_v_0', 'gamma_v', 'saved_invstd'])
     for block, part in _blocks(geo):
         x_v = xv[block] - work["shift"][part]
@@ -246,7 +258,7 @@ def _numpy_backward_train(dy, x, gamma, saved, geo, dx, dgamma, dbeta):
     saved_invstd = group["saved_invstd"]
     shift = saved_mean.astype(x.dtype)
     group["shift"] = shift
-    group["c_xhat_v_0"] = c_xhat_v_0 = numpy.broadcast_to(-saved_mean + shift, (1, geo.q, geo.p, 1, 1))
+    group["c_xhat_v_0"] = c_xhat_v_0 = _per_group(-saved_mean + shift, geo)
     totals = [_group_sum(geo) for _ in range(2)]
     work = _working(group, x.dtype, ['c_xhat_v_0', 'saved_invstd', 'gamma_v'])
     for block, part in _blocks(geo):
@@ -257,10 +269,10 @@ def _numpy_backward_train(dy, x, gamma, saved, geo, dx, dgamma, dbeta):
         xhat_v = numpy.add(x_v, c_xhat_v_0)
         numpy.multiply(xhat_v, saved_invstd, out=xhat_v)
         summand = numpy.multiply(dy_v, gamma_v)
-        totals[0][part] += numpy.sum(summand, axis=_MEMBERS, keepdims=True, dtype=numpy.float64)
+        totals[0][part] += _sum(summand)
         summand = numpy.multiply(dy_v, xhat_v)
         numpy.multiply(summand, gamma_v, out=summand)
-        totals[1][part] += numpy.sum(summand, axis=_MEMBERS, keepdims=True, dtype=numpy.float64)
+        totals[1][part] += _sum(summand)
         dgamma += _param_grad(dy_v*xhat_v, x_v.shape)
         dbeta += _param_grad(dy_v, x_v.shape)
     group["red_0"] = red_0 = totals[0]
@@ -268,8 +280,7 @@ def _numpy_backward_train(dy, x, gamma, saved, geo, dx, dgamma, dbeta):
     saved_mean = group["saved_mean"]
     saved_invstd = group["saved_invstd"]
     c_xhat_v_0 = group["c_xhat_v_0"]
-    group["c_xhat_v_0"] = c_xhat_v_0 = numpy.broadcast_to(-saved_mean + shift, (1, geo.q, geo.p, 1, 1))
-    group["c_dx_v_0"] = c_dx_v_0 = numpy.broadcast_to(saved_invstd/m, (1, geo.q, geo.p, 1, 1))
+    group["c_dx_v_0"] = c_dx_v_0 = _per_group(saved_invstd/m, geo)
     work = _working(group, x.dtype, ['c_dx_v_0', 'c_xhat_v_0', 'gamma_v', 'm', 'red_0', 'red_1', 'saved_invstd'])
     for block, part in _blocks(geo):
         x_v = xv[block] - work["shift"][part]

@@ -190,6 +190,18 @@ def _blocks(geo):
             yield (slice(None), slice(start, start + step)), (slice(None), slice(start, start + step))
 
 
+def _per_group(value, geo):
+    """A per-group value with the shape of one (1, q, p, 1, 1); as it is when it has it already
+    (numpy.broadcast_to alone costs more than a small problem's element-wise pass)."""
+    shape = (1, geo.q, geo.p, 1, 1)
+    return value if getattr(value, "shape", None) == shape else numpy.broadcast_to(value, shape)
+
+
+def _sum(summand):
+    """Each group's sum over its members of an element-wise array, accumulated in float64."""
+    return numpy.add.reduce(summand, axis=_MEMBERS, keepdims=True, dtype=numpy.float64)
+
+
 def _group_sum(geo):
     return numpy.zeros((1, geo.q, geo.p, 1, 1))
 
@@ -204,10 +216,10 @@ def _numpy_forward_train(x, gamma, beta, eps, geo, y, stats, saved):
         x_v = xv[block]
         summand = numpy.positive(x_v, dtype=numpy.float64)
         numpy.multiply(summand, summand, out=summand)
-        total[part] += numpy.sum(summand, axis=_MEMBERS, keepdims=True, dtype=numpy.float64)
+        total[part] += _sum(summand)
     group["stat_ms"] = total / m
     stat_ms = group["stat_ms"]
-    group["saved_invstd"] = saved_invstd = numpy.broadcast_to(1/numpy.sqrt(eps + stat_ms), (1, geo.q, geo.p, 1, 1))
+    group["saved_invstd"] = saved_invstd = _per_group(1/numpy.sqrt(eps + stat_ms), geo)
 
     work = _working(group, x.dtype, ['beta_v', 'gamma_v', 'saved_invstd'])
     for block, part in _blocks(geo):
@@ -236,12 +248,12 @@ def _numpy_backward_train(dy, x, gamma, saved, geo, dx, dgamma, dbeta):
         xhat_v = numpy.multiply(x_v, saved_invstd)
         summand = numpy.multiply(dy_v, xhat_v)
         numpy.multiply(summand, gamma_v, out=summand)
-        totals[0][part] += numpy.sum(summand, axis=_MEMBERS, keepdims=True, dtype=numpy.float64)
+        totals[0][part] += _sum(summand)
         dgamma += _param_grad(dy_v*xhat_v, x_v.shape)
         dbeta += _param_grad(dy_v, x_v.shape)
     group["red_0"] = red_0 = totals[0]
     saved_invstd = group["saved_invstd"]
-    group["c_dx_v_0"] = c_dx_v_0 = numpy.broadcast_to(-red_0*saved_invstd/m, (1, geo.q, geo.p, 1, 1))
+    group["c_dx_v_0"] = c_dx_v_0 = _per_group(-red_0*saved_invstd/m, geo)
     work = _working(group, x.dtype, ['c_dx_v_0', 'gamma_v', 'saved_invstd'])
     for block, part in _blocks(geo):
         x_v = xv[block]
