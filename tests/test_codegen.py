@@ -195,20 +195,29 @@ def test_parameter_gradients_reuse_the_reductions_where_parameters_are_per_group
         assert set(plan(norm).param_sums.values()) == {None}
 
 
-@pytest.mark.parametrize("norm", [*symbn.BUILTINS, "quartic"])
+IN_PLACE_SPECS = {
+    "quartic": {"stats": {"mean": "x", "m4": "(x - mean)**4"}, "normalized": "(x - mean) / (m4 + eps)**(1/4)",
+                "affine": "group", "layout": CHANNEL},
+    "meanabs": {"stats": {"mad": "abs(x)"}, "normalized": "x / (mad + eps)", "affine": "element", "layout": TRAILING},
+}
+
+
+@pytest.mark.parametrize("norm", [*symbn.BUILTINS, *IN_PLACE_SPECS])
 def test_in_place_numpy_code_computes_what_the_expression_does(norm):
     """The NumPy backend's in-place statements (one buffer per assignment, written through ufuncs'
     out=) against SymPy's own NumPy printing of the same expression, on block-shaped element
-    arrays and broadcast per-group ones, into a new buffer and into an existing one."""
+    arrays and broadcast per-group ones, into a new buffer and into an existing one; and the
+    summands of the statistics and reductions (float64 where asked). Two specs reach a fourth
+    power and abs, which the built-ins do not use per element."""
     from symbn.emit import NumPyKernelPrinter
-    from symbn.lower import DY, XHAT, X, plan
+    from symbn.lower import DY, XHAT, Pass, X, plan
 
-    spec = symbn.Norm("quartic", stats={"mean": "x", "m4": "(x - mean)**4"}, normalized="(x - mean) / (m4 + eps)**(1/4)",
-                      affine="group", layout=CHANNEL) if norm == "quartic" else norm
+    spec = symbn.Norm(norm, **IN_PLACE_SPECS[norm]) if norm in IN_PLACE_SPECS else norm
     p, printer, rng = plan(spec, frame=True), NumPyKernelPrinter(), np.random.default_rng(5)
     block, group = (6, 1, 4, 1, 3), (1, 1, 4, 1, 1)
-    for step in (p.y, p.xhat, p.dx, p.y_eval, p.dx_eval):
-        moving = {X, DY, XHAT} | {a.symbol for a in step.element}
+    sums = Pass((), p.stats + p.reductions)  # each summand on its own, as the kernels print it
+    for step in (p.y, p.xhat, p.dx, p.y_eval, p.dx_eval, sums):
+        moving = {X, DY, XHAT} | ({a.symbol for a in step.element} if step is not sums else set())
         values = {"numpy": np, "m": 7.0}
         for a in step.element:
             for symbol in a.expr.free_symbols:
@@ -216,10 +225,29 @@ def test_in_place_numpy_code_computes_what_the_expression_does(norm):
                     shape = block if symbol in moving else group
                     values[str(symbol)] = rng.uniform(0.5, 2.0, shape)
             expected = eval(NumPyKernelPrinter().doprint(a.expr), dict(values))
+            dtype = "numpy.float64" if step is sums else None
             scope = dict(values)
-            exec("\n".join(printer.statements(a.expr, a.name, moving)), scope)  # noqa: S102
+            exec("\n".join(printer.statements(a.expr, a.name, moving, dtype=dtype)), scope)  # noqa: S102
             into = {**values, a.name: np.zeros(block)}
             exec("\n".join(printer.statements(a.expr, a.name, moving, new=False)), into)  # noqa: S102
             for result in (scope[a.name], into[a.name]):
                 np.testing.assert_allclose(np.broadcast_to(result, block), np.broadcast_to(expected, block), rtol=1e-12)
-            values[a.name] = expected
+            if step is not sums:
+                values[a.name] = expected
+
+
+def test_in_place_numpy_code_for_functions_and_powers():
+    """Element-wise functions and powers, nested, in one buffer and its spares, as NumPy computes them."""
+    import sympy as sp
+
+    from symbn.emit import NumPyKernelPrinter
+    from symbn.lower import DY, X
+
+    c = sp.Symbol("c", positive=True)
+    rng = np.random.default_rng(2)
+    values = {"numpy": np, "x_v": rng.uniform(0.5, 2, (5, 3)), "dy_v": rng.uniform(0.5, 2, (5, 3)), "c": rng.uniform(1, 2, (1, 3))}
+    for expr in (sp.exp(X - c) * DY + sp.log(X + 2), sp.sqrt(X) / c, (X - c) ** 4 * DY**3, sp.Abs(X - c) ** sp.Rational(3, 2) - DY / X):
+        expected = eval(NumPyKernelPrinter().doprint(expr), dict(values))
+        scope = dict(values)
+        exec("\n".join(NumPyKernelPrinter().statements(expr, "t", {X, DY})), scope)  # noqa: S102
+        np.testing.assert_allclose(scope["t"], expected, rtol=1e-12)
