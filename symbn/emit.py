@@ -113,10 +113,13 @@ def _printed(p: KernelPlan, printer) -> dict:
     statements = getattr(printer, "statements", None)  # in-place code, where the backend has it
     blocks = {X, DY, XHAT}  # what has an element's shape; the rest broadcasts per group
 
+    def uses(assigns: tuple[Assign, ...], moving: set[sp.Symbol]) -> list[str]:
+        """The per-group names that ``assigns`` read (the template loads just those)."""
+        return sorted({str(v) for a in assigns for v in a.expr.free_symbols - moving})
+
     def step(s: Pass) -> dict:
         moving = blocks | {a.symbol for a in s.element}
-        used = set().union(*(a.expr.free_symbols for a in s.element)) - moving
-        return {"group": [code(a) for a in s.group], "uses": sorted(map(str, used)),
+        return {"group": [code(a) for a in s.group], "uses": uses(s.element, moving),
                 "element": [{**code(a), **({"lines": statements(a.expr, a.name, moving),
                                             "into": statements(a.expr, a.name, moving, new=False)} if statements else {})}
                             for a in s.element]}
@@ -139,7 +142,7 @@ def _printed(p: KernelPlan, printer) -> dict:
         "running_locals": [f"run_{s}" for s in p.stat_names],
         "stats": [summed(a, "numpy.float64") for a in p.stats], "saved": [code(a) for a in p.saved],
         "reductions": [summed(a, None) for a in p.reductions], "running": [code(a) for a in p.running],
-        "reduction_uses": sorted({str(v) for a in p.reductions for v in a.expr.free_symbols - blocks}),
+        "reduction_uses": uses(p.reductions, blocks),
         "xhat": step(p.xhat), "y": step(p.y), "dx": step(p.dx), "y_eval": step(p.y_eval), "dx_eval": step(p.dx_eval),
         **{name: printer.doprint(getattr(p, name)) for name in ("dgamma", "dbeta", "dgamma_eval", "dbeta_eval")},
         "dtypes": DTYPES, "shift": p.shift,
