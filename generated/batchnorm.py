@@ -24,8 +24,8 @@ from numbers import Real
 
 import numpy
 
-NORM = "batchnorm"
-LAYOUT = "channel"
+NORM = 'batchnorm'
+LAYOUT = 'channel'
 STATS = ('mean', 'var')
 SAVED = ('mean', 'invstd')
 UNBIASED = ('var',)

@@ -24,8 +24,8 @@ from numbers import Real
 
 import numpy
 
-NORM = "groupnorm"
-LAYOUT = "groups"
+NORM = 'groupnorm'
+LAYOUT = 'groups'
 STATS = ('mean', 'var')
 SAVED = ('mean', 'invstd')
 UNBIASED = ('var',)

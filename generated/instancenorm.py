@@ -24,8 +24,8 @@ from numbers import Real
 
 import numpy
 
-NORM = "instancenorm"
-LAYOUT = "instance"
+NORM = 'instancenorm'
+LAYOUT = 'instance'
 STATS = ('mean', 'var')
 SAVED = ('mean', 'invstd')
 UNBIASED = ('var',)

@@ -24,8 +24,8 @@ from numbers import Real
 
 import numpy
 
-NORM = "layernorm"
-LAYOUT = "trailing"
+NORM = 'layernorm'
+LAYOUT = 'trailing'
 STATS = ('mean', 'var')
 SAVED = ('mean', 'invstd')
 UNBIASED = ('var',)

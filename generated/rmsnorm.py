@@ -22,8 +22,8 @@ from numbers import Real
 
 import numpy
 
-NORM = "rmsnorm"
-LAYOUT = "trailing"
+NORM = 'rmsnorm'
+LAYOUT = 'trailing'
 STATS = ('ms',)
 SAVED = ('invstd',)
 UNBIASED = ()
