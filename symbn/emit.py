@@ -16,7 +16,7 @@ from sympy.printing.precedence import PRECEDENCE
 
 from . import __version__
 from .jinja import environment, resource_dir
-from .lower import DY, XHAT, Assign, KernelPlan, Pass, X, plan
+from .lower_old import DY, XHAT, Assign, KernelPlan, Pass, X, plan
 from .spec import BUILTINS, Norm, resolve
 
 

@@ -1,11 +1,24 @@
-"""Lowering: a derivation becomes a language-neutral kernel plan.
+"""Lowering: programs become language-neutral kernel plans.
 
-A plan is a few lists of assignments over plain symbols whose names are the kernels' own
-variable names (``x_v``, ``stat_mean``, ``saved_invstd``, ``red_0``...). Per group: the
-statistics (one reduction pass each, in order, so the variance is two-pass), the saved
-quantities the backward needs, then the element-wise pass; for the backward, the
-reductions the compact form hoists, then the element-wise pass. Every expression is taken
-from the derivation; the templates only decide where in the loops each one is evaluated.
+A kernel computes one program over every group of a tensor. Lowering it means three things:
+
+* **Reductions.** Every sum over the group in the program (a statistic's mean, a backward's
+  Σ dy·x̂) becomes a reduction ``red_j`` over the group's members of an element expression.
+* **Passes.** A reduction can run in the first sweep over the data whose start already knows
+  every per-group value its summand reads; an element output, in the first sweep after the
+  reductions it needs. So each reduction and output gets the earliest pass the dependencies
+  allow: batch norm's forward takes three (mean; variance, two-pass by construction; y), every
+  derivative of it two (its reductions; the outputs), whatever the order.
+* **Hoisting.** In each pass, every part of an expression that does not vary within a group is
+  a per-group coefficient ``c<p>_<j>`` computed once per group; what is left is shared out with
+  ``sympy.cse`` into temporaries ``t<p>_<j>``.
+
+The derived levels are lowered from their compact forms (reductions hoisted, the statistics'
+own identities applied: Σ x̂_k = 0 ...), with the forward's statistics as inputs saved by the
+forward kernel, so that a kernel of any order reads x once per pass and recomputes no
+statistic. A plan holds symbols named as the kernels' variables (``x_v`` per element,
+``mean_g`` per group, ``red_0``...): the templates only decide where in the loops each
+assignment is evaluated.
 """
 from __future__ import annotations
 
@@ -13,20 +26,34 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from .derive import ELEMENT, Derivation, derive
+from .derive import Derivation, derive, transforms_for
+from .program import DATA, ELEMENT, GROUP, PARAM, SCALAR, Input, Program
 from .spec import Norm, resolve
-from .sums import I, K, M
+from .sums import I, M
 
-X, DY, XHAT, GAMMA, BETA = sp.symbols("x_v dy_v xhat_v gamma_v beta_v", real=True)
-SHIFT = sp.Symbol("shift", real=True)  # per group: the mean rounded to the working precision
-MOMENTUM = sp.Symbol("momentum", positive=True)
-EPS = sp.Symbol("eps", positive=True)
 COUNT = sp.Symbol("m", positive=True)
+"""The number of members of a group, in the kernels."""
+MOMENTUM = sp.Symbol("momentum", positive=True)
+SHIFT = sp.Symbol("shift", real=True)
+"""Per group: the mean rounded to the working precision (see :func:`plan`'s ``frame``)."""
+
+
+def element_var(name: str) -> sp.Symbol:
+    """The kernel variable of a per-element quantity: one element of it, as a double."""
+    return sp.Symbol(f"{name}_v", real=True)
+
+
+def group_var(name: str) -> sp.Symbol:
+    """The kernel variable of a per-group quantity (or a scalar)."""
+    return sp.Symbol(f"{name}_g", real=True)
+
+
+X, XHAT = element_var("x"), element_var("xhat")
 
 
 @dataclass(frozen=True)
 class Assign:
-    """``name = expr``; for a reduction, ``name`` is the mean or sum over the group of ``expr``."""
+    """``name = expr``; for a reduction, ``name`` is the sum over the group of ``expr``."""
 
     name: str
     expr: sp.Expr
@@ -37,196 +64,306 @@ class Assign:
 
 
 @dataclass(frozen=True)
-class Pass:
-    """An element-wise pass: per-group assignments hoisted out of the loop, then per-element ones.
+class Arg:
+    """One array (or number) a kernel reads or writes, named as in the program.
 
-    The last element assignment of a pass is its result (``xhat_v``, ``y_v``, ``dx_v``)."""
+    Its extent follows from ``kind`` and ``role``: element data has x's shape; group data one
+    value per group (q, p); an element param one per parameter position (p, l), a group param
+    one per p; a scalar is one number. Param outputs are sums over the groups that share them."""
+
+    name: str
+    kind: str       # ELEMENT or GROUP
+    role: str       # DATA, PARAM or SCALAR
+    double: bool    # held in double whatever x's dtype: statistics, running statistics, sums over groups, scalars
+
+    @property
+    def var(self) -> sp.Symbol:
+        """The variable that holds one value of it in the kernel."""
+        return element_var(self.name) if self.kind == ELEMENT else group_var(self.name)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One sweep over every member of every group.
+
+    Before the sweep, per group, ``group`` (per-group values whose inputs are known: the
+    program's group steps, then the hoisted coefficients); per member, ``element`` (temporaries
+    and results, in order); the member's contributions ``sums`` (reduction ``red_j`` += expr),
+    ``params`` (element param output at the member's parameter position += expr) and
+    ``stores`` (element output at the member = expr)."""
 
     group: tuple[Assign, ...]
     element: tuple[Assign, ...]
+    sums: tuple[Assign, ...]
+    params: tuple[Assign, ...]
+    stores: tuple[Assign, ...]
+    framed: bool = False    # x_v is measured from SHIFT in this pass (plan's ``frame``)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One program over every group: its arguments, its passes, then per group ``final``
+    (group values known only after the last pass, and each group output: data stored per
+    group, params added into their position, as ``Assign(output name, expr)``)."""
+
+    name: str                       # forward_train, backward_train, backward2_train, forward_eval...
+    mode: str                       # train or eval
+    transforms: tuple[str, ...]     # the chain that derived it from the forward (empty: the forward)
+    inputs: tuple[Arg, ...]
+    outputs: tuple[Arg, ...]
+    passes: tuple[Pass, ...]
+    final: tuple[Assign, ...]
+
+    def arg(self, name: str) -> Arg:
+        return next(a for a in (*self.inputs, *self.outputs) if a.name == name)
+
+    @property
+    def reductions(self) -> tuple[Assign, ...]:
+        return tuple(a for p in self.passes for a in p.sums)
 
 
 @dataclass(frozen=True)
 class KernelPlan:
+    """The kernels of one norm for one chain of transforms, in train and eval mode: those of the
+    chain's last level, and the forward's too when the chain has one transform (``backward``:
+    forward and backward, what order 1 needs; ``backward2``: the double backward alone). The
+    running-statistics update (PyTorch's) goes with the forward."""
+
     norm: Norm
-    element_affine: bool
-    stats: tuple[Assign, ...]        # stat = mean over the group of expr(x_v, earlier stats)
-    saved: tuple[Assign, ...]        # what the forward keeps for the backward, from stats and eps
-    xhat: Pass                       # x_v, saved -> xhat_v (the reductions' pass)
-    y: Pass                          # x_v, saved, gamma_v, beta_v -> y_v
-    reductions: tuple[Assign, ...]   # red_j = sum over the group of expr(dy_v, xhat_v, gamma_v)
-    dx: Pass                         # x_v, dy_v, saved, reductions -> dx_v
-    dgamma: sp.Expr                  # each element's contribution to dl/dgamma
-    dbeta: sp.Expr
-    y_eval: Pass                     # x_v, running statistics, eps -> y_v
-    dx_eval: Pass
-    dgamma_eval: sp.Expr
-    dbeta_eval: sp.Expr
-    running: tuple[Assign, ...]      # run_<stat> after one step, PyTorch's momentum rule
-    shift: str | None = None         # the saved mean: xhat, y and dx take x_v - shift (see plan's frame)
+    transforms: tuple[str, ...]
+    kernels: tuple[Kernel, ...]
+    running: tuple[Assign, ...]      # run_<stat>_g after one step, PyTorch's momentum rule
+    shift: str | None = None         # the statistic whose rounded value is the frame's SHIFT
+
+    @property
+    def name(self) -> str:
+        """The plan's file stem: the norm's name, with the chain beyond one transform
+        (``batchnorm``, ``batchnorm_backward2``, ``batchnorm_vjp_jvp``)."""
+        return self.norm.name if len(self.transforms) == 1 else f"{self.norm.name}_{unit_name(self.transforms)}"
+
+    def kernel(self, name: str) -> Kernel:
+        return next(k for k in self.kernels if k.name == name)
 
     @property
     def stat_names(self) -> tuple[str, ...]:
         return self.norm.stat_names
 
-    @property
-    def param_sums(self) -> dict[str, int | None]:
-        """dgamma, dbeta -> the reduction that already sums its contributions, or None. Where the
-        layout has one parameter per group, such a gradient is that reduction summed over q, and
-        the backward's first pass need not accumulate it again."""
-        def reduction_of(contribution: sp.Expr) -> int | None:
-            return next((j for j, r in enumerate(self.reductions) if r.expr == contribution), None)
-        per_group = self.norm.layout.params_per_group
-        return {name: reduction_of(getattr(self, name)) if per_group else None for name in ("dgamma", "dbeta")}
 
-    @property
-    def saved_names(self) -> tuple[str, ...]:
-        return tuple(a.name.removeprefix("saved_") for a in self.saved)
+def unit_name(transforms: tuple[str, ...]) -> str:
+    """``forward``; ``backward`` for one vjp, ``backward2`` for two...; the chain spelled out
+    otherwise (``vjp_jvp``: jvp of the backward)."""
+    if not transforms:
+        return "forward"
+    if set(transforms) == {"vjp"}:
+        return "backward" if len(transforms) == 1 else f"backward{len(transforms)}"
+    return "_".join(transforms)
 
 
-def plan(norm: str | Norm, frame: bool = False) -> KernelPlan:
-    """Lower both modes of ``norm`` into one kernel plan.
+def kernel_name(transforms: tuple[str, ...], mode: str) -> str:
+    """``forward_train``, ``backward_eval``, ``backward2_train``, ``vjp_jvp_eval``..."""
+    return f"{unit_name(transforms)}_{mode}"
 
-    ``frame``: for kernels whose element passes run in the input's precision (float32 NumPy), x_v
-    in the training passes is measured from ``shift``, the group mean rounded to that precision:
-    x_v - shift is exact or nearly so, and the rest of the offset (shift - mean, small) is a
-    per-group coefficient computed in double. Without it, x_v - mean would lose every digit the
-    mean carries beyond float32 (1e4 + noise: a relative error of 1e-3 in xhat)."""
+
+def plan(norm: str | Norm, transforms: tuple[str, ...] | str | None = None, order: int = 1, frame: bool = False) -> KernelPlan:
+    """Lower ``norm``'s chain of transforms (default: ``order`` vjps) into one kernel plan: the
+    kernels of its last level in both modes, and the forward's when the chain has one transform.
+
+    ``frame``: for kernels whose element passes run in the input's precision (float32 NumPy),
+    x_v is measured from ``SHIFT``, the group mean rounded to that precision, in every pass that
+    knows the mean: x_v − SHIFT is exact or nearly so, and the rest of the offset (SHIFT − mean,
+    small) is a per-group coefficient computed in double. Without it, x_v − mean would lose
+    every digit the mean carries beyond float32 (1e4 + noise: a relative error of 1e-3 in x̂)."""
     norm = resolve(norm)
-    train, inference = derive(norm, "train"), derive(norm, "eval")
-    element_affine = norm.affine == ELEMENT
-    to_code = _renaming(train, "stat_")
-    stats = tuple(Assign(f"stat_{s.name}", _body(s.definition).xreplace(to_code)) for s in train.forward if s.kind == "group")
-    xhat_def = next(s.definition for s in train.forward if s.name == "xhat").xreplace(to_code)
-    saved, to_saved = _saved(xhat_def, stats)
-    y_def = next(s.definition for s in train.forward if s.name == "y").xreplace(to_code)
-    group_level = _group_level(element_affine)
-
-    compact = {name: expr.xreplace(to_code) for name, expr in train.compact.items()}
-    atoms = sorted(set().union(*(e.atoms(sp.Sum) for e in compact.values())), key=sp.default_sort_key)
-    reductions = tuple(Assign(f"red_{j}", _body(a)) for j, a in enumerate(atoms))
-    to_reduction = {a: r.symbol for a, r in zip(atoms, reductions)}
-    dx = _in_saved(compact["x"].xreplace(to_reduction), to_saved)
-    allowed = {DY, XHAT, GAMMA, COUNT, *(a.symbol for a in saved), *(r.symbol for r in reductions)}
-    if not dx.free_symbols <= allowed:
-        raise NotImplementedError(f"{norm.name}: the backward needs {sorted(map(str, dx.free_symbols - allowed))}, "
-                                  "which the forward does not save")
-
-    to_running = _renaming(inference, "run_")
-    inference_compact = {name: expr.xreplace(to_running) for name, expr in inference.compact.items()}
-    xhat_eval = next(s.definition for s in inference.forward if s.name == "xhat").xreplace(to_running)
-    mean = next((a for a in saved if a.expr in {s.symbol for s in stats if s.expr == X}), None)
-    shift = mean.name if frame and mean is not None else None
-    into_frame = {X: X + SHIFT} if shift else {}
-    xhat = hoist("xhat_v", _in_saved(xhat_def, to_saved).xreplace(into_frame), group_level)
-    dgamma_eval, dbeta_eval = (_contribution(inference_compact[name]) for name in ("gamma", "beta"))
-    # dx as c0·dy + c1·xhat + c2 (in x_v's coordinate xhat_v, never expanded in x_v itself) in double;
-    # in the input's precision the factored form, whose differences cancel exactly when they should
-    collected = set() if shift else group_level - {X}
-    return KernelPlan(
-        norm=norm,
-        element_affine=element_affine,
-        stats=stats,
-        saved=saved,
-        xhat=xhat,
-        y=hoist("y_v", y_def.xreplace({XHAT: _in_saved(xhat_def, to_saved)}).xreplace(into_frame), group_level),
-        reductions=reductions,
-        dx=after(xhat, hoist("dx_v", dx, group_level, collected)),
-        dgamma=_contribution(compact["gamma"]),
-        dbeta=_contribution(compact["beta"]),
-        y_eval=hoist("y_v", y_def.xreplace({XHAT: xhat_eval}), group_level),
-        dx_eval=after(hoist("xhat_v", xhat_eval, group_level), hoist("dx_v", inference_compact["x"], group_level, collected),
-                      dgamma_eval, dbeta_eval),
-        dgamma_eval=dgamma_eval,
-        dbeta_eval=dbeta_eval,
-        running=tuple(_running(name, name in norm.unbiased) for name in norm.stat_names),
-        shift=shift,
-    )
+    chain = transforms_for(order, transforms)
+    mean = next((name for name, text in norm.stats if text.replace(" ", "") == "x"), None)
+    shift = mean if frame else None
+    kernels = []
+    for mode in ("train", "eval"):
+        d = derive(norm, mode, transforms=chain)
+        if len(chain) == 1:
+            kernels.append(_forward_kernel(d.levels[0].source, mode, shift))
+        kernels.append(_derived_kernel(d, shift))
+    running = tuple(_running(name, name in norm.unbiased) for name in norm.stat_names)
+    return KernelPlan(norm, chain, tuple(kernels), running, shift)
 
 
-def _renaming(d: Derivation, prefix: str) -> dict[sp.Basic, sp.Basic]:
-    """Derivation symbols -> kernel variables. Every element of a group (x_i, x_k) becomes the
-    element at hand; the statistics become ``stat_*`` (train) or ``run_*`` (running, eval)."""
-    s = d.symbols
-    table: dict[sp.Basic, sp.Basic] = {s["eps"]: EPS, M: COUNT}
-    for name, code in (("x", X), ("dy", DY), ("xhat", XHAT), ("gamma", GAMMA), ("beta", BETA)):
-        if isinstance(s[name], sp.IndexedBase):
-            table.update({s[name][I]: code, s[name][K]: code})
-        else:
-            table[s[name]] = code
-    table.update({s[name]: sp.Symbol(prefix + name, real=True) for name in d.stats})
-    return table
+def _forward_kernel(p: Program, mode: str, shift: str | None) -> Kernel:
+    """The forward program; in training its statistics are outputs too (saved for the backward)."""
+    stats = [s for s in p.steps if s.kind == GROUP]
+    inline = {s.target: s.definition for s in p.steps if s.kind == ELEMENT}
+    outputs = [(_output(p, name), _inlined(p.value(name), inline)) for name in p.outputs]
+    outputs += [(Arg(s.name, GROUP, DATA, True), s.target) for s in stats]
+    inputs = [_input(q) for q in p.inputs]
+    return _lower(kernel_name((), mode), mode, (), inputs, stats, outputs, {}, _renaming(p), shift, collect=False)
 
 
-def _body(expr: sp.Expr) -> sp.Expr:
-    """The summand of the one group sum in ``expr`` (a statistic's mean, or a reduction)."""
-    (total,) = expr.atoms(sp.Sum)
-    return total.function
+def _derived_kernel(d: Derivation, shift: str | None) -> Kernel:
+    """The last level of ``d``, from the compact forms of its outputs, reading the forward's
+    statistics (train mode) as saved inputs."""
+    p, last = d.program, d.levels[-1]
+    xhat = next(s for s in d.forward if s.name == "xhat")
+    outputs = [(_output(p, last.derived[name]), d.compact[name]) for name in d.outputs]
+    saved = [Arg(name, GROUP, DATA, True) for name in d.stats] if d.mode == "train" else []
+    inputs = [_input(q) for q in p.inputs] + saved
+    return _lower(kernel_name(d.transforms, d.mode), d.mode, d.transforms, inputs, [], outputs,
+                  {xhat.target: xhat.definition}, _renaming(p), shift, collect=shift is None)
 
 
-def _saved(xhat: sp.Expr, stats: tuple[Assign, ...]) -> tuple[tuple[Assign, ...], dict[sp.Expr, sp.Symbol]]:
-    """What the backward needs: each power involving eps (the inverse standard deviation),
-    and the statistics xhat uses outside of it (the mean). Returns the assignments and the
-    map from those expressions to the saved symbols."""
-    roots = sorted({p for p in xhat.atoms(sp.Pow) if p.base.has(EPS)}, key=sp.default_sort_key)
-    names = ["invstd"] if len(roots) == 1 else [f"invstd{j}" for j in range(len(roots))]
-    outside = xhat.xreplace({r: sp.Dummy() for r in roots}).free_symbols
-    kept = [Assign(f"saved_{a.name.removeprefix('stat_')}", a.symbol) for a in stats if a.symbol in outside]
-    inverse = [Assign(f"saved_{name}", root) for name, root in zip(names, roots)]
-    to_saved = {a.expr: a.symbol for a in kept + inverse}
-    return tuple(kept + inverse), to_saved
+def _input(q: Input) -> Arg:
+    """An input in x's dtype, except what is kept in double: the running statistics (params
+    nothing differentiates) and scalars."""
+    return Arg(q.name, q.kind, q.role, q.role == SCALAR or q.role == PARAM and not q.differentiable)
 
 
-def _in_saved(expr: sp.Expr, to_saved: dict[sp.Expr, sp.Symbol]) -> sp.Expr:
-    """``expr`` written in the saved quantities: (var + eps)^q becomes invstd^(q / (-1/2))."""
-    roots = {root.base: (symbol, root.exp) for root, symbol in to_saved.items() if isinstance(root, sp.Pow)}
-
-    def in_saved(p: sp.Pow) -> sp.Expr:
-        symbol, exp = roots[p.base]
-        return symbol ** (p.exp / exp)
-
-    bare = {base: symbol ** (1 / exp) for base, (symbol, exp) in roots.items()}
-    stats = {k: v for k, v in to_saved.items() if not isinstance(k, sp.Pow)}
-    return expr.replace(lambda e: isinstance(e, sp.Pow) and e.base in roots, in_saved).xreplace(bare).xreplace(stats)
+def _output(p: Program, name: str) -> Arg:
+    """An output: per element in x's dtype; per group, or summed over groups (params), in double."""
+    q = p.quantity(name)
+    return Arg(name, q.kind, q.role, not (q.kind == ELEMENT and q.role == DATA))
 
 
-def _group_level(element_affine: bool) -> set[sp.Symbol]:
-    """Symbols that vary within a group: what must stay inside the element loop."""
-    return {X, DY, XHAT} | ({GAMMA, BETA} if element_affine else set())
+def _inlined(expr: sp.Expr, definitions: dict[sp.Basic, sp.Expr]) -> sp.Expr:
+    """``expr`` with the per-element steps in ``definitions`` replaced by their definitions."""
+    for _ in range(len(definitions) + 1):
+        new = expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base in definitions,
+                           lambda e: definitions[e.base].xreplace({I: e.indices[0]}))
+        if new == expr:
+            return expr
+        expr = new
+    raise RuntimeError("element steps are cyclic")
 
 
-def _contribution(expr: sp.Expr) -> sp.Expr:
-    """One element's contribution to a parameter gradient: the summand of a per-group sum,
-    or the per-element expression itself."""
-    return _body(expr) if expr.has(sp.Sum) else expr
+def _renaming(p: Program) -> dict[sp.Basic, str]:
+    """Program symbol -> the quantity's name, for every input and step of ``p``."""
+    return {symbol: name for name, symbol in p.symbols.items()}
 
 
-def _running(name: str, unbiased: bool) -> Assign:
-    """PyTorch's rule: run = (1 - momentum)·run + momentum·stat, the variance made unbiased."""
-    batch = sp.Symbol(f"stat_{name}", real=True) * (COUNT / (COUNT - 1) if unbiased else 1)
-    old = sp.Symbol(f"run_{name}", real=True)
-    return Assign(f"run_{name}", (1 - MOMENTUM) * old + MOMENTUM * batch)
+def _to_vars(expr: sp.Expr, names: dict[sp.Basic, str]) -> sp.Expr:
+    """Program symbols -> kernel variables: every element of an IndexedBase (x_i, x_k) becomes
+    the member at hand, ``<name>_v``; a per-group symbol ``<name>_g``; m the group's count."""
+    expr = expr.replace(lambda e: isinstance(e, sp.Indexed), lambda e: element_var(names[e.base]))
+    return expr.xreplace({**{s: group_var(n) for s, n in names.items() if isinstance(s, sp.Symbol)}, M: COUNT})
 
 
-def hoist(result: str, expr: sp.Expr, varying: set[sp.Symbol], collect: set[sp.Symbol] = frozenset()) -> Pass:
-    """Loop-invariant code motion, then common subexpressions.
+def _lower(name: str, mode: str, transforms: tuple[str, ...], inputs: list[Arg], group_steps, outputs, elements: dict,
+           names: dict[sp.Basic, str], shift: str | None, collect: bool) -> Kernel:
+    """Reductions, passes and hoisting for one kernel (see the module's docstring).
 
-    Every maximal part of ``expr`` free of the ``varying`` symbols becomes a per-group
-    coefficient ``c_j``; what is left is shared out with ``sympy.cse`` into ``t_j``. When
-    ``expr`` is a polynomial in the ``collect`` symbols it is first written as a sum of
-    coefficient times monomial, so that each coefficient is hoisted whole (batch norm's dx
-    becomes c0·dy + c1·x̂ + c2: two multiply-adds per element). A negative factor is moved
-    into the difference it multiplies (-a·(b - x) is a·(x - b)): no negation per element."""
-    group: list[Assign] = []
+    ``group_steps``: the program's per-group steps (statistics) to compute; ``outputs``: (Arg,
+    expression) pairs; ``elements``: per-element steps kept as named temporaries (x̂); ``names``:
+    program symbol -> quantity name."""
+    sums: list[Assign] = []
 
+    def reduction(total: sp.Sum) -> sp.Symbol:
+        (k, _, _), = total.limits
+        if total.function.has(sp.Sum):
+            raise NotImplementedError(f"{name}: a sum nested in another: {total}")
+        body = _to_vars(total.function.xreplace({k: I}), names)
+        same = next((a for a in sums if a.expr == body), None)
+        if same is None:
+            sums.append(same := Assign(f"red_{len(sums)}", body))
+        return same.symbol
+
+    def reduced(expr: sp.Expr) -> sp.Expr:
+        """``expr`` in kernel variables, each sum over the group replaced by its reduction."""
+        return _to_vars(expr.replace(lambda e: isinstance(e, sp.Sum), reduction), names)
+
+    group = [Assign(group_var(s.name).name, reduced(s.definition)) for s in group_steps]
+    results = [(arg, reduced(expr)) for arg, expr in outputs]
+    temporaries = [Assign(element_var(names[base]).name, reduced(definition)) for base, definition in elements.items()]
+    read = set().union(*(a.expr.free_symbols for a in (*group, *sums, *temporaries)), *(e.free_symbols for _, e in results))
+    inputs = [a for a in inputs if a.name == "x" or a.var in read]
+
+    # earliest pass: per-group values known before pass `ready[v]`
+    ready = {a.var: 0 for a in inputs if a.kind == GROUP}
+    ready[COUNT] = 0
+
+    def after(expr: sp.Expr) -> int:
+        return max((ready[v] for v in expr.free_symbols if v in ready), default=0)
+
+    reductions = list(sums)
+    pending = list(group)
+    level: dict[str, int] = {}
+    while pending or any(r.name not in level for r in reductions):
+        progressed = False
+        for r in reductions:
+            if r.name not in level and all(v in ready for v in _group_vars(r.expr, temporaries)):
+                level[r.name] = after(_expanded(r.expr, temporaries))
+                ready[r.symbol] = level[r.name] + 1
+                progressed = True
+        for g in list(pending):
+            if all(v in ready for v in g.expr.free_symbols):
+                ready[g.symbol] = after(g.expr)
+                pending.remove(g)
+                progressed = True
+        if not progressed:
+            raise NotImplementedError(f"{name}: cannot order the per-group values {[g.name for g in pending]}")
+    element_results = [(a, e) for a, e in results if a.kind == ELEMENT]
+    when = {a.name: after(_expanded(e, temporaries)) for a, e in element_results}
+    count = max([*level.values(), *when.values(), -1]) + 1
+    shift_ready = ready.get(group_var(shift)) if shift else None
+    passes, coefficients = [], []
+    for number in range(count):
+        framed = shift_ready is not None and shift_ready <= number
+        groups = [g for g in group if ready[g.symbol] == number]
+        wanted = [(f"sum:{r.name}", r.expr) for r in reductions if level[r.name] == number]
+        wanted += [(f"{'param' if a.role == PARAM else 'store'}:{a.name}", e) for a, e in element_results if when[a.name] == number]
+        passes.append(_hoisted(number, groups, wanted, temporaries, framed, collect, coefficients))
+    final = [g for g in group if ready[g.symbol] >= count]
+    final += [Assign(a.name, e) for a, e in results if a.kind == GROUP]
+    return Kernel(name, mode, transforms, tuple(inputs), tuple(a for a, _ in outputs), tuple(passes), tuple(final))
+
+
+def _expanded(expr: sp.Expr, temporaries: list[Assign]) -> sp.Expr:
+    """``expr`` with the named element temporaries (x̂) written out: what it really reads."""
+    return expr.xreplace({t.symbol: t.expr for t in temporaries})
+
+
+def _group_vars(expr: sp.Expr, temporaries: list[Assign]) -> set[sp.Symbol]:
+    return {v for v in _expanded(expr, temporaries).free_symbols if not v.name.endswith("_v")}
+
+
+def _hoisted(number: int, groups: list[Assign], wanted: list[tuple[str, sp.Expr]], temporaries: list[Assign],
+             framed: bool, collect: bool, coefficients: list[Assign]) -> Pass:
+    """One pass: ``wanted`` (tagged results) computed per member, with every per-group part
+    hoisted into a coefficient and common subexpressions shared. ``coefficients`` holds those of
+    the earlier passes (reused, not computed again); the pass adds its new ones.
+
+    Results are collected in the named temporaries (x̂: dx = c0·dy + c1·x̂ + c2, never expanded
+    in x itself), which are then written out and shared by ``sympy.cse`` like any other part."""
+    frame = {X: X + SHIFT} if framed else {}
+    varying = {v for _, e in wanted for v in _expanded(e, temporaries).free_symbols if v.name.endswith("_v")}
+    varying |= {t.symbol for t in temporaries}
+    known = len(coefficients)
+    written = {t.symbol: hoist(t.expr.xreplace(frame), varying, coefficients) for t in temporaries}
+    lifted = []
+    for tag, expr in wanted:
+        collected = varying - {X} if collect and not tag.startswith("sum:") else set()
+        lifted.append(hoist(expr.xreplace(frame), varying, coefficients, collected & expr.free_symbols).xreplace(written))
+    temps, finals = sp.cse(lifted, symbols=sp.numbered_symbols(f"t{number}_", real=True), order="none")
+    out = {"sum": [], "param": [], "store": []}
+    for (tag, _), value in zip(wanted, finals):
+        kind, name = tag.split(":", 1)
+        if kind != "param" or value != 0:  # a zero contribution to a parameter is no work
+            out[kind].append(Assign(name, value))
+    return Pass(tuple(groups) + tuple(coefficients[known:]), tuple(Assign(str(t), e) for t, e in temps),
+                tuple(out["sum"]), tuple(out["param"]), tuple(out["store"]), framed)
+
+
+def hoist(expr: sp.Expr, varying: set[sp.Symbol], coefficients: list[Assign], collect: set[sp.Symbol] = frozenset()) -> sp.Expr:
+    """Loop-invariant code motion: every maximal part of ``expr`` free of the ``varying``
+    symbols becomes a per-group coefficient (appended to ``coefficients``, shared with the parts
+    already there). When ``expr`` is a polynomial in the ``collect`` symbols it is first written
+    as a sum of coefficient times monomial, so that each coefficient is hoisted whole (batch
+    norm's dx becomes c0·dy + c1·x̂ + c2: two multiply-adds per element). A negative factor is
+    moved into the difference it multiplies (-a·(b - x) is a·(x - b)): no negation per element."""
     def invariant(part: sp.Expr) -> sp.Expr:
         if part.is_Atom or (-part).is_Atom:  # a number, a variable or its negation: nothing to save
             return part
-        for assign in group:
+        for assign in coefficients:
             if assign.expr == part:
                 return assign.symbol
-        group.append(Assign(f"c_{result}_{len(group)}", part))
-        return group[-1].symbol
+        coefficients.append(Assign(f"c_{len(coefficients)}", part))
+        return coefficients[-1].symbol
 
     def split(e: sp.Expr) -> sp.Expr:
         if not (e.free_symbols & varying):
@@ -239,10 +376,7 @@ def hoist(result: str, expr: sp.Expr, varying: set[sp.Symbol], collect: set[sp.S
             return e.func(invariant(e.func(*fixed)), *moving) if fixed else e.func(*moving)
         return e.func(*(split(a) for a in e.args)) if e.args else e
 
-    lifted = split(_collected(expr, collect & expr.free_symbols))
-    temporaries, (final,) = sp.cse([lifted], symbols=sp.numbered_symbols(f"t_{result}_", real=True))
-    element = [Assign(str(t), e) for t, e in temporaries] + [Assign(result, final)]
-    return Pass(tuple(group), tuple(element))
+    return split(_collected(expr, collect))
 
 
 def _sign_inside(product: sp.Mul, varying: set[sp.Symbol]) -> sp.Expr:
@@ -265,15 +399,14 @@ def _collected(expr: sp.Expr, symbols: set[sp.Symbol]) -> sp.Expr:
         return expr
     if any(c.free_symbols & symbols for c in poly.coeffs()):
         return expr
-    monomials = [(sp.factor_terms(c), sp.Mul(*(g**k for g, k in zip(poly.gens, powers)))) for powers, c in poly.terms()]
+    monomials = [(sp.factor_terms(sp.cancel(c)), sp.Mul(*(g**k for g, k in zip(poly.gens, powers)))) for powers, c in poly.terms()]
     terms = [c if m == 1 else sp.Mul(c, m, evaluate=False) for c, m in monomials]
     return sp.Add(*terms, evaluate=False)
 
 
-def after(first: Pass, then: Pass, *also: sp.Expr) -> Pass:
-    """``then`` as a self-contained pass: preceded by ``first`` when it, or one of the expressions
-    ``also`` evaluated in the same loop, uses ``first``'s result."""
-    needed = sp.Symbol(first.element[-1].name, real=True)
-    if not any(e.has(needed) for e in (*(a.expr for a in then.element), *also)):
-        return then
-    return Pass(first.group + then.group, first.element + then.element)
+def _running(name: str, unbiased: bool) -> Assign:
+    """PyTorch's rule: run = (1 - momentum)·run + momentum·stat, the variance made unbiased."""
+    batch = group_var(name) * (COUNT / (COUNT - 1) if unbiased else 1)
+    old = group_var(f"run_{name}")
+    return Assign(f"run_{name}_g", (1 - MOMENTUM) * old + MOMENTUM * batch)
+

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 def compact_forms(d: Derivation) -> dict[str, sp.Expr]:
     """Closed forms of ∂l/∂x_i, ∂l/∂γ and ∂l/∂β in terms of xhat and group reductions."""
     basis = XhatBasis(d)
-    return {name: basis.rewrite(d.gradients[name]) for name in ("x", "gamma", "beta")}
+    return {name: basis.rewrite(d.gradients[name]) for name in d.outputs}
 
 
 class XhatBasis:

@@ -75,6 +75,13 @@ def contract(body: sp.Expr, k: sp.Symbol, lo: sp.Expr, hi: sp.Expr) -> sp.Expr:
     return sp.Add(*collapsed) + (sp.Sum(sp.Add(*kept), (k, lo, hi)) if kept else sp.S.Zero)
 
 
+def evaluate_constant_sums(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with every sum whose body does not vary over the group written as m·body: what
+    differentiating a sum by a per-group quantity leaves behind (∂/∂μ Σ_k (x_k − μ) = Σ_k −1 = −m)."""
+    return expr.replace(lambda e: isinstance(e, sp.Sum) and e.limits[0][0] not in e.function.free_symbols,
+                        lambda s: (s.limits[0][2] - s.limits[0][1] + 1) * s.function)
+
+
 def expand_sums(expr: sp.Expr) -> sp.Expr:
     """``expr`` with every sum split into canonical atoms ``Sum(monomial(k), (k, 1, m))``.
 

@@ -157,7 +157,7 @@ def test_lowering_hoists_whole_coefficients():
     and no negation is left per element (-a·(b - x) is a·(x - b))."""
     import sympy as sp
 
-    from symbn.lower import DY, XHAT, plan
+    from symbn.lower_old import DY, XHAT, plan
 
     p = plan("batchnorm")
     dx = p.dx.element[-1].expr
@@ -173,7 +173,7 @@ def test_the_float32_frame_is_exact_algebra():
     unshifted expressions exactly, for every norm with a mean (RMS norm has none: no shift)."""
     import sympy as sp
 
-    from symbn.lower import SHIFT, X, plan
+    from symbn.lower_old import SHIFT, X, plan
 
     for norm in symbn.BUILTINS:
         plain, framed = plan(norm), plan(norm, frame=True)
@@ -187,7 +187,7 @@ def test_the_float32_frame_is_exact_algebra():
 
 
 def test_parameter_gradients_reuse_the_reductions_where_parameters_are_per_group():
-    from symbn.lower import plan
+    from symbn.lower_old import plan
 
     assert set(plan("batchnorm").param_sums.values()) == {0, 1}
     assert set(plan("instancenorm").param_sums.values()) == {0, 1}
@@ -210,7 +210,7 @@ def test_in_place_numpy_code_computes_what_the_expression_does(norm):
     summands of the statistics and reductions (float64 where asked). Two specs reach a fourth
     power and abs, which the built-ins do not use per element."""
     from symbn.emit import NumPyKernelPrinter
-    from symbn.lower import DY, XHAT, Pass, X, plan
+    from symbn.lower_old import DY, XHAT, Pass, X, plan
 
     spec = symbn.Norm(norm, **IN_PLACE_SPECS[norm]) if norm in IN_PLACE_SPECS else norm
     p, printer, rng = plan(spec, frame=True), NumPyKernelPrinter(), np.random.default_rng(5)
@@ -241,7 +241,7 @@ def test_in_place_numpy_code_for_functions_and_powers():
     import sympy as sp
 
     from symbn.emit import NumPyKernelPrinter
-    from symbn.lower import DY, X
+    from symbn.lower_old import DY, X
 
     c = sp.Symbol("c", positive=True)
     rng = np.random.default_rng(2)
