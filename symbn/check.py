@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .build import BACKENDS, load
+from .oracles import TorchMissing, central_differences, native_reference, relative_error
 from .spec import BUILTINS
 
 DTYPES = (np.float64, np.float32)
@@ -96,54 +97,13 @@ def finite_differences(case: Case, data: dict, mode: str, h: float = 1e-6) -> di
     return {f"d{name}": central_differences(lambda v, name=name: loss(**{name: v}), data[name], h) for name in ("x", "gamma", "beta")}
 
 
-def central_differences(loss, value: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    """d loss / d value by central differences, entry by entry, with a step relative to each entry."""
-    grad = np.empty_like(value)
-    for index in np.ndindex(value.shape):
-        step = h * max(1.0, abs(value[index]))
-        up, down = value.copy(), value.copy()
-        up[index] += step
-        down[index] -= step
-        grad[index] = (loss(up) - loss(down)) / (2 * step)
-    return grad
-
-
 def torch_reference(case: Case, data: dict, mode: str, dtype=np.float64) -> dict[str, np.ndarray] | None:
-    """The same quantities from PyTorch (autograd for the gradients), or None where it has no such norm."""
+    """The same quantities from PyTorch (autograd for the gradients, updated running statistics for
+    batch and instance norm in training), or None where it has no such norm or is not installed."""
     try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
+        return native_reference(case.norm, data, mode, dtype=dtype, eps=1e-5, momentum=0.1, **case.options)
+    except TorchMissing:
         return None
-    t = {k: torch.tensor(v.astype(dtype), requires_grad=k in ("x", "gamma", "beta")) for k, v in data.items()}
-    options, train = case.options, mode == "train"
-    running = {k: t[k].detach().clone() for k in data if k.startswith("running_")}
-    if case.norm == "batchnorm":
-        y = F.batch_norm(t["x"], running["running_mean"], running["running_var"], t["gamma"], t["beta"], training=train, eps=1e-5)
-    elif case.norm == "instancenorm":
-        y = F.instance_norm(t["x"], running["running_mean"], running["running_var"], t["gamma"], t["beta"],
-                            use_input_stats=train, eps=1e-5)
-    elif not train:
-        return None  # PyTorch's layer, group and RMS norms have no inference mode with population statistics
-    elif case.norm == "groupnorm":
-        y = F.group_norm(t["x"], options["num_groups"], t["gamma"], t["beta"], eps=1e-5)
-    elif case.norm == "layernorm":
-        y = F.layer_norm(t["x"], options["normalized_shape"], t["gamma"], t["beta"], eps=1e-5)
-    else:
-        y = F.rms_norm(t["x"], options["normalized_shape"], t["gamma"], eps=1e-5) + t["beta"]
-    y.backward(t["dy"])
-    out = {"y": y, "dx": t["x"].grad, "dgamma": t["gamma"].grad, "dbeta": t["beta"].grad}
-    if case.norm in ("batchnorm", "instancenorm") and train:
-        out.update(running)
-    return {k: v.detach().numpy() for k, v in out.items()}
-
-
-def relative_error(a: np.ndarray, b: np.ndarray) -> float:
-    """max |a - b| / max |b| (absolute where b is all zeros)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape:
-        return float("inf")
-    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30)) if b.size else 0.0
 
 
 @dataclass(frozen=True)
