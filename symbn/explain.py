@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from .build import load, module
-from .check import central_differences
 from .derive import Derivation, derive
 from .evaluate import evaluate
 from .jinja import environment
 from .notation import latex, text
+from .oracles import central_differences, relative_error
 from .prove import findings
 from .render import document_context
 from .spec import Norm, resolve
@@ -51,12 +51,6 @@ def _one_group(norm: Norm, m: int) -> tuple[tuple[int, ...], dict]:
         "instance": ((1, 1, m), {}),
         "groups": ((1, m, 1), {"num_groups": 1}),
     }[norm.layout.name]
-
-
-def relative_error(a, b) -> float:
-    """||a - b|| / ||b||."""
-    a, b = np.ravel(a), np.ravel(b)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _routes(d: Derivation) -> list[list[str]]:
