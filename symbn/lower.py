@@ -199,12 +199,14 @@ def _forward_kernel(p: Program, mode: str, shift: str | None) -> Kernel:
 
 def _derived_kernel(d: Derivation, shift: str | None) -> Kernel:
     """The last level of ``d``, from the compact forms of its outputs, reading the forward's
-    statistics (train mode) as saved inputs."""
+    statistics (train mode) as saved inputs. Inputs come newest first (a backward's dy before
+    x), then the forward's, then the saved statistics: the order the kernels take them in."""
     p, last = d.program, d.levels[-1]
     xhat = next(s for s in d.forward if s.name == "xhat")
     outputs = [(_output(p, last.derived[name]), d.compact[name]) for name in d.outputs]
     saved = [Arg(name, GROUP, DATA, True) for name in d.stats] if d.mode == "train" else []
-    inputs = [_input(q) for q in p.inputs] + saved
+    inputs = [_input(q) for level in reversed(d.levels) for q in level.program.inputs if q not in level.source.inputs]
+    inputs += [_input(q) for q in d.levels[0].source.inputs] + saved
     return _lower(kernel_name(d.transforms, d.mode), d.mode, d.transforms, inputs, [], outputs,
                   {xhat.target: xhat.definition}, _renaming(p), shift, collect=shift is None)
 
