@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ast
 import keyword
+import math
+import operator
 import re
 from dataclasses import dataclass, field, replace
 from typing import Mapping
@@ -21,27 +23,145 @@ from typing import Mapping
 import sympy as sp
 
 FUNCTIONS = {"sqrt": sp.sqrt, "exp": sp.exp, "log": sp.log, "abs": sp.Abs}
-"""Functions a spec expression may call."""
+"""Functions a spec expression may call; each takes exactly one argument."""
 
-NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
-_C_KEYWORDS = set(
+NAME = re.compile(r"[a-z][a-z0-9_]{0,30}")
+"""What every name in a spec must be, matched whole (``re.fullmatch``: no trailing newline)."""
+
+MAX_TEXT = 500
+"""Characters at most in a description (of a norm or a layout)."""
+MAX_EXPRESSION = 1000
+"""Characters at most in one expression."""
+MAX_DEPTH = 30
+"""Nesting depth at most of an expression's syntax tree."""
+MAX_LITERAL = 10**6
+"""Largest absolute value of a number written in an expression."""
+MAX_EXPONENT = 16
+"""Largest absolute value of a constant exponent; powers nested in one another multiply their
+exponents (``(x**4)**8`` is a 32nd power), and the product is held to this limit too."""
+
+_C_KEYWORDS = frozenset(
     "auto break case char const continue default do double else enum extern float for goto "
     "if inline int long register restrict return short signed sizeof static struct switch "
-    "typedef union unsigned void volatile while".split()
+    "typedef union unsigned void volatile while _Bool _Complex _Imaginary".split()
 )
-RESERVED = (
-    {"x", "y", "xhat", "eps", "gamma", "beta", "m", "i", "k", "dy", "n", "out", "numpy", "np", "math"}
-    | set(FUNCTIONS)
-    | _C_KEYWORDS
-    | set(keyword.kwlist)
+_ROLES = frozenset("x y xhat eps epsilon gamma beta m i k n dy dx dxhat dgamma dbeta out invstd".split())
+"""The quantities of every derivation and plan (``epsilon``: eps's symbol; ``invstd``: the saved inverse scale)."""
+_KERNEL_NAMES = frozenset("""
+    a address ahead args argtypes array arrays at axis b backward_eval backward_train base batch
+    batch_statistics beta_v block blocks c checked coef contribution copy default define defined
+    dtype dx_v dx_v_0 dxv dy_v dyv endif finite finite_sums forward_eval forward_train function
+    functions g gamma_v geo geometry grads group groups h idx ifdef ifndef in_blocks include inputs
+    j keepdims kind l l_count lib library like lp ls mine mine_params momentum n_partial n_pgrad name
+    names nonfinite normalized normalized_shape num_groups num_threads outer output outv p p0 p_count
+    param_shape parallel part partial pgrad pidx pl positive prepare ptr ptrdiff_t q q_count r real
+    requested_threads row running s s_count saved schedule self set_threads shape shift signatures
+    simd size size_t spatial start stats status step suffix summand sums t team team_size text
+    thread_id threads total totals u units updatable update_running v value values width work
+    writable x_v xhat_v xv y_v yv
+""".split())
+"""Every identifier the generated Python and C use (arguments, locals, functions, keyword
+arguments; tests/test_security.py checks the list against ``generated/``). A statistic's name
+reaches the kernels bare as a saved quantity's argument and local, and in ``running_<name>``."""
+_PYTHON_NAMES = frozenset(
+    "all any bool dict float getattr int isinstance len max min range slice str sum tuple type zip "
+    "abs print open eval exec compile globals locals vars object super property iter next map filter "
+    "numpy np ctypes collections namedtuple math isfinite prod numbers Real".split()
 )
-"""Names a spec may not give to a statistic: the roles, C and Python keywords, functions."""
+"""The Python builtins and the imports of the generated module (and a few builtins a rewrite may use)."""
+_C_LIBRARY = frozenset(
+    "sqrt exp log fabs pow abs isfinite isnan isinf fmax fmin malloc calloc realloc free memset memcpy "
+    "omp errno assert".split()
+)
+"""C library functions and macros the kernels call, or could, from a printed expression."""
+
+RESERVED = frozenset(_ROLES | _KERNEL_NAMES | _PYTHON_NAMES | _C_LIBRARY | set(FUNCTIONS) | _C_KEYWORDS | set(keyword.kwlist))
+"""Names a spec may not give to a statistic: the roles, every identifier of the generated code,
+the Python builtins and modules it uses, C library names, the functions, C and Python keywords."""
+RESERVED_PREFIXES = ("stat_", "run_", "running_", "saved_", "red_", "c_", "t_", "strand_", "acc_", "pacc_",
+                     "symbn_", "omp_", "invstd")
+"""Prefixes of the kernels' own families of names (``stat_<name>``, ``t_y_v_0``, ``invstd0``...)."""
+_ADJOINT_OF = ("x", "xhat", "y", "gamma", "beta", "eps", "dy")
+"""A statistic may not be called ``d`` + one of these, or ``d`` + another statistic's name: the
+derivation names the adjoint of ``q`` ``dq``."""
+
+C_HEADERS = frozenset(
+    "assert complex ctype errno fenv float inttypes iso646 limits locale math setjmp signal stdalign "
+    "stdarg stdatomic stdbool stddef stdint stdio stdlib stdnoreturn string tgmath threads time uchar "
+    "wchar wctype omp unistd pthread alloca malloc".split()
+)
+"""The C (and OpenMP, POSIX) headers a norm's files ``<norm>.c``, ``<norm>.h`` could shadow
+(``#include "<norm>.h"``): refused as norm names."""
+PYTHON_MODULES = frozenset("numpy ctypes collections math numbers symbn generated".split())
+"""The modules the generated package imports, and its own: refused as norm names."""
+NORM_PREFIXES = ("omp", "symbn")
+"""Prefixes a norm name may not have: OpenMP's names and symbn's own C symbols."""
 
 AFFINE = ("group", "element")
 
 
 class SpecError(ValueError):
     """A spec that cannot describe a normalization; the message says which part and why."""
+
+
+def _pairs(norm: str, stats) -> tuple[tuple[str, str], ...]:
+    """A spec's statistics, given as a mapping or as (name, expression) pairs, as pairs; a name
+    given twice is refused (``dict`` would silently keep the last)."""
+    if isinstance(stats, Mapping):
+        stats = list(stats.items())
+    elif isinstance(stats, (str, bytes)) or not hasattr(stats, "__iter__"):
+        raise SpecError(f"{norm}: stats must be a mapping or (name, expression) pairs, got {stats!r}")
+    pairs, seen = [], set()
+    for pair in stats:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise SpecError(f"{norm}: stats must be (name, expression) pairs, got {pair!r}")
+        name, text = pair
+        _check_name(name, f"{norm}: statistic name")
+        if name in seen:
+            raise SpecError(f"{norm}: statistic {name!r} is defined twice: each statistic needs its own name")
+        seen.add(name)
+        pairs.append((name, text))
+    return tuple(pairs)
+
+
+def reserved_reason(name: str) -> str | None:
+    """Why ``name`` may not name a statistic (a reserved name or prefix, ``d`` and a digit), or None."""
+    if name in RESERVED:
+        return ("is reserved: statistics may not take the name of a role (x, xhat, y, gamma, beta, eps, dy, dx, ...), "
+                "an identifier of the generated code, a Python builtin or module it uses, a C library name, a function or a keyword")
+    prefix = next((p for p in RESERVED_PREFIXES if name.startswith(p)), None)
+    if prefix is not None:
+        return f"is reserved: it starts with {prefix!r}, a prefix of the generated code's own names ({', '.join(RESERVED_PREFIXES)})"
+    if re.fullmatch(r"d[0-9].*", name):
+        return "is reserved: d followed by a digit is the form of adjoint names"
+    return None
+
+
+def _check_name(name: str, what: str, reserved: bool = True) -> None:
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise SpecError(f"{what} {name!r} must match {NAME.pattern} whole (lower case letters, digits, _; at most 31)")
+    if keyword.iskeyword(name) or name in _C_KEYWORDS:
+        raise SpecError(f"{what} {name!r} is reserved: a Python or C keyword")
+    reason = reserved_reason(name) if reserved else None
+    if reason:
+        raise SpecError(f"{what} {name!r} {reason}; the full list: symbn.spec.RESERVED, RESERVED_PREFIXES")
+
+
+def _check_norm_name(name: str) -> None:
+    """A norm's name becomes file names (``<norm>.py``, ``<norm>.c``, ``<norm>.h``), a module of
+    the generated package and a part of C symbols (``symbn_<norm>_...``)."""
+    _check_name(name, "norm name", reserved=False)
+    if name in C_HEADERS or name in PYTHON_MODULES or name.startswith(NORM_PREFIXES):
+        raise SpecError(f"norm name {name!r} would shadow a header or module: a norm may not be named like a C header "
+                        f"({', '.join(sorted(C_HEADERS))}), a module the generated package imports "
+                        f"({', '.join(sorted(PYTHON_MODULES))}), or start with {' or '.join(NORM_PREFIXES)}")
+
+
+def _check_text(text: str, what: str) -> None:
+    if not isinstance(text, str):
+        raise SpecError(f"{what} must be a str, got {type(text).__name__}")
+    if len(text) > MAX_TEXT:
+        raise SpecError(f"{what} has {len(text)} characters; at most {MAX_TEXT}")
 
 
 @dataclass(frozen=True)
@@ -55,6 +175,10 @@ class Layout:
 
     name: str
     description: str
+
+    def __post_init__(self) -> None:
+        _check_name(self.name, "layout name", reserved=False)
+        _check_text(self.description, f"layout {self.name}: description")
 
     def reduce_axes(self, ndim: int, normalized_ndim: int = 1) -> tuple[int, ...]:
         """The axes of an ``ndim``-dimensional x that one group's statistics reduce over
@@ -122,9 +246,12 @@ class Norm:
     """Statistics whose running estimate uses Bessel's correction m/(m-1), as PyTorch does for the variance."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stats", tuple(tuple(s) for s in dict(self.stats).items()))
+        _check_norm_name(self.name)
+        object.__setattr__(self, "stats", _pairs(self.name, self.stats))
+        if isinstance(self.unbiased, str) or not all(isinstance(u, str) for u in self.unbiased):
+            raise SpecError(f"{self.name}: unbiased must be a sequence of statistic names, got {self.unbiased!r}")
         object.__setattr__(self, "unbiased", tuple(self.unbiased))
-        _check_name(self.name, "norm name", reserved=False)
+        _check_text(self.description, f"{self.name}: description")
         if self.affine not in AFFINE:
             raise SpecError(f"{self.name}: affine must be one of {', '.join(AFFINE)}, got {self.affine!r}")
         if not isinstance(self.layout, Layout):
@@ -133,9 +260,15 @@ class Norm:
             raise SpecError(f"{self.name}: with layout {self.layout.name}, gamma varies within a group: use affine='element'")
         if not self.stats:
             raise SpecError(f"{self.name}: a normalization needs at least one statistic")
+        names = [stat for stat, _ in self.stats]
         known = {"x", "eps"}
         for stat, text in self.stats:
             _check_name(stat, f"{self.name}: statistic name")
+            adjoint_of = next((q for q in (*_ADJOINT_OF, *names) if stat == "d" + q), None)
+            if adjoint_of is not None:
+                raise SpecError(f"{self.name}: statistic name {stat!r} is reserved: the derivation calls the adjoint "
+                                f"of {adjoint_of} d{adjoint_of} (no statistic may be named d + x, xhat, y, gamma, beta, "
+                                "eps, dy or another statistic)")
             parse(text, known, where=f"{self.name}: statistic {stat}")
             known.add(stat)
         normalized = parse(self.normalized, known, where=f"{self.name}: normalized")
@@ -150,13 +283,6 @@ class Norm:
         return tuple(name for name, _ in self.stats)
 
 
-def _check_name(name: str, what: str, reserved: bool = True) -> None:
-    if not isinstance(name, str) or not NAME.match(name):
-        raise SpecError(f"{what} {name!r} must match {NAME.pattern} (lower case letters, digits, _)")
-    if reserved and name in RESERVED:
-        raise SpecError(f"{what} {name!r} is reserved; reserved names: {', '.join(sorted(RESERVED))}")
-
-
 _BINARY = {ast.Add: sp.Add, ast.Sub: lambda a, b: a - b, ast.Mult: sp.Mul, ast.Div: lambda a, b: a / b, ast.Pow: sp.Pow}
 
 
@@ -165,18 +291,40 @@ def parse(text: str, names: set[str] | Mapping[str, sp.Basic], where: str = "exp
 
     ``names`` lists the names the expression may use; a mapping gives the object each stands
     for (default: a plain Symbol of that name). Numbers become exact rationals.
+
+    Refused, as :class:`SpecError` naming ``where`` and the reason, before SymPy builds anything
+    large: text that is not a str or longer than :data:`MAX_EXPRESSION` characters, a syntax tree
+    deeper than :data:`MAX_DEPTH`, a number that is not finite or above :data:`MAX_LITERAL`, a
+    constant exponent above :data:`MAX_EXPONENT` (alone, or multiplied by the exponents of powers
+    it is nested in), a function called with other than one argument. With ``names`` a set (the
+    symbolic check of a spec), also a division by a divisor that is identically zero, and a
+    result that is infinite or undefined (``log(0)``).
     """
-    table = names if isinstance(names, Mapping) else {n: sp.Symbol(n) for n in names}
+    symbolic = not isinstance(names, Mapping)
+    table = {n: sp.Symbol(n) for n in names} if symbolic else names
+    if not isinstance(text, str):
+        raise SpecError(f"{where}: an expression must be a str, got {type(text).__name__} {text!r}")
+    if len(text) > MAX_EXPRESSION:
+        raise SpecError(f"{where}: expression of {len(text)} characters; at most {MAX_EXPRESSION}")
     try:
         tree = ast.parse(text, mode="eval")
-    except (SyntaxError, TypeError) as err:
+    except (SyntaxError, TypeError, ValueError) as err:
         raise SpecError(f"{where}: cannot parse {text!r}: {err}") from None
+    except (RecursionError, MemoryError):
+        raise SpecError(f"{where}: expression nested too deeply; at most {MAX_DEPTH} levels") from None
+    _check_tree(tree, text, where)
 
     def build(node: ast.AST) -> sp.Expr:
         if isinstance(node, ast.Expression):
             return build(node.body)
         if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-            return _BINARY[type(node.op)](build(node.left), build(node.right))
+            left, right = build(node.left), build(node.right)
+            if symbolic and isinstance(node.op, ast.Pow) and right.is_Number and abs(right) > MAX_EXPONENT:  # before SymPy computes it
+                raise SpecError(f"{where}: exponent {ast.unparse(node.right)!r} is {right} in {text!r}: "
+                                f"at most {MAX_EXPONENT} in absolute value")
+            if symbolic and isinstance(node.op, ast.Div) and right.is_zero:
+                raise SpecError(f"{where}: division by zero: {ast.unparse(node.right)!r} is identically zero in {text!r}")
+            return _BINARY[type(node.op)](left, right)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             value = build(node.operand)
             return -value if isinstance(node.op, ast.USub) else value
@@ -187,12 +335,96 @@ def parse(text: str, names: set[str] | Mapping[str, sp.Basic], where: str = "exp
                 raise SpecError(f"{where}: unknown name {node.id!r} in {text!r}; known: {', '.join(sorted(table))}")
             return table[node.id]
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.keywords:
-            if node.func.id not in FUNCTIONS:
-                raise SpecError(f"{where}: unknown function {node.func.id!r}; known: {', '.join(FUNCTIONS)}")
-            return FUNCTIONS[node.func.id](*map(build, node.args))
+            return FUNCTIONS[node.func.id](build(node.args[0]))  # name and arity checked by _check_tree
         raise SpecError(f"{where}: {ast.unparse(node)!r} is not allowed in {text!r} (numbers, names, + - * / ** and {', '.join(FUNCTIONS)})")
 
-    return build(tree)
+    expr = build(tree)
+    if symbolic and expr.has(sp.zoo, sp.oo, -sp.oo, sp.nan):
+        raise SpecError(f"{where}: {text!r} is infinite or undefined ({expr}); constants must be finite, divisors nonzero")
+    return expr
+
+
+def _check_tree(tree: ast.Expression, text: str, where: str) -> None:
+    """The syntactic limits of :func:`parse`, checked on the tree before SymPy sees it (without
+    recursion, so that a deep tree cannot overflow the stack)."""
+    stack = [(tree.body, 1)]
+    while stack:  # the depth first: the checks below recurse into exponents
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise SpecError(f"{where}: expression nested too deeply; at most {MAX_DEPTH} levels in {text!r}")
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    stack = [(tree.body, 1)]  # node, product of the constant exponents of the powers it is the base of
+    while stack:
+        node, power = stack.pop()
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            _check_literal(node.value, where, text)
+        if isinstance(node, ast.Call):
+            name = node.func.id if isinstance(node.func, ast.Name) else ast.unparse(node.func)
+            if name not in FUNCTIONS:
+                raise SpecError(f"{where}: unknown function {name!r}; known: {', '.join(FUNCTIONS)}")
+            if len(node.args) != 1 or node.keywords or isinstance(node.args[0], ast.Starred):
+                raise SpecError(f"{where}: {name} takes exactly one argument, got {ast.unparse(node)!r} in {text!r}")
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+            exponent = _constant(node.right, where, text)
+            if exponent is not None:
+                if abs(exponent) > MAX_EXPONENT:
+                    raise SpecError(f"{where}: exponent {ast.unparse(node.right)!r} is too large in {text!r}: "
+                                    f"at most {MAX_EXPONENT} in absolute value")
+                if power * abs(exponent) > MAX_EXPONENT:
+                    raise SpecError(f"{where}: nested powers in {ast.unparse(node)!r} multiply to an exponent of "
+                                    f"{power * abs(exponent):g} in {text!r}: at most {MAX_EXPONENT} in absolute value")
+            stack.append((node.left, power * max(1.0, abs(exponent or 1.0))))
+            stack.append((node.right, 1))
+            continue
+        stack.extend((child, power) for child in ast.iter_child_nodes(node))
+
+
+def _check_literal(value: int | float, where: str, text: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SpecError(f"{where}: number {value!r} is not finite in {text!r}")
+    if abs(value) > MAX_LITERAL:
+        raise SpecError(f"{where}: number {value!r} is too large in {text!r}: at most {MAX_LITERAL:g} in absolute value")
+
+
+_FLOAT_FUNCTIONS = {"sqrt": math.sqrt, "exp": math.exp, "log": math.log, "abs": abs}
+
+
+def _constant(node: ast.AST, where: str, text: str) -> float | None:
+    """The value of a constant subexpression (numbers, operators and functions only) as a float,
+    or None when it uses a name or is not a plain number; refused when it is not a finite number
+    (an overflow, ``0**-1``, ``log(0)``), so that no exponent can hide a huge value."""
+    def value(n: ast.AST) -> float:
+        if isinstance(n, ast.Constant) and type(n.value) in (int, float):
+            _check_literal(n.value, where, text)
+            return float(n.value)
+        if isinstance(n, ast.UnaryOp) and isinstance(n.op, (ast.USub, ast.UAdd)):
+            return -value(n.operand) if isinstance(n.op, ast.USub) else value(n.operand)
+        if isinstance(n, ast.BinOp) and type(n.op) in _BINARY:
+            a, b = value(n.left), value(n.right)
+            if isinstance(n.op, ast.Pow) and abs(b) > MAX_EXPONENT:
+                raise SpecError(f"{where}: exponent {ast.unparse(n.right)!r} is too large in {text!r}: "
+                                f"at most {MAX_EXPONENT} in absolute value")
+            return {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+                    ast.Div: operator.truediv, ast.Pow: operator.pow}[type(n.op)](a, b)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in _FLOAT_FUNCTIONS and len(n.args) == 1:
+            return float(_FLOAT_FUNCTIONS[n.func.id](value(n.args[0])))
+        raise _NotConstant
+
+    try:
+        result = value(node)
+    except _NotConstant:
+        return None
+    except SpecError:
+        raise
+    except (ArithmeticError, ValueError, TypeError):
+        raise SpecError(f"{where}: {ast.unparse(node)!r} is not a finite number in {text!r}") from None
+    if isinstance(result, complex) or not math.isfinite(result):
+        raise SpecError(f"{where}: {ast.unparse(node)!r} is not a finite real number in {text!r}")
+    return result
+
+
+class _NotConstant(Exception):
+    pass
 
 
 _MOMENTS = {

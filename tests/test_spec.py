@@ -32,6 +32,16 @@ def test_builtins():
     (dict(affine="channel"), "affine must be one of"),
     (dict(name="bad name"), "must match"),
     (dict(unbiased=("var",)), "unknown statistics"),
+    (dict(stats={"mean\n": "x"}), "must match"),  # fullmatch: $ would let a trailing newline through
+    (dict(name="mine\n"), "must match"),
+    (dict(stats=[("mean", "x"), ("mean", "x**2")]), "defined twice"),
+    (dict(stats={"self": "x"}), "reserved"),
+    (dict(stats={"mean": "sqrt(x, x)"}), "exactly one argument"),
+    (dict(stats={"mean": "x/0"}), "division by zero"),
+    (dict(stats={"mean": "1e400*x"}), "not finite"),
+    (dict(stats={"mean": "2**10**10"}), "at most 16"),
+    (dict(stats={"mean": 1}), "must be a str"),
+    (dict(name="stddef"), "shadow a header"),
 ])
 def test_bad_specs_are_refused(changes, message):
     with pytest.raises(SpecError, match=message):
