@@ -6,8 +6,9 @@ import sys
 from pathlib import Path
 
 from .build import BACKENDS
-from .derive import MODES, derive
+from .derive import MODES, derive, transforms_for
 from .explain import FORMATS as EXPLAIN_FORMATS
+from .prove import prove
 from .render import FORMATS, FORMS, to_document, to_json, to_latex, to_text
 from .spec import BUILTINS
 
@@ -35,9 +36,14 @@ def parser() -> argparse.ArgumentParser:
                                      description="Derive the backward pass from the forward definition, for symbolic m.")
     derive_cmd.add_argument("norm", nargs="?", default="batchnorm", choices=list(BUILTINS), metavar="NORM",
                             help=f"one of: {', '.join(BUILTINS)} (default: batchnorm)")
-    derive_cmd.add_argument("--mode", choices=MODES, default="train",
-                            help="train: batch statistics (functions of x); eval: population statistics (constants)")
-    derive_cmd.add_argument("--form", choices=FORMS, default="both", help="paper (staged), compact, or both")
+    derive_cmd.add_argument("--mode", choices=MODES,
+                            help="train (default): batch statistics (functions of x); eval: population statistics (constants)")
+    derive_cmd.add_argument("--form", choices=FORMS, help="paper (staged), compact, or both (default)")
+    derive_cmd.add_argument("--order", type=_positive, default=1, metavar="N",
+                            help="derivative order in reverse mode: 1 the backward pass (default), 2 the double backward, ...")
+    derive_cmd.add_argument("--transforms", type=_chain, metavar="CHAIN",
+                            help="another chain of transforms, innermost first: e.g. vjp,jvp for jvp(vjp(f)) "
+                                 "(forward over reverse, a Hessian-vector product), jvp,jvp, vjp,vjp,vjp")
     derive_cmd.add_argument("--format", choices=FORMATS, default="text", help="text (default), latex or json")
     derive_cmd.add_argument("--proofs", action="store_true",
                             help="also prove every identity (symbolic m, and brute force at m = 1..6); takes seconds")
@@ -96,8 +102,27 @@ def _list(args: argparse.Namespace) -> int:
 def _derive(args: argparse.Namespace) -> int:
     if args.document and args.format != "latex":
         _fail("derive", "--document needs --format latex")
+    if args.document and (args.mode or args.form or args.proofs):
+        _fail("derive", "--document writes both modes, both forms and every proof: drop --mode, --form and --proofs")
+    if args.transforms and args.order != 1:
+        _fail("derive", "give --order or --transforms, not both")
+    args.transforms = args.transforms or ("vjp",) * args.order
+    args.mode, args.form = args.mode or "train", args.form or "both"
     _emit(_derive_output(args), args.output, "derive")
     return 0
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def _chain(text: str) -> tuple[str, ...]:
+    try:
+        return transforms_for(transforms=text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -122,9 +147,9 @@ def _emit(output: str, target: Path | None, command: str) -> None:
 
 def _derive_output(args: argparse.Namespace) -> str:
     if args.document:
-        return to_document(args.norm)
-    d = derive(args.norm, args.mode)
-    proofs = d.proofs if args.proofs else None
+        return to_document(args.norm, args.transforms)
+    d = derive(args.norm, args.mode, transforms=args.transforms)
+    proofs = prove(d) if args.proofs else None
     if args.format == "latex":
         return to_latex(d, args.form)
     if args.format == "json":

@@ -282,9 +282,10 @@ class Derivation:
         return self.program.value(self.levels[-1].derived[name])
 
     def inline(self, expr: sp.Expr, keep: tuple[str, ...] = ()) -> sp.Expr:
-        """``expr`` with every step replaced by its definition, until only the inputs (and the
-        steps named in ``keep``) are left. Sums get fresh indices."""
-        rules = [(s.target, s.definition, s.kind) for s in self.program.steps if s.name not in keep]
+        """``expr`` with every step (of every level, the forward's too) replaced by its definition,
+        until only the inputs (and the steps named in ``keep``) are left. Sums get fresh indices."""
+        steps = {s.name: s for p in (self.levels[0].source, *(level.program for level in self.levels)) for s in p.steps}
+        rules = [(s.target, s.definition, s.kind) for s in steps.values() if s.name not in keep]
         for _ in range(len(rules) + 1):
             new = expr
             for target, definition, kind in rules:

@@ -14,7 +14,7 @@ import sympy as sp
 from .derive import Derivation, derive
 from .jinja import environment
 from .notation import latex, text
-from .prove import Proof
+from .prove import Proof, prove
 
 FORMS = ("paper", "compact", "both")
 FORMATS = ("text", "latex", "json")
@@ -31,13 +31,15 @@ class Equation:
 
 
 def sections(d: Derivation, form: str = "both") -> dict[str, list[Equation]]:
-    """The derivation as titled lists of equations, in the order the paper shows them."""
+    """The derivation as titled lists of equations, in the order the paper shows them: the
+    forward, each level's staged steps (``paper``: the last level's), the compact form."""
     shown = {"forward": [Equation(s.name, s.value, s.definition) for s in d.forward]}
     if form in ("paper", "both"):
-        shown["paper"] = [
-            Equation(name, d.adjoint(name), d.gradients[name], tuple((t.via, t.expr) for t in terms))
-            for name, terms in d.terms.items()
-        ]
+        for number, level in enumerate(d.levels, 1):
+            key = "paper" if number == d.order else f"staged{number}"
+            shown[key] = [Equation(name, level.program.value(level.derived[name]), sp.Add(*(t.expr for t in terms)),
+                                   tuple((t.via, t.expr) for t in terms))
+                          for name, terms in level.terms.items()]
     if form in ("compact", "both"):
         shown["compact"] = [Equation(name, d.adjoint(name), expr) for name, expr in d.compact.items()]
     return shown
@@ -48,6 +50,30 @@ TITLES = {
     "paper": "Backward, paper form (one term per path: the consumer's adjoint times its local derivative)",
     "compact": "Backward, compact form (reductions hoisted, as frameworks compute it)",
 }
+
+
+def titles(d: Derivation) -> dict[str, str]:
+    """Each section's title; at order 1 in reverse mode, :data:`TITLES`."""
+    if d.transforms == ("vjp",):
+        return TITLES
+    out = {"forward": "Forward"}
+    for number, level in enumerate(d.levels, 1):
+        key = "paper" if number == d.order else f"staged{number}"
+        out[key] = f"Level {number}: {_level_title(number, level.kind)}, staged"
+    out["compact"] = f"Level {d.order}: {_level_title(d.order, d.levels[-1].kind)}, compact form (reductions hoisted)"
+    return out
+
+
+def _level_title(number: int, kind: str) -> str:
+    if kind == "jvp":
+        return "forward mode (each tangent: one term per quantity it reads, local derivative times tangent)"
+    if number == 1:
+        return "reverse mode, the backward pass (one term per path)"
+    return (f"reverse mode over level {number - 1} (l{str(number).translate(_SUBSCRIPTS)} = Σ cotangent · output of level "
+            f"{number - 1}; one term per path)")
+
+
+_SUBSCRIPTS = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
 
 
 def _right(eq: Equation, show: Callable[[sp.Basic], str]) -> str:
@@ -62,7 +88,12 @@ def _right(eq: Equation, show: Callable[[sp.Basic], str]) -> str:
 
 
 def paths(d: Derivation) -> str:
-    """One sentence: along which paths the loss reaches x_i, and why."""
+    """One sentence: along which paths the loss reaches x_i, and why (higher orders: what is
+    differentiated, and what the statistics are there)."""
+    if d.transforms != ("vjp",):
+        what = "functions of every x_k at every level" if d.mode == "train" else "constants (inputs, like ε) at every level"
+        chain = "(".join(reversed(d.transforms)) + "(f" + ")" * d.order
+        return f"Order {d.order}: {chain}, where f is the forward pass; the statistics are {what}."
     via = [t.via for t in d.terms["x"]]
     shown = ", ".join(text(d.value(name), d.notation) for name in via)
     if d.mode == "train":
@@ -75,8 +106,9 @@ def to_text(d: Derivation, form: str = "both", proofs: list[Proof] | None = None
     show = lambda e: text(e, d.notation)  # noqa: E731
     lines = [f"{d.norm.name}, {'training' if d.mode == 'train' else 'inference'} mode: {d.norm.description}",
              "Sums run over the m elements of one group (k = 1..m); i is any one element.", paths(d)]
+    heads = titles(d)
     for key, equations in sections(d, form).items():
-        lines += ["", TITLES[key]]
+        lines += ["", heads[key]]
         lines += [f"  {show(eq.lhs)} = {_right(eq, show)}" for eq in equations]
     if proofs is not None:
         lines += ["", "Proofs (each checked by the engine; symbolic m unless it says otherwise)"]
@@ -92,10 +124,10 @@ def to_text(d: Derivation, form: str = "both", proofs: list[Proof] | None = None
 def to_latex(d: Derivation, form: str = "both") -> str:
     """The equations as LaTeX ``align*`` blocks in the paper's notation."""
     show = lambda e: latex(e, d.notation)  # noqa: E731
-    blocks = []
+    blocks, heads = [], titles(d)
     for key, equations in sections(d, form).items():
         rows = " \\\\\n".join(f"  {show(eq.lhs)} &= {_right(eq, show)}" for eq in equations)
-        blocks.append(f"% {TITLES[key]}\n\\begin{{align*}}\n{rows}\n\\end{{align*}}")
+        blocks.append(f"% {heads[key]}\n\\begin{{align*}}\n{rows}\n\\end{{align*}}")
     return "\n".join(blocks) + "\n"
 
 
@@ -104,20 +136,27 @@ def _expr_json(expr: sp.Basic, d: Derivation) -> dict[str, str]:
 
 
 def to_json(d: Derivation, form: str = "both", proofs: list[Proof] | None = None) -> str:
-    """Everything under stable keys: forward, gradients (with terms), compact, proofs."""
+    """Everything under stable keys: forward, gradients (the last level's staged steps, with
+    terms), earlier levels, compact, proofs."""
     shown = sections(d, form)
+
+    def staged(equations: list[Equation]) -> dict:
+        return {eq.key: {"lhs": _expr_json(eq.lhs, d), "rhs": _expr_json(eq.rhs, d),
+                         "terms": [{"via": via, **_expr_json(term, d)} for via, term in eq.terms]}
+                for eq in equations}
+
     doc = {
         "norm": d.norm.name,
         "mode": d.mode,
+        "order": d.order,
+        "transforms": list(d.transforms),
         "description": d.norm.description,
         "forward": [{"name": eq.key, "lhs": _expr_json(eq.lhs, d), "rhs": _expr_json(eq.rhs, d)} for eq in shown["forward"]],
     }
     if "paper" in shown:
-        doc["gradients"] = {
-            eq.key: {"lhs": _expr_json(eq.lhs, d), "rhs": _expr_json(eq.rhs, d),
-                     "terms": [{"via": via, **_expr_json(term, d)} for via, term in eq.terms]}
-            for eq in shown["paper"]
-        }
+        doc["gradients"] = staged(shown["paper"])
+        doc["levels"] = [{"level": number, "transform": level.kind, "staged": staged(shown.get(f"staged{number}", shown["paper"]))}
+                         for number, level in enumerate(d.levels, 1)]
     if "compact" in shown:
         doc["compact"] = {eq.key: {"lhs": _expr_json(eq.lhs, d), "rhs": _expr_json(eq.rhs, d)} for eq in shown["compact"]}
     if proofs is not None:
@@ -130,27 +169,44 @@ def to_json(d: Derivation, form: str = "both", proofs: list[Proof] | None = None
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
-def document_context(norm) -> dict:
-    """What the LaTeX templates need for ``norm``: both modes, both forms, every proof."""
+def document_context(norm, transforms: tuple[str, ...] = ("vjp",)) -> dict:
+    """What the LaTeX templates need for ``norm``: both modes, the backward in both forms with
+    every proof, and, for a longer chain of ``transforms``, that derivation and its proofs too."""
     modes = []
     for mode in ("train", "eval"):
         d = derive(norm, mode)
         show = lambda e, d=d: latex(e, d.notation)  # noqa: E731
-        modes.append({
+        block = {
             "mode": mode,
             "derivation": d,
             "paths": [show(d.value(t.via)) for t in d.terms["x"]],
             "sections": {key: [(show(eq.lhs), _right(eq, show)) for eq in equations] for key, equations in sections(d).items()},
             "x_terms": [(show(d.value(t.via)), show(t.expr)) for t in d.terms["x"]],
-            "proofs": [{"p": p, "equation": None if p.equation is None else show(p.equation),
-                        "residual": show(p.residual)} for p in d.proofs],
+            "proofs": _shown_proofs(d, show),
             "stats": [(show(d.symbols[s]), s) for s in d.stats],
-        })
+            "higher": None,
+        }
+        if tuple(transforms) != ("vjp",):
+            h = derive(norm, mode, transforms=transforms)
+            show_h = lambda e, h=h: latex(e, h.notation)  # noqa: E731
+            block["higher"] = {
+                "derivation": h, "chain": "(".join(reversed(h.transforms)) + "(f" + ")" * h.order,
+                "sections": [(titles(h)[key], [(show_h(eq.lhs), _right(eq, show_h)) for eq in equations])
+                             for key, equations in sections(h).items() if key != "forward"],
+                "proofs": _shown_proofs(h, show_h),
+            }
+        modes.append(block)
     train = modes[0]["derivation"]
-    return {"norm": train.norm, "modes": modes, "titles": TITLES,
+    return {"norm": train.norm, "modes": modes, "titles": TITLES, "transforms": tuple(transforms),
             "symbols": {name: latex(train.value(name), train.notation) for name in ("x", "xhat", "y")}}
 
 
-def to_document(norm) -> str:
-    """A complete LaTeX article for ``norm``: both modes, both forms, every proof's outcome."""
-    return environment("latex").get_template("derivation.tex.j2").render(**document_context(norm))
+def _shown_proofs(d: Derivation, show: Callable[[sp.Basic], str]) -> list[dict]:
+    return [{"p": p, "equation": None if p.equation is None else show(p.equation), "residual": show(p.residual)}
+            for p in prove(d)]
+
+
+def to_document(norm, transforms: tuple[str, ...] = ("vjp",)) -> str:
+    """A complete LaTeX article for ``norm``: both modes, both forms, every proof's outcome; for
+    a longer chain of ``transforms`` (order 2: ("vjp", "vjp")), that derivation too."""
+    return environment("latex").get_template("derivation.tex.j2").render(**document_context(norm, transforms))

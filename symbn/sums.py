@@ -67,7 +67,11 @@ def contract(body: sp.Expr, k: sp.Symbol, lo: sp.Expr, hi: sp.Expr) -> sp.Expr:
     for term in sp.Add.make_args(sp.expand(body)):
         deltas = [f for f in sp.Mul.make_args(term) if isinstance(f, sp.KroneckerDelta) and k in f.free_symbols]
         if not deltas:
-            kept.append(term)
+            outside = [f for f in sp.Mul.make_args(term) if isinstance(f, sp.KroneckerDelta)]
+            if outside:  # a delta of other indices leaves the sum, so that an enclosing sum can contract it
+                collapsed.append(sp.Mul(*outside) * sp.Sum(term / sp.Mul(*outside), (k, lo, hi)))
+            else:
+                kept.append(term)
             continue
         delta = deltas[0]
         j = delta.args[1] if delta.args[0] == k else delta.args[0]
