@@ -1,34 +1,49 @@
 """Build and load: the generated kernels as objects, on NumPy or on compiled C.
 
-Built-in norms load the committed files under ``generated/``; a spec is emitted on the fly
-into the cache. The C source is compiled with the system compiler (``CC`` honoured) into a
-per-user cache keyed by a hash of the sources, the flags and the compiler's version, written
-atomically so that concurrent processes never load a half-written library.
+``symbn.load(norm, backend, order=..., transforms=...)`` returns one object with a method per
+kernel of the chain and of its prefixes (order 2: forward_*, backward_*, backward2_*). The
+built-ins at orders 1 and 2 load the committed files under ``generated/``; anything else
+(orders 3 and up, other chains, user specs) is derived, lowered and emitted on demand into
+the cache, keyed by a hash of the spec, the chain and symbn's own code, so that a warm cache
+never derives again. The emitted sources are written atomically; a NumPy load needs no
+writable cache (the modules are then imported from memory). The C source is compiled with
+the system compiler (``CC`` honoured, with a timeout) into the cache, keyed by a hash of the
+sources, the flags, the compiler's version and the CPU, written atomically with its size and
+SHA-256 beside it, which are checked before every load (a damaged library is rebuilt, never
+loaded). Every failure of the compiler is a :class:`CompilerError`.
 """
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib
 import os
 import platform
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
+import types
+from functools import cache
 from pathlib import Path
-from types import ModuleType
 
+from . import __version__
+from .backends import NAMES
 from .jinja import resource_dir
 from .spec import BUILTINS, Norm, resolve
 
-BACKENDS = ("numpy", "c")
+BACKENDS = NAMES
 FLAGS = ("-std=c99", "-O3", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror", "-pedantic")
 VARIANTS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())  # the first that builds: vector units, threads, plain
 LIBS = ("-lm",)
+TIMEOUT = 300.0
+"""Seconds one compiler run may take (``$SYMBN_CC_TIMEOUT`` overrides)."""
+BUILTIN_ORDERS = (1, 2)
+"""The orders of the built-ins that ``generated/`` holds."""
 
 
 class CompilerError(RuntimeError):
-    """No usable C compiler, or the generated C did not compile."""
+    """No usable C compiler, or the generated C did not compile: the message has the command and its output."""
 
 
 def cache_dir() -> Path:
@@ -38,9 +53,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "symbn"
 
 
+# ----------------------------------------------------------------------------- the compiler
+
 def compiler() -> list[str]:
     """The C compiler command: ``$CC`` (which may carry flags) or ``cc``."""
-    command = shlex.split(os.environ.get("CC") or "cc")
+    text = os.environ.get("CC") or "cc"
+    try:
+        command = shlex.split(text)
+    except ValueError as err:
+        raise CompilerError(f"CC={text!r} cannot be parsed as a command: {err}") from None
     if not command or shutil.which(command[0]) is None:
         raise CompilerError(
             f"no C compiler: {command[0] if command else '$CC'!r} was not found. Install one (apt-get install gcc) "
@@ -48,11 +69,25 @@ def compiler() -> list[str]:
     return command
 
 
-def _version(command: list[str]) -> str:
+def _timeout() -> float:
     try:
-        done = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=60)
-    except OSError as err:
-        raise CompilerError(f"the C compiler {command[0]!r} cannot run: {err}") from None
+        return float(os.environ.get("SYMBN_CC_TIMEOUT") or TIMEOUT)
+    except ValueError:
+        return TIMEOUT
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    """Run the compiler; every way it can fail to run is a CompilerError."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=_timeout())
+    except subprocess.TimeoutExpired:
+        raise CompilerError(f"the C compiler did not finish in {_timeout():g} s ($SYMBN_CC_TIMEOUT): {shlex.join(command)}") from None
+    except (OSError, ValueError) as err:
+        raise CompilerError(f"the C compiler cannot run: {err}: {shlex.join(command)}") from None
+
+
+def _version(command: list[str]) -> str:
+    done = _run([*command, "--version"])
     return done.stdout + done.stderr
 
 
@@ -66,80 +101,236 @@ def _cpu() -> str:
     return f"{platform.machine()} {flags}"
 
 
+def _record(library: Path) -> Path:
+    """Where the size and SHA-256 of ``library`` are kept, written with it."""
+    return library.with_name(library.name + ".sha256")
+
+
+def _digest(data: bytes) -> str:
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
+_VERIFIED: set[Path] = set()
+
+
+def _intact(library: Path) -> bool:
+    """Whether ``library`` is there and is what was written (its size and SHA-256 match the record)."""
+    if library in _VERIFIED:
+        return True
+    try:
+        ok = _record(library).read_text().strip() == _digest(library.read_bytes())
+    except OSError:
+        return False
+    if ok:
+        _VERIFIED.add(library)
+    return ok
+
+
 def compile_library(source: Path) -> Path:
-    """The shared library built from ``source`` (its header beside it), from the cache if there.
+    """The shared library built from ``source`` (its header beside it), from the cache if there and intact.
 
     Built for this CPU's vector units and with OpenMP where the compiler can, else plainer
     (the same source: without OpenMP its pragmas are off and it runs serially)."""
     command = compiler()
     version = _version(command)
+    header = source.with_suffix(".h")
     failure = ""
     for extra in VARIANTS:
         flags = FLAGS + extra
         key = hashlib.sha256()
-        for part in (source.read_bytes(), source.with_suffix(".h").read_bytes(), " ".join(flags + LIBS).encode(),
+        for part in (source.read_bytes(), header.read_bytes() if header.exists() else b"", " ".join(flags + LIBS).encode(),
                      version.encode(), " ".join(command).encode(), _cpu().encode()):
             key.update(part)
         target = cache_dir() / "lib" / f"lib{source.stem}-{key.hexdigest()[:20]}.so"
-        if target.exists():
+        if _intact(target):
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            scratch = tempfile.mkdtemp(dir=target.parent)
+        except OSError as err:
+            raise CompilerError(f"cannot write the kernel cache {target.parent}: {err}; set SYMBN_CACHE_DIR "
+                                "to a writable folder (the NumPy backend needs none)") from None
+        try:
             built = Path(scratch) / target.name
-            done = subprocess.run([*command, *flags, "-I", str(source.parent), str(source), "-o", str(built), *LIBS],
-                                  capture_output=True, text=True)
+            run = [*command, *flags, "-I", str(source.parent), str(source), "-o", str(built), *LIBS]
+            done = _run(run)
             if done.returncode == 0:
+                if not built.is_file() or built.stat().st_size == 0:
+                    raise CompilerError(f"the C compiler exited with status 0 but wrote no library: {shlex.join(run)}\n"
+                                        f"{(done.stdout + done.stderr).strip()}")
+                record = Path(scratch) / (target.name + ".sha256")
+                record.write_text(_digest(built.read_bytes()) + "\n")
+                os.replace(record, _record(target))  # the record first: a reader that sees the new library sees its record
                 os.replace(built, target)  # atomic: another process sees the old name or the whole file
-                return target
-            failure = done.stderr.strip()
+                _VERIFIED.discard(target)
+                if _intact(target):
+                    return target
+                failure = f"{target} does not match what was written (another process replaced it): try again"
+                continue
+            failure = f"{shlex.join(run)}\n{(done.stdout + done.stderr).strip()}"
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     raise CompilerError(f"compiling {source.name} failed:\n{failure}")
 
 
-def sources_dir(norm: str | Norm) -> Path:
-    """Where the kernel sources of ``norm`` are: ``generated/`` for a built-in, else emitted into the cache."""
-    norm = resolve(norm)
-    if BUILTINS.get(norm.name) == norm:
-        return resource_dir("generated")
-    from .emit import sources
+# ----------------------------------------------------------------------------- sources
 
-    files = sources(norm)
-    key = hashlib.sha256("".join(f"{name}\0{text}" for name, text in sorted(files.items())).encode()).hexdigest()[:20]
-    directory = cache_dir() / "sources" / f"{norm.name}-{key}"
-    if not directory.exists():
+def _chain(order: int = 1, transforms=None) -> tuple[str, ...]:
+    from .derive import transforms_for
+
+    return transforms_for(order, transforms)
+
+
+def _stem(norm: Norm, chain: tuple[str, ...]) -> str:
+    """The plan's file stem (:attr:`symbn.lower.KernelPlan.name`), without lowering it."""
+    from .lower import unit_name
+
+    return norm.name if len(chain) == 1 else f"{norm.name}_{unit_name(chain)}"
+
+
+def _builtin(norm: Norm, chain: tuple[str, ...]) -> bool:
+    """Whether ``generated/`` holds this chain of ``norm``."""
+    return BUILTINS.get(norm.name) == norm and set(chain) == {"vjp"} and len(chain) in BUILTIN_ORDERS
+
+
+@cache
+def fingerprint() -> str:
+    """A hash of symbn's own code and templates: an emitted file depends on all of it."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256(__version__.encode())
+    for path in sorted([*root.rglob("*.py"), *root.rglob("*.j2")]):
+        if "__pycache__" not in path.parts and "generated" not in path.parts:
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def spec_key(norm: Norm, chain: tuple[str, ...], backend: str) -> str:
+    """The cache key of one chain of ``norm`` on one backend: the spec, the chain, symbn's code."""
+    text = "\0".join((repr(norm), ",".join(chain), backend, fingerprint()))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+_IN_MEMORY: dict[str, dict[str, str]] = {}
+"""Sources emitted in this process that could not be written to the cache (read-only)."""
+
+
+def _emit(norm: Norm, chain: tuple[str, ...], backend: str) -> dict[str, str]:
+    from .emit import shared_sources, sources
+
+    files = sources(norm, transforms=chain, backends=(backend,))
+    files.update(shared_sources((backend,)))
+    return files
+
+
+def emitted(norm: str | Norm, transforms=None, order: int = 1, backend: str = "numpy") -> tuple[str, Path | None, dict | None]:
+    """Where the files of one chain of ``norm`` for ``backend`` are: (stem, folder, None) when on
+    disk (``generated/`` for a built-in, else the cache), (stem, None, {name: text}) when the
+    cache cannot be written. Emitted at most once per spec, chain and version of symbn."""
+    norm, chain = resolve(norm), _chain(order, transforms)
+    stem = _stem(norm, chain)
+    if _builtin(norm, chain):
+        return stem, resource_dir("generated"), None
+    key = spec_key(norm, chain, backend)
+    directory = cache_dir() / "sources" / f"{stem}-{backend}-{key}"
+    if directory.is_dir():
+        return stem, directory, None
+    if key in _IN_MEMORY:
+        return stem, None, _IN_MEMORY[key]
+    files = _emit(norm, chain, backend)
+    try:
         directory.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(dir=directory.parent))
+    except OSError:  # a read-only cache: keep the sources in memory
+        _IN_MEMORY[key] = files
+        return stem, None, files
+    try:
         for name, text in files.items():
             (scratch / name).write_text(text, encoding="utf-8")
-        try:
-            os.replace(scratch, directory)  # atomic: all the files or none
-        except OSError:  # another process got there first, with the same files
-            shutil.rmtree(scratch, ignore_errors=True)
+        os.replace(scratch, directory)  # atomic: all the files or none
+    except OSError:  # another process got there first, with the same files (or the disk is full)
+        shutil.rmtree(scratch, ignore_errors=True)
+        if not directory.is_dir():
+            _IN_MEMORY[key] = files
+            return stem, None, files
+    return stem, directory, None
+
+
+def sources_dir(norm: str | Norm, transforms=None, order: int = 1, backend: str = "c") -> Path:
+    """The folder that holds the kernel sources of one chain of ``norm`` for ``backend``."""
+    stem, directory, _ = emitted(norm, transforms, order, backend)
+    if directory is None:
+        raise CompilerError(f"cannot write the kernel cache {cache_dir()}: set SYMBN_CACHE_DIR to a writable folder")
     return directory
 
 
-_MODULES: dict[Path, ModuleType] = {}
+_MODULES: dict[tuple, types.ModuleType] = {}
 
 
-def module(norm: str | Norm) -> ModuleType:
-    """The generated Python module of ``norm`` (standalone: needs only NumPy)."""
-    norm = resolve(norm)
-    path = sources_dir(norm) / f"{norm.name}.py"
-    if path not in _MODULES:
-        spec = importlib.util.spec_from_file_location(f"symbn_kernels_{norm.name}_{len(_MODULES)}", path)
-        loaded = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(loaded)
-        _MODULES[path] = loaded
-    return _MODULES[path]
+def _package(where: str) -> str:
+    """A package, registered under a private name, whose modules are the files of ``where``."""
+    name = f"_symbn_kernels_{hashlib.sha256(where.encode()).hexdigest()[:16]}"
+    if name not in sys.modules:
+        package = types.ModuleType(name)
+        package.__path__ = [where] if os.path.isdir(where) else []
+        package.__package__ = name
+        sys.modules[name] = package
+    return name
 
 
-def load(norm: str | Norm = "batchnorm", backend: str = "numpy", threads: int | None = None):
+def _from_text(package: str, name: str, text: str) -> types.ModuleType:
+    module = types.ModuleType(f"{package}.{name}")
+    module.__package__, module.__file__ = package, f"<symbn: {name}.py>"
+    sys.modules[module.__name__] = module
+    setattr(sys.modules[package], name, module)
+    exec(compile(text, module.__file__, "exec"), module.__dict__)  # noqa: S102 - our own emitted code
+    return module
+
+
+def module(norm: str | Norm, transforms=None, order: int = 1) -> types.ModuleType:
+    """The generated Python module of one chain of ``norm`` (default: order 1, forward and
+    backward); standalone: it needs only NumPy and the ``_runtime`` beside it."""
+    stem, directory, files = emitted(norm, transforms, order, "numpy")
+    where = str(directory) if directory is not None else f"memory:{hashlib.sha256(files[f'{stem}.py'].encode()).hexdigest()}"
+    if (where, stem) not in _MODULES:
+        package = _package(where)
+        if directory is not None:
+            loaded = importlib.import_module(f"{package}.{stem}")
+        else:
+            if f"{package}._runtime" not in sys.modules:
+                _from_text(package, "_runtime", files["_runtime.py"])
+            loaded = _from_text(package, stem, files[f"{stem}.py"])
+        _MODULES[where, stem] = loaded
+    return _MODULES[where, stem]
+
+
+def prefixes(chain: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The chains whose kernels a load of ``chain`` holds: every prefix, the first one forward and backward."""
+    return [chain[:j] for j in range(1, len(chain) + 1)]
+
+
+def load(norm: str | Norm = "batchnorm", backend: str = "numpy", threads: int | None = None, order: int = 1,
+         transforms=None):
     """The kernels of ``norm`` (a built-in name or a spec) on ``backend`` (``"numpy"`` or ``"c"``):
-    an object with forward_train, backward_train, forward_eval, backward_eval. ``threads`` caps the
+    one object with a method per kernel of the chain (``order`` vjps, or ``transforms`` such as
+    ``("vjp", "jvp")``) and of its prefixes: forward_train, backward_train, forward_eval,
+    backward_eval at order 1, and backward2_train, backward2_eval... above. ``threads`` caps the
     C kernels' OpenMP team (default: every core)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}")
-    norm = resolve(norm)
-    kernels = module(norm).Kernels
-    if backend == "numpy":
-        return kernels()
-    return kernels(compile_library(sources_dir(norm) / f"{norm.name}.c"), threads=threads)
+    norm, chain = resolve(norm), _chain(order, transforms)
+    if backend == "c":
+        from .backends import BACKENDS as INSTALLED
+
+        if "c" not in INSTALLED:
+            raise CompilerError("the C backend (symbn.backends.c) is not installed; the NumPy backend works")
+    parts = []
+    for prefix in prefixes(chain):
+        kernels = module(norm, prefix).Kernels
+        if backend == "numpy":
+            parts.append(kernels())
+        else:
+            stem = _stem(norm, prefix)
+            parts.append(kernels(compile_library(sources_dir(norm, prefix, backend="c") / f"{stem}.c"), threads=threads))
+    if len(parts) == 1:
+        return parts[0]
+    return sys.modules[type(parts[-1]).__module__]._runtime.Chain(parts)

@@ -1,4 +1,5 @@
-"""The Jinja environment over ``templates/``, shared by every stage that fills a template.
+"""The Jinja environment over ``templates/`` and every backend's templates folder, shared by
+every stage that fills a template.
 
 Every text from a spec that a template prints (a description, a layout's name and description,
 a name in a comment or docstring) goes through one of the escaping filters below, one per
@@ -33,6 +34,25 @@ def resource_dir(name: str) -> Path:
     return Path(__file__).resolve().parent / name  # installed: package-dir maps them to symbn/<name>
 
 
+def backend_template_dirs() -> dict[str, Path]:
+    """Backend name -> its templates folder, ``symbn/backends/<name>/templates``."""
+    backends = Path(__file__).resolve().parent / "backends"
+    return {path.parent.name: path for path in sorted(backends.glob("*/templates"))}
+
+
+def template_dirs() -> list[Path]:
+    """Where templates are looked up, in order: ``templates/`` (the documents), then each
+    backend's own folder (the kernels)."""
+    return [resource_dir("templates"), *backend_template_dirs().values()]
+
+
+def _loader() -> jinja2.BaseLoader:
+    """A template by its name in any of :func:`template_dirs` (``kernels.c.j2``), or by its
+    backend and name (``numpy/kernels.py.j2``)."""
+    prefixed = jinja2.PrefixLoader({name: jinja2.FileSystemLoader(path) for name, path in backend_template_dirs().items()})
+    return jinja2.ChoiceLoader([jinja2.FileSystemLoader(template_dirs()), prefixed])
+
+
 @cache
 def environment(kind: str) -> jinja2.Environment:
     """``"code"``: Jinja's usual delimiters; ``"latex"``: ones that do not clash with TeX braces
@@ -43,7 +63,7 @@ def environment(kind: str) -> jinja2.Environment:
                       block_end_string="%>", comment_start_string="<#", comment_end_string="#>"),
     }[kind]
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(resource_dir("templates")), undefined=jinja2.StrictUndefined,
+        loader=_loader(), undefined=jinja2.StrictUndefined,
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False, **delimiters,
     )
     env.filters.update(tex=tex_escape, pydoc=python_docstring, pycomment=python_comment, pystr=python_string,
