@@ -36,7 +36,7 @@ class XhatBasis:
     def rewrite(self, expr: sp.Expr) -> sp.Expr:
         """``expr`` inlined down to the inputs, then rewritten in xhat, the statistics and reductions."""
         in_x = self.d.inline(expr, keep=self.d.stats)
-        return _tidy(expand_sums(self._to_xhat(in_x)).xreplace(self.rules))
+        return _tidy(expand_sums(self._to_xhat(in_x)).xreplace(self.rules), self.d.symbols["eps"])
 
     def _inverse(self) -> sp.Expr:
         """x as a function of xhat (at index i): the normalize step solved for x."""
@@ -76,9 +76,19 @@ def _only(d: Derivation, total: sp.Sum, name: str) -> bool:
     return {e.base for e in total.function.atoms(sp.Indexed)} == {d.symbols[name]}
 
 
-def _tidy(expr: sp.Expr) -> sp.Expr:
-    """One fraction, common factors pulled out, square-root arguments cancelled."""
+def _tidy(expr: sp.Expr, eps: sp.Symbol) -> sp.Expr:
+    """One fraction, common factors pulled out, square-root arguments cancelled. Where every
+    root has one base linear in ε (σ² + ε), that base is written r² first (ε = r² − σ²), so that
+    σ²·a + ε·a cancels against a power of the root; then r is √(σ² + ε) again."""
     expr = expr.replace(is_root, lambda p: sp.Pow(sp.cancel(p.base), p.exp))
+    bases = {p.base for p in expr.atoms(sp.Pow) if is_root(p)}
+    if len(bases) == 1 and eps in (base := bases.pop()).free_symbols and sp.degree(base, eps) == 1 and expr.count(eps) > base.count(eps):
+        r = sp.Dummy("r", positive=True)
+        rest = sp.solve(base - r**2, eps)[0]
+        in_r = expr.replace(lambda e: isinstance(e, sp.Pow) and e.base == base, lambda p: r ** (2 * p.exp)).xreplace({eps: rest})
+        numerator, denominator = sp.fraction(sp.cancel(sp.expand(in_r)))
+        back = {r: sp.sqrt(base)}
+        return sp.factor_terms(numerator).xreplace(back) / sp.factor(denominator).xreplace(back)
     numerator, denominator = sp.fraction(sp.cancel(sp.expand(expr)))
     return sp.factor_terms(numerator) / sp.factor(denominator)
 
