@@ -245,6 +245,20 @@ def bind(library, tables):
             function.argtypes, function.restype = argtypes, ctypes.c_int
             functions[table.name, numpy.dtype(dtype)] = function
     return lib, functions
+def schedule(outer, q, p, l, s, threads):
+    """The loop shape (SYMBN_SCHEDULE_AUTO=0, SYMBN_SCHEDULE_GROUPS=1, SYMBN_SCHEDULE_LANES=2, SYMBN_SCHEDULE_ROWS=3) the C kernels take on
+    ``threads`` threads with SYMBN_SCHEDULE_AUTO, for x viewed as (outer, q, p, l, s): whole groups
+    per thread for runs (l * s) of at least 32; blocks of 16 channels for runs of
+    one element in problems of at most 65536 elements; rows otherwise. Problems of at most
+    65536 elements run on one thread."""
+    ls, groups, units = l * s, q * p, outer * q
+    team = 1 if units * p * ls <= 65536 else max(1, threads)
+    blocks = (p + 16 - 1) // 16
+    if ls >= 32 and groups >= team:
+        return 1
+    if ls == 1 and q * blocks >= team and units * p <= 65536:
+        return 2
+    return 3
 
 
 # ---- the kernels as objects

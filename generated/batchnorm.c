@@ -216,7 +216,7 @@ SYMBN_INLINE void symbn_forward_train_0(const struct symbn_forward_train_arrays 
 {
     const double x_v = symbn_load(a->x, idx, single);
     sum[0 * ss] += x_v; /* red_0 */
-(void)gv; (void)gs; (void)pidx; (void)param; (void)ps;
+    (void)gv; (void)gs; (void)pidx; (void)param; (void)ps;
 }
 
 /* forward_train, pass 0: ask for the member at idx */
@@ -242,7 +242,7 @@ SYMBN_INLINE void symbn_forward_train_1(const struct symbn_forward_train_arrays 
     const double x_v = symbn_load(a->x, idx, single);
     const double mean_g = gv[5 * gs];
     sum[0 * ss] += ((-mean_g + x_v)*(-mean_g + x_v)); /* red_1 */
-(void)pidx; (void)param; (void)ps;
+    (void)pidx; (void)param; (void)ps;
 }
 
 /* forward_train, pass 1: ask for the member at idx */
@@ -274,7 +274,7 @@ SYMBN_INLINE void symbn_forward_train_2(const struct symbn_forward_train_arrays 
     const double c_0 = gv[8 * gs];
     const double mean_g = gv[5 * gs];
     symbn_store(a->y, idx, single, beta_g + c_0*(-mean_g + x_v));
-(void)pidx; (void)sum; (void)ss; (void)param; (void)ps;
+    (void)pidx; (void)sum; (void)ss; (void)param; (void)ps;
 }
 
 /* forward_train, pass 2: ask for the member at idx */
@@ -318,7 +318,7 @@ SYMBN_INLINE void symbn_backward_train_0(const struct symbn_backward_train_array
     const double mean_g = gv[3 * gs];
     sum[0 * ss] += dy_v; /* red_0 */
     sum[1 * ss] += c_0*dy_v*(-mean_g + x_v); /* red_1 */
-(void)pidx; (void)param; (void)ps;
+    (void)pidx; (void)param; (void)ps;
 }
 
 /* backward_train, pass 0: ask for the member at idx */
@@ -358,7 +358,7 @@ SYMBN_INLINE void symbn_backward_train_1(const struct symbn_backward_train_array
     const double c_3 = gv[10 * gs];
     const double mean_g = gv[3 * gs];
     symbn_store(a->dx, idx, single, c_0*c_2*(-mean_g + x_v) + c_1*dy_v + c_3);
-(void)pidx; (void)sum; (void)ss; (void)param; (void)ps;
+    (void)pidx; (void)sum; (void)ss; (void)param; (void)ps;
 }
 
 /* backward_train, pass 1: ask for the member at idx */
@@ -401,7 +401,7 @@ SYMBN_INLINE void symbn_forward_eval_0(const struct symbn_forward_eval_arrays *a
     const double c_0 = gv[6 * gs];
     const double mean_g = gv[4 * gs];
     symbn_store(a->y, idx, single, beta_g + c_0*(-mean_g + x_v));
-(void)pidx; (void)sum; (void)ss; (void)param; (void)ps;
+    (void)pidx; (void)sum; (void)ss; (void)param; (void)ps;
 }
 
 /* forward_eval, pass 0: ask for the member at idx */
@@ -450,7 +450,7 @@ SYMBN_INLINE void symbn_backward_eval_0(const struct symbn_backward_eval_arrays 
     sum[0 * ss] += c_0*dy_v*(-mean_g + x_v); /* red_0 */
     sum[1 * ss] += dy_v; /* red_1 */
     symbn_store(a->dx, idx, single, c_1*dy_v);
-(void)pidx; (void)param; (void)ps;
+    (void)pidx; (void)param; (void)ps;
 }
 
 /* backward_eval, pass 0: ask for the member at idx */
@@ -710,6 +710,9 @@ SYMBN_INLINE void symbn_forward_train_run(const struct symbn_call *c, int single
     (void)first; (void)last;
 }
 
+static void symbn_forward_train_run_f32(const struct symbn_call *c) { symbn_forward_train_run(c, 1); }
+static void symbn_forward_train_run_f64(const struct symbn_call *c) { symbn_forward_train_run(c, 0); }
+
 /* forward_train: the checks, the workspace, each group's inputs */
 static int symbn_forward_train_begin(struct symbn_call *c, const struct symbn_forward_train_arrays *a, int single, ptrdiff_t outer,
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
@@ -789,6 +792,9 @@ SYMBN_INLINE void symbn_backward_train_run(const struct symbn_call *c, int singl
     (void)first; (void)last;
 }
 
+static void symbn_backward_train_run_f32(const struct symbn_call *c) { symbn_backward_train_run(c, 1); }
+static void symbn_backward_train_run_f64(const struct symbn_call *c) { symbn_backward_train_run(c, 0); }
+
 /* backward_train: the checks, the workspace, each group's inputs */
 static int symbn_backward_train_begin(struct symbn_call *c, const struct symbn_backward_train_arrays *a, int single, ptrdiff_t outer,
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
@@ -859,6 +865,9 @@ SYMBN_INLINE void symbn_forward_eval_run(const struct symbn_call *c, int single)
     (void)first; (void)last;
 }
 
+static void symbn_forward_eval_run_f32(const struct symbn_call *c) { symbn_forward_eval_run(c, 1); }
+static void symbn_forward_eval_run_f64(const struct symbn_call *c) { symbn_forward_eval_run(c, 0); }
+
 /* forward_eval: the checks, the workspace, each group's inputs */
 static int symbn_forward_eval_begin(struct symbn_call *c, const struct symbn_forward_eval_arrays *a, int single, ptrdiff_t outer,
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
@@ -922,6 +931,9 @@ SYMBN_INLINE void symbn_backward_eval_run(const struct symbn_call *c, int single
     (void)first; (void)last;
 }
 
+static void symbn_backward_eval_run_f32(const struct symbn_call *c) { symbn_backward_eval_run(c, 1); }
+static void symbn_backward_eval_run_f64(const struct symbn_call *c) { symbn_backward_eval_run(c, 0); }
+
 /* backward_eval: the checks, the workspace, each group's inputs */
 static int symbn_backward_eval_begin(struct symbn_call *c, const struct symbn_backward_eval_arrays *a, int single, ptrdiff_t outer,
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
@@ -971,7 +983,7 @@ int symbn_batchnorm_forward_train_f32(const float *x, const float *gamma, const 
     struct symbn_call symbn_c;
     const int symbn_status = symbn_forward_train_begin(&symbn_c, &symbn_a, 1, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_train_run(&symbn_c, 1));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_train_run_f32(&symbn_c));
     return symbn_forward_train_end(&symbn_c, 1);
 }
 
@@ -981,7 +993,7 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
     struct symbn_call symbn_c;
     const int symbn_status = symbn_backward_train_begin(&symbn_c, &symbn_a, 1, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_train_run(&symbn_c, 1));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_train_run_f32(&symbn_c));
     return symbn_backward_train_end(&symbn_c, 1);
 }
 
@@ -991,7 +1003,7 @@ int symbn_batchnorm_forward_eval_f32(const float *x, const float *gamma, const f
     struct symbn_call symbn_c;
     const int symbn_status = symbn_forward_eval_begin(&symbn_c, &symbn_a, 1, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_eval_run(&symbn_c, 1));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_eval_run_f32(&symbn_c));
     return symbn_forward_eval_end(&symbn_c, 1);
 }
 
@@ -1001,7 +1013,7 @@ int symbn_batchnorm_backward_eval_f32(const float *dy, const float *x, const flo
     struct symbn_call symbn_c;
     const int symbn_status = symbn_backward_eval_begin(&symbn_c, &symbn_a, 1, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_eval_run(&symbn_c, 1));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_eval_run_f32(&symbn_c));
     return symbn_backward_eval_end(&symbn_c, 1);
 }
 
@@ -1011,7 +1023,7 @@ int symbn_batchnorm_forward_train_f64(const double *x, const double *gamma, cons
     struct symbn_call symbn_c;
     const int symbn_status = symbn_forward_train_begin(&symbn_c, &symbn_a, 0, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_train_run(&symbn_c, 0));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_train_run_f64(&symbn_c));
     return symbn_forward_train_end(&symbn_c, 0);
 }
 
@@ -1021,7 +1033,7 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
     struct symbn_call symbn_c;
     const int symbn_status = symbn_backward_train_begin(&symbn_c, &symbn_a, 0, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_train_run(&symbn_c, 0));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_train_run_f64(&symbn_c));
     return symbn_backward_train_end(&symbn_c, 0);
 }
 
@@ -1031,7 +1043,7 @@ int symbn_batchnorm_forward_eval_f64(const double *x, const double *gamma, const
     struct symbn_call symbn_c;
     const int symbn_status = symbn_forward_eval_begin(&symbn_c, &symbn_a, 0, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_eval_run(&symbn_c, 0));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_eval_run_f64(&symbn_c));
     return symbn_forward_eval_end(&symbn_c, 0);
 }
 
@@ -1041,6 +1053,6 @@ int symbn_batchnorm_backward_eval_f64(const double *dy, const double *x, const d
     struct symbn_call symbn_c;
     const int symbn_status = symbn_backward_eval_begin(&symbn_c, &symbn_a, 0, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_eval_run(&symbn_c, 0));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_eval_run_f64(&symbn_c));
     return symbn_backward_eval_end(&symbn_c, 0);
 }

@@ -240,7 +240,7 @@ SYMBN_INLINE void symbn_backward2_train_0(const struct symbn_backward2_train_arr
     sum[2 * ss] += dy_v*t0_0; /* red_2 */
     sum[3 * ss] += d2_dx_v; /* red_3 */
     sum[4 * ss] += d2_dx_v*dy_v; /* red_4 */
-(void)pidx; (void)param; (void)ps;
+    (void)pidx; (void)param; (void)ps;
 }
 
 /* backward2_train, pass 0: ask for the member at idx */
@@ -301,7 +301,7 @@ SYMBN_INLINE void symbn_backward2_train_1(const struct symbn_backward2_train_arr
     const double t1_0 = c_0*(-mean_g + x_v);
     symbn_store(a->d2_x, idx, single, c_1*d2_dx_v + c_2*dy_v + c_3*t1_0 + c_4);
     symbn_store(a->d2_dy, idx, single, c_5*d2_dx_v + c_6*t1_0 + c_7);
-(void)pidx; (void)sum; (void)ss; (void)param; (void)ps;
+    (void)pidx; (void)sum; (void)ss; (void)param; (void)ps;
 }
 
 /* backward2_train, pass 1: ask for the member at idx */
@@ -363,7 +363,7 @@ SYMBN_INLINE void symbn_backward2_eval_0(const struct symbn_backward2_eval_array
     sum[0 * ss] += d2_dx_v*dy_v; /* red_0 */
     symbn_store(a->d2_x, idx, single, c_1*dy_v);
     symbn_store(a->d2_dy, idx, single, c_0*d2_dgamma_g*(-mean_g + x_v) + c_2*d2_dx_v + d2_dbeta_g);
-(void)pidx; (void)param; (void)ps;
+    (void)pidx; (void)param; (void)ps;
 }
 
 /* backward2_eval, pass 0: ask for the member at idx */
@@ -607,6 +607,9 @@ SYMBN_INLINE void symbn_backward2_train_run(const struct symbn_call *c, int sing
     (void)first; (void)last;
 }
 
+static void symbn_backward2_train_run_f32(const struct symbn_call *c) { symbn_backward2_train_run(c, 1); }
+static void symbn_backward2_train_run_f64(const struct symbn_call *c) { symbn_backward2_train_run(c, 0); }
+
 /* backward2_train: the checks, the workspace, each group's inputs */
 static int symbn_backward2_train_begin(struct symbn_call *c, const struct symbn_backward2_train_arrays *a, int single, ptrdiff_t outer,
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
@@ -686,6 +689,9 @@ SYMBN_INLINE void symbn_backward2_eval_run(const struct symbn_call *c, int singl
     (void)first; (void)last;
 }
 
+static void symbn_backward2_eval_run_f32(const struct symbn_call *c) { symbn_backward2_eval_run(c, 1); }
+static void symbn_backward2_eval_run_f64(const struct symbn_call *c) { symbn_backward2_eval_run(c, 0); }
+
 /* backward2_eval: the checks, the workspace, each group's inputs */
 static int symbn_backward2_eval_begin(struct symbn_call *c, const struct symbn_backward2_eval_arrays *a, int single, ptrdiff_t outer,
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
@@ -737,7 +743,7 @@ int symbn_batchnorm_backward2_train_f32(const float *d2_dx, const float *d2_dgam
     struct symbn_call symbn_c;
     const int symbn_status = symbn_backward2_train_begin(&symbn_c, &symbn_a, 1, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_backward2_train_run(&symbn_c, 1));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_backward2_train_run_f32(&symbn_c));
     return symbn_backward2_train_end(&symbn_c, 1);
 }
 
@@ -747,7 +753,7 @@ int symbn_batchnorm_backward2_eval_f32(const float *d2_dx, const float *d2_dgamm
     struct symbn_call symbn_c;
     const int symbn_status = symbn_backward2_eval_begin(&symbn_c, &symbn_a, 1, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_backward2_eval_run(&symbn_c, 1));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_backward2_eval_run_f32(&symbn_c));
     return symbn_backward2_eval_end(&symbn_c, 1);
 }
 
@@ -757,7 +763,7 @@ int symbn_batchnorm_backward2_train_f64(const double *d2_dx, const double *d2_dg
     struct symbn_call symbn_c;
     const int symbn_status = symbn_backward2_train_begin(&symbn_c, &symbn_a, 0, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_backward2_train_run(&symbn_c, 0));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_backward2_train_run_f64(&symbn_c));
     return symbn_backward2_train_end(&symbn_c, 0);
 }
 
@@ -767,6 +773,6 @@ int symbn_batchnorm_backward2_eval_f64(const double *d2_dx, const double *d2_dga
     struct symbn_call symbn_c;
     const int symbn_status = symbn_backward2_eval_begin(&symbn_c, &symbn_a, 0, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_backward2_eval_run(&symbn_c, 0));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_backward2_eval_run_f64(&symbn_c));
     return symbn_backward2_eval_end(&symbn_c, 0);
 }

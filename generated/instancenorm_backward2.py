@@ -84,13 +84,12 @@ def _backward2_train(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, 
     c_8 = -d2_dgamma_g*m*red_2*numpy.sqrt(eps_g + var_g)
     c_9 = -d2_dgamma_g*m*red_1*numpy.sqrt(eps_g + var_g) + gamma_g*red_0*red_1 + gamma_g*red_2*red_3
     c_10 = 1/(m**2*(eps_g + var_g))
-    c_11 = d2_dgamma_g*eps_g*m
-    c_12 = d2_dgamma_g*m*var_g
-    c_13 = gamma_g*m*numpy.sqrt(eps_g + var_g)
-    c_14 = -gamma_g*red_0*numpy.sqrt(eps_g + var_g)
-    c_15 = d2_dbeta_g*eps_g*m + d2_dbeta_g*m*var_g - gamma_g*red_3*numpy.sqrt(eps_g + var_g)
-    c_16 = 1/(m*(eps_g + var_g))
-    _work = _runtime.working(geo, _w, c_0=c_0, c_1=c_1, c_10=c_10, c_11=c_11, c_12=c_12, c_13=c_13, c_14=c_14, c_15=c_15, c_16=c_16, c_2=c_2, c_3=c_3, c_4=c_4, c_5=c_5, c_6=c_6, c_7=c_7, c_8=c_8, c_9=c_9, shift=shift)
+    c_11 = gamma_g*m
+    c_12 = -gamma_g*red_0
+    c_13 = d2_dgamma_g*m*numpy.sqrt(eps_g + var_g)
+    c_14 = d2_dbeta_g*m*numpy.sqrt(eps_g + var_g) - gamma_g*red_3
+    c_15 = 1/(m*numpy.sqrt(eps_g + var_g))
+    _work = _runtime.working(geo, _w, c_0=c_0, c_1=c_1, c_10=c_10, c_11=c_11, c_12=c_12, c_13=c_13, c_14=c_14, c_15=c_15, c_2=c_2, c_3=c_3, c_4=c_4, c_5=c_5, c_6=c_6, c_7=c_7, c_8=c_8, c_9=c_9, shift=shift)
     for _block, _part in _runtime.blocks(geo):
         _c_0 = _work['c_0'][_part]
         _c_1 = _work['c_1'][_part]
@@ -100,7 +99,6 @@ def _backward2_train(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, 
         _c_13 = _work['c_13'][_part]
         _c_14 = _work['c_14'][_part]
         _c_15 = _work['c_15'][_part]
-        _c_16 = _work['c_16'][_part]
         _c_2 = _work['c_2'][_part]
         _c_3 = _work['c_3'][_part]
         _c_4 = _work['c_4'][_part]
@@ -132,15 +130,13 @@ def _backward2_train(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, 
         numpy.add(d2_x_v, _c_9, out=d2_x_v)
         numpy.multiply(d2_x_v, _c_10, out=d2_x_v)
         d2_dy_v = _d2_dy[_block]
-        numpy.multiply(t1_0, _c_11, out=d2_dy_v)
+        numpy.multiply(d2_dx_v, _c_11, out=d2_dy_v)
         d2_dy_v_0 = numpy.multiply(t1_0, _c_12)
         numpy.add(d2_dy_v, d2_dy_v_0, out=d2_dy_v)
-        d2_dy_v_1 = numpy.multiply(d2_dx_v, _c_13)
+        d2_dy_v_1 = numpy.multiply(t1_0, _c_13)
         numpy.add(d2_dy_v, d2_dy_v_1, out=d2_dy_v)
-        d2_dy_v_2 = numpy.multiply(t1_0, _c_14)
-        numpy.add(d2_dy_v, d2_dy_v_2, out=d2_dy_v)
-        numpy.add(d2_dy_v, _c_15, out=d2_dy_v)
-        numpy.multiply(d2_dy_v, _c_16, out=d2_dy_v)
+        numpy.add(d2_dy_v, _c_14, out=d2_dy_v)
+        numpy.multiply(d2_dy_v, _c_15, out=d2_dy_v)
     d2_gamma += _runtime.param_total((m*red_4 - red_0*red_2 - red_1*red_3)/(m*numpy.sqrt(eps_g + var_g)), geo)
 
 

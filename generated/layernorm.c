@@ -216,7 +216,7 @@ SYMBN_INLINE void symbn_forward_train_0(const struct symbn_forward_train_arrays 
 {
     const double x_v = symbn_load(a->x, idx, single);
     sum[0 * ss] += x_v; /* red_0 */
-(void)gv; (void)gs; (void)pidx; (void)param; (void)ps;
+    (void)gv; (void)gs; (void)pidx; (void)param; (void)ps;
 }
 
 /* forward_train, pass 0: ask for the member at idx */
@@ -242,7 +242,7 @@ SYMBN_INLINE void symbn_forward_train_1(const struct symbn_forward_train_arrays 
     const double x_v = symbn_load(a->x, idx, single);
     const double mean_g = gv[3 * gs];
     sum[0 * ss] += ((-mean_g + x_v)*(-mean_g + x_v)); /* red_1 */
-(void)pidx; (void)param; (void)ps;
+    (void)pidx; (void)param; (void)ps;
 }
 
 /* forward_train, pass 1: ask for the member at idx */
@@ -274,7 +274,7 @@ SYMBN_INLINE void symbn_forward_train_2(const struct symbn_forward_train_arrays 
     const double c_0 = gv[6 * gs];
     const double mean_g = gv[3 * gs];
     symbn_store(a->y, idx, single, beta_v + c_0*gamma_v*(-mean_g + x_v));
-(void)sum; (void)ss; (void)param; (void)ps;
+    (void)sum; (void)ss; (void)param; (void)ps;
 }
 
 /* forward_train, pass 2: ask for the member at idx */
@@ -359,7 +359,7 @@ SYMBN_INLINE void symbn_backward_train_1(const struct symbn_backward_train_array
     const double c_2 = gv[8 * gs];
     const double mean_g = gv[2 * gs];
     symbn_store(a->dx, idx, single, c_0*c_1*(-mean_g + x_v) + c_0*dy_v*gamma_v + c_2);
-(void)sum; (void)ss; (void)param; (void)ps;
+    (void)sum; (void)ss; (void)param; (void)ps;
 }
 
 /* backward_train, pass 1: ask for the member at idx */
@@ -402,7 +402,7 @@ SYMBN_INLINE void symbn_forward_eval_0(const struct symbn_forward_eval_arrays *a
     const double c_0 = gv[4 * gs];
     const double mean_g = gv[2 * gs];
     symbn_store(a->y, idx, single, beta_v + c_0*gamma_v*(-mean_g + x_v));
-(void)sum; (void)ss; (void)param; (void)ps;
+    (void)sum; (void)ss; (void)param; (void)ps;
 }
 
 /* forward_eval, pass 0: ask for the member at idx */
@@ -449,7 +449,7 @@ SYMBN_INLINE void symbn_backward_eval_0(const struct symbn_backward_eval_arrays 
     param[0 * ps] += t0_0*(-mean_g + x_v); /* dgamma */
     param[1 * ps] += dy_v; /* dbeta */
     symbn_store(a->dx, idx, single, gamma_v*t0_0);
-(void)sum; (void)ss;
+    (void)sum; (void)ss;
 }
 
 /* backward_eval, pass 0: ask for the member at idx */
@@ -709,6 +709,9 @@ SYMBN_INLINE void symbn_forward_train_run(const struct symbn_call *c, int single
     (void)first; (void)last;
 }
 
+static void symbn_forward_train_run_f32(const struct symbn_call *c) { symbn_forward_train_run(c, 1); }
+static void symbn_forward_train_run_f64(const struct symbn_call *c) { symbn_forward_train_run(c, 0); }
+
 /* forward_train: the checks, the workspace, each group's inputs */
 static int symbn_forward_train_begin(struct symbn_call *c, const struct symbn_forward_train_arrays *a, int single, ptrdiff_t outer,
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
@@ -786,6 +789,9 @@ SYMBN_INLINE void symbn_backward_train_run(const struct symbn_call *c, int singl
     (void)first; (void)last;
 }
 
+static void symbn_backward_train_run_f32(const struct symbn_call *c) { symbn_backward_train_run(c, 1); }
+static void symbn_backward_train_run_f64(const struct symbn_call *c) { symbn_backward_train_run(c, 0); }
+
 /* backward_train: the checks, the workspace, each group's inputs */
 static int symbn_backward_train_begin(struct symbn_call *c, const struct symbn_backward_train_arrays *a, int single, ptrdiff_t outer,
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
@@ -847,6 +853,9 @@ SYMBN_INLINE void symbn_forward_eval_run(const struct symbn_call *c, int single)
     (void)first; (void)last;
 }
 
+static void symbn_forward_eval_run_f32(const struct symbn_call *c) { symbn_forward_eval_run(c, 1); }
+static void symbn_forward_eval_run_f64(const struct symbn_call *c) { symbn_forward_eval_run(c, 0); }
+
 /* forward_eval: the checks, the workspace, each group's inputs */
 static int symbn_forward_eval_begin(struct symbn_call *c, const struct symbn_forward_eval_arrays *a, int single, ptrdiff_t outer,
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
@@ -906,6 +915,9 @@ SYMBN_INLINE void symbn_backward_eval_run(const struct symbn_call *c, int single
     (void)first; (void)last;
 }
 
+static void symbn_backward_eval_run_f32(const struct symbn_call *c) { symbn_backward_eval_run(c, 1); }
+static void symbn_backward_eval_run_f64(const struct symbn_call *c) { symbn_backward_eval_run(c, 0); }
+
 /* backward_eval: the checks, the workspace, each group's inputs */
 static int symbn_backward_eval_begin(struct symbn_call *c, const struct symbn_backward_eval_arrays *a, int single, ptrdiff_t outer,
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
@@ -946,7 +958,7 @@ int symbn_layernorm_forward_train_f32(const float *x, const float *gamma, const 
     struct symbn_call symbn_c;
     const int symbn_status = symbn_forward_train_begin(&symbn_c, &symbn_a, 1, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_train_run(&symbn_c, 1));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_train_run_f32(&symbn_c));
     return symbn_forward_train_end(&symbn_c, 1);
 }
 
@@ -956,7 +968,7 @@ int symbn_layernorm_backward_train_f32(const float *dy, const float *x, const fl
     struct symbn_call symbn_c;
     const int symbn_status = symbn_backward_train_begin(&symbn_c, &symbn_a, 1, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_train_run(&symbn_c, 1));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_train_run_f32(&symbn_c));
     return symbn_backward_train_end(&symbn_c, 1);
 }
 
@@ -966,7 +978,7 @@ int symbn_layernorm_forward_eval_f32(const float *x, const float *gamma, const f
     struct symbn_call symbn_c;
     const int symbn_status = symbn_forward_eval_begin(&symbn_c, &symbn_a, 1, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_eval_run(&symbn_c, 1));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_eval_run_f32(&symbn_c));
     return symbn_forward_eval_end(&symbn_c, 1);
 }
 
@@ -976,7 +988,7 @@ int symbn_layernorm_backward_eval_f32(const float *dy, const float *x, const flo
     struct symbn_call symbn_c;
     const int symbn_status = symbn_backward_eval_begin(&symbn_c, &symbn_a, 1, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_eval_run(&symbn_c, 1));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_eval_run_f32(&symbn_c));
     return symbn_backward_eval_end(&symbn_c, 1);
 }
 
@@ -986,7 +998,7 @@ int symbn_layernorm_forward_train_f64(const double *x, const double *gamma, cons
     struct symbn_call symbn_c;
     const int symbn_status = symbn_forward_train_begin(&symbn_c, &symbn_a, 0, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_train_run(&symbn_c, 0));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_train_run_f64(&symbn_c));
     return symbn_forward_train_end(&symbn_c, 0);
 }
 
@@ -996,7 +1008,7 @@ int symbn_layernorm_backward_train_f64(const double *dy, const double *x, const 
     struct symbn_call symbn_c;
     const int symbn_status = symbn_backward_train_begin(&symbn_c, &symbn_a, 0, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_train_run(&symbn_c, 0));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_train_run_f64(&symbn_c));
     return symbn_backward_train_end(&symbn_c, 0);
 }
 
@@ -1006,7 +1018,7 @@ int symbn_layernorm_forward_eval_f64(const double *x, const double *gamma, const
     struct symbn_call symbn_c;
     const int symbn_status = symbn_forward_eval_begin(&symbn_c, &symbn_a, 0, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_eval_run(&symbn_c, 0));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_eval_run_f64(&symbn_c));
     return symbn_forward_eval_end(&symbn_c, 0);
 }
 
@@ -1016,6 +1028,6 @@ int symbn_layernorm_backward_eval_f64(const double *dy, const double *x, const d
     struct symbn_call symbn_c;
     const int symbn_status = symbn_backward_eval_begin(&symbn_c, &symbn_a, 0, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_eval_run(&symbn_c, 0));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_eval_run_f64(&symbn_c));
     return symbn_backward_eval_end(&symbn_c, 0);
 }

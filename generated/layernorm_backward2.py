@@ -92,24 +92,14 @@ def _backward2_train(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, 
     c_9 = -m*red_4*numpy.sqrt(eps_g + var_g) + red_0*red_1 + red_2*red_3
     c_10 = 1/(m**2*(eps_g + var_g))
     c_11 = 1/(m*numpy.sqrt(eps_g + var_g))
-    c_12 = eps_g*m
-    c_13 = m*var_g
-    c_14 = -red_3*numpy.sqrt(eps_g + var_g)
-    c_15 = m*numpy.sqrt(eps_g + var_g)
-    c_16 = -red_0*numpy.sqrt(eps_g + var_g)
-    c_17 = 1/(m*(eps_g + var_g))
-    _work = _runtime.working(geo, _w, c_0=c_0, c_1=c_1, c_10=c_10, c_11=c_11, c_12=c_12, c_13=c_13, c_14=c_14, c_15=c_15, c_16=c_16, c_17=c_17, c_2=c_2, c_3=c_3, c_4=c_4, c_5=c_5, c_6=c_6, c_7=c_7, c_8=c_8, c_9=c_9, red_0=red_0, red_3=red_3, shift=shift)
+    c_12 = m*numpy.sqrt(eps_g + var_g)
+    _work = _runtime.working(geo, _w, c_0=c_0, c_1=c_1, c_10=c_10, c_11=c_11, c_12=c_12, c_2=c_2, c_3=c_3, c_4=c_4, c_5=c_5, c_6=c_6, c_7=c_7, c_8=c_8, c_9=c_9, red_0=red_0, red_3=red_3, shift=shift)
     for _block, _part in _runtime.blocks(geo):
         _c_0 = _work['c_0'][_part]
         _c_1 = _work['c_1'][_part]
         _c_10 = _work['c_10'][_part]
         _c_11 = _work['c_11'][_part]
         _c_12 = _work['c_12'][_part]
-        _c_13 = _work['c_13'][_part]
-        _c_14 = _work['c_14'][_part]
-        _c_15 = _work['c_15'][_part]
-        _c_16 = _work['c_16'][_part]
-        _c_17 = _work['c_17'][_part]
         _c_2 = _work['c_2'][_part]
         _c_3 = _work['c_3'][_part]
         _c_4 = _work['c_4'][_part]
@@ -126,9 +116,9 @@ def _backward2_train(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, 
         x_v = _x[_block] - _shift
         t1_0 = numpy.add(x_v, _c_0)
         numpy.multiply(t1_0, _c_1, out=t1_0)
-        t1_1 = numpy.multiply(d2_dgamma_v, t1_0)
-        _p0 = numpy.multiply(d2_dx_v, m)
-        _p0_0 = numpy.multiply(t1_0, -_red_0)
+        t1_1 = numpy.multiply(t1_0, _red_0)
+        _p0 = numpy.multiply(t1_1, -1)
+        _p0_0 = numpy.multiply(d2_dx_v, m)
         numpy.add(_p0, _p0_0, out=_p0)
         numpy.add(_p0, -_red_3, out=_p0)
         numpy.multiply(_p0, dy_v, out=_p0)
@@ -154,21 +144,18 @@ def _backward2_train(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, 
         numpy.multiply(d2_x_v, _c_10, out=d2_x_v)
         d2_dy_v = _d2_dy[_block]
         numpy.multiply(d2_dbeta_v, _c_12, out=d2_dy_v)
-        d2_dy_v_0 = numpy.multiply(t1_1, _c_12)
+        d2_dy_v_0 = numpy.multiply(gamma_v, -_red_3)
         numpy.add(d2_dy_v, d2_dy_v_0, out=d2_dy_v)
-        d2_dy_v_1 = numpy.multiply(d2_dbeta_v, _c_13)
+        d2_dy_v_1 = numpy.multiply(gamma_v, t1_1)
+        numpy.multiply(d2_dy_v_1, -1, out=d2_dy_v_1)
         numpy.add(d2_dy_v, d2_dy_v_1, out=d2_dy_v)
-        d2_dy_v_2 = numpy.multiply(t1_1, _c_13)
+        d2_dy_v_2 = numpy.multiply(d2_dgamma_v, t1_0)
+        numpy.multiply(d2_dy_v_2, _c_12, out=d2_dy_v_2)
         numpy.add(d2_dy_v, d2_dy_v_2, out=d2_dy_v)
-        d2_dy_v_3 = numpy.multiply(gamma_v, _c_14)
+        d2_dy_v_3 = numpy.multiply(d2_dx_v, gamma_v)
+        numpy.multiply(d2_dy_v_3, m, out=d2_dy_v_3)
         numpy.add(d2_dy_v, d2_dy_v_3, out=d2_dy_v)
-        d2_dy_v_4 = numpy.multiply(d2_dx_v, gamma_v)
-        numpy.multiply(d2_dy_v_4, _c_15, out=d2_dy_v_4)
-        numpy.add(d2_dy_v, d2_dy_v_4, out=d2_dy_v)
-        d2_dy_v_5 = numpy.multiply(gamma_v, t1_0)
-        numpy.multiply(d2_dy_v_5, _c_16, out=d2_dy_v_5)
-        numpy.add(d2_dy_v, d2_dy_v_5, out=d2_dy_v)
-        numpy.multiply(d2_dy_v, _c_17, out=d2_dy_v)
+        numpy.multiply(d2_dy_v, _c_11, out=d2_dy_v)
 
 
 def _backward2_eval(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, d2_gamma, d2_beta, d2_dy, geo, eps):

@@ -215,7 +215,7 @@ SYMBN_INLINE void symbn_forward_train_0(const struct symbn_forward_train_arrays 
 {
     const double x_v = symbn_load(a->x, idx, single);
     sum[0 * ss] += (x_v*x_v); /* red_0 */
-(void)gv; (void)gs; (void)pidx; (void)param; (void)ps;
+    (void)gv; (void)gs; (void)pidx; (void)param; (void)ps;
 }
 
 /* forward_train, pass 0: ask for the member at idx */
@@ -246,7 +246,7 @@ SYMBN_INLINE void symbn_forward_train_1(const struct symbn_forward_train_arrays 
     const double beta_v = a->beta ? symbn_load(a->beta, pidx, single) : 0.0;
     const double c_0 = gv[4 * gs];
     symbn_store(a->y, idx, single, beta_v + c_0*gamma_v*x_v);
-(void)sum; (void)ss; (void)param; (void)ps;
+    (void)sum; (void)ss; (void)param; (void)ps;
 }
 
 /* forward_train, pass 1: ask for the member at idx */
@@ -322,7 +322,7 @@ SYMBN_INLINE void symbn_backward_train_1(const struct symbn_backward_train_array
     const double c_0 = gv[3 * gs];
     const double c_1 = gv[5 * gs];
     symbn_store(a->dx, idx, single, c_0*c_1*x_v + c_0*dy_v*gamma_v);
-(void)sum; (void)ss; (void)param; (void)ps;
+    (void)sum; (void)ss; (void)param; (void)ps;
 }
 
 /* backward_train, pass 1: ask for the member at idx */
@@ -363,7 +363,7 @@ SYMBN_INLINE void symbn_forward_eval_0(const struct symbn_forward_eval_arrays *a
     const double beta_v = a->beta ? symbn_load(a->beta, pidx, single) : 0.0;
     const double c_0 = gv[3 * gs];
     symbn_store(a->y, idx, single, beta_v + c_0*gamma_v*x_v);
-(void)sum; (void)ss; (void)param; (void)ps;
+    (void)sum; (void)ss; (void)param; (void)ps;
 }
 
 /* forward_eval, pass 0: ask for the member at idx */
@@ -408,7 +408,7 @@ SYMBN_INLINE void symbn_backward_eval_0(const struct symbn_backward_eval_arrays 
     param[0 * ps] += t0_0*x_v; /* dgamma */
     param[1 * ps] += dy_v; /* dbeta */
     symbn_store(a->dx, idx, single, gamma_v*t0_0);
-(void)sum; (void)ss;
+    (void)sum; (void)ss;
 }
 
 /* backward_eval, pass 0: ask for the member at idx */
@@ -655,6 +655,9 @@ SYMBN_INLINE void symbn_forward_train_run(const struct symbn_call *c, int single
     (void)first; (void)last;
 }
 
+static void symbn_forward_train_run_f32(const struct symbn_call *c) { symbn_forward_train_run(c, 1); }
+static void symbn_forward_train_run_f64(const struct symbn_call *c) { symbn_forward_train_run(c, 0); }
+
 /* forward_train: the checks, the workspace, each group's inputs */
 static int symbn_forward_train_begin(struct symbn_call *c, const struct symbn_forward_train_arrays *a, int single, ptrdiff_t outer,
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
@@ -730,6 +733,9 @@ SYMBN_INLINE void symbn_backward_train_run(const struct symbn_call *c, int singl
     (void)first; (void)last;
 }
 
+static void symbn_backward_train_run_f32(const struct symbn_call *c) { symbn_backward_train_run(c, 1); }
+static void symbn_backward_train_run_f64(const struct symbn_call *c) { symbn_backward_train_run(c, 0); }
+
 /* backward_train: the checks, the workspace, each group's inputs */
 static int symbn_backward_train_begin(struct symbn_call *c, const struct symbn_backward_train_arrays *a, int single, ptrdiff_t outer,
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
@@ -790,6 +796,9 @@ SYMBN_INLINE void symbn_forward_eval_run(const struct symbn_call *c, int single)
     (void)first; (void)last;
 }
 
+static void symbn_forward_eval_run_f32(const struct symbn_call *c) { symbn_forward_eval_run(c, 1); }
+static void symbn_forward_eval_run_f64(const struct symbn_call *c) { symbn_forward_eval_run(c, 0); }
+
 /* forward_eval: the checks, the workspace, each group's inputs */
 static int symbn_forward_eval_begin(struct symbn_call *c, const struct symbn_forward_eval_arrays *a, int single, ptrdiff_t outer,
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
@@ -848,6 +857,9 @@ SYMBN_INLINE void symbn_backward_eval_run(const struct symbn_call *c, int single
     (void)first; (void)last;
 }
 
+static void symbn_backward_eval_run_f32(const struct symbn_call *c) { symbn_backward_eval_run(c, 1); }
+static void symbn_backward_eval_run_f64(const struct symbn_call *c) { symbn_backward_eval_run(c, 0); }
+
 /* backward_eval: the checks, the workspace, each group's inputs */
 static int symbn_backward_eval_begin(struct symbn_call *c, const struct symbn_backward_eval_arrays *a, int single, ptrdiff_t outer,
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
@@ -887,7 +899,7 @@ int symbn_rmsnorm_forward_train_f32(const float *x, const float *gamma, const fl
     struct symbn_call symbn_c;
     const int symbn_status = symbn_forward_train_begin(&symbn_c, &symbn_a, 1, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_train_run(&symbn_c, 1));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_train_run_f32(&symbn_c));
     return symbn_forward_train_end(&symbn_c, 1);
 }
 
@@ -897,7 +909,7 @@ int symbn_rmsnorm_backward_train_f32(const float *dy, const float *x, const floa
     struct symbn_call symbn_c;
     const int symbn_status = symbn_backward_train_begin(&symbn_c, &symbn_a, 1, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_train_run(&symbn_c, 1));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_train_run_f32(&symbn_c));
     return symbn_backward_train_end(&symbn_c, 1);
 }
 
@@ -907,7 +919,7 @@ int symbn_rmsnorm_forward_eval_f32(const float *x, const float *gamma, const flo
     struct symbn_call symbn_c;
     const int symbn_status = symbn_forward_eval_begin(&symbn_c, &symbn_a, 1, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_eval_run(&symbn_c, 1));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_eval_run_f32(&symbn_c));
     return symbn_forward_eval_end(&symbn_c, 1);
 }
 
@@ -917,7 +929,7 @@ int symbn_rmsnorm_backward_eval_f32(const float *dy, const float *x, const float
     struct symbn_call symbn_c;
     const int symbn_status = symbn_backward_eval_begin(&symbn_c, &symbn_a, 1, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_eval_run(&symbn_c, 1));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_eval_run_f32(&symbn_c));
     return symbn_backward_eval_end(&symbn_c, 1);
 }
 
@@ -927,7 +939,7 @@ int symbn_rmsnorm_forward_train_f64(const double *x, const double *gamma, const 
     struct symbn_call symbn_c;
     const int symbn_status = symbn_forward_train_begin(&symbn_c, &symbn_a, 0, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_train_run(&symbn_c, 0));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_train_run_f64(&symbn_c));
     return symbn_forward_train_end(&symbn_c, 0);
 }
 
@@ -937,7 +949,7 @@ int symbn_rmsnorm_backward_train_f64(const double *dy, const double *x, const do
     struct symbn_call symbn_c;
     const int symbn_status = symbn_backward_train_begin(&symbn_c, &symbn_a, 0, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_train_run(&symbn_c, 0));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_train_run_f64(&symbn_c));
     return symbn_backward_train_end(&symbn_c, 0);
 }
 
@@ -947,7 +959,7 @@ int symbn_rmsnorm_forward_eval_f64(const double *x, const double *gamma, const d
     struct symbn_call symbn_c;
     const int symbn_status = symbn_forward_eval_begin(&symbn_c, &symbn_a, 0, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_eval_run(&symbn_c, 0));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_forward_eval_run_f64(&symbn_c));
     return symbn_forward_eval_end(&symbn_c, 0);
 }
 
@@ -957,6 +969,6 @@ int symbn_rmsnorm_backward_eval_f64(const double *dy, const double *x, const dou
     struct symbn_call symbn_c;
     const int symbn_status = symbn_backward_eval_begin(&symbn_c, &symbn_a, 0, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_eval_run(&symbn_c, 0));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_backward_eval_run_f64(&symbn_c));
     return symbn_backward_eval_end(&symbn_c, 0);
 }

@@ -240,7 +240,7 @@ SYMBN_INLINE void symbn_backward2_train_0(const struct symbn_backward2_train_arr
     sum[1 * ss] += d2_dx_v*t0_0; /* red_1 */
     sum[2 * ss] += d2_dx_v*t0_1; /* red_2 */
     sum[3 * ss] += d2_dgamma_v*dy_v*t0_1; /* red_3 */
-(void)param; (void)ps;
+    (void)param; (void)ps;
 }
 
 /* backward2_train, pass 0: ask for the member at idx */
@@ -293,7 +293,7 @@ SYMBN_INLINE void symbn_backward2_train_1(const struct symbn_backward2_train_arr
     param[0 * ps] += d2_dx_v*t1_1 + dy_v*t1_2; /* d2_gamma */
     symbn_store(a->d2_x, idx, single, c_1*d2_dx_v + c_2*dy_v*gamma_v + c_3*t1_0 + d2_dgamma_v*t1_1);
     symbn_store(a->d2_dy, idx, single, c_0*d2_dx_v*gamma_v + d2_dbeta_v + d2_dgamma_v*t1_0 + gamma_v*t1_2);
-(void)sum; (void)ss;
+    (void)sum; (void)ss;
 }
 
 /* backward2_train, pass 1: ask for the member at idx */
@@ -347,7 +347,7 @@ SYMBN_INLINE void symbn_backward2_eval_0(const struct symbn_backward2_eval_array
     param[0 * ps] += d2_dx_v*t0_0; /* d2_gamma */
     symbn_store(a->d2_x, idx, single, d2_dgamma_v*t0_0);
     symbn_store(a->d2_dy, idx, single, c_0*d2_dgamma_v*x_v + c_0*d2_dx_v*gamma_v + d2_dbeta_v);
-(void)sum; (void)ss;
+    (void)sum; (void)ss;
 }
 
 /* backward2_eval, pass 0: ask for the member at idx */
@@ -591,6 +591,9 @@ SYMBN_INLINE void symbn_backward2_train_run(const struct symbn_call *c, int sing
     (void)first; (void)last;
 }
 
+static void symbn_backward2_train_run_f32(const struct symbn_call *c) { symbn_backward2_train_run(c, 1); }
+static void symbn_backward2_train_run_f64(const struct symbn_call *c) { symbn_backward2_train_run(c, 0); }
+
 /* backward2_train: the checks, the workspace, each group's inputs */
 static int symbn_backward2_train_begin(struct symbn_call *c, const struct symbn_backward2_train_arrays *a, int single, ptrdiff_t outer,
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
@@ -650,6 +653,9 @@ SYMBN_INLINE void symbn_backward2_eval_run(const struct symbn_call *c, int singl
     (void)first; (void)last;
 }
 
+static void symbn_backward2_eval_run_f32(const struct symbn_call *c) { symbn_backward2_eval_run(c, 1); }
+static void symbn_backward2_eval_run_f64(const struct symbn_call *c) { symbn_backward2_eval_run(c, 0); }
+
 /* backward2_eval: the checks, the workspace, each group's inputs */
 static int symbn_backward2_eval_begin(struct symbn_call *c, const struct symbn_backward2_eval_arrays *a, int single, ptrdiff_t outer,
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
@@ -688,7 +694,7 @@ int symbn_rmsnorm_backward2_train_f32(const float *d2_dx, const float *d2_dgamma
     struct symbn_call symbn_c;
     const int symbn_status = symbn_backward2_train_begin(&symbn_c, &symbn_a, 1, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_backward2_train_run(&symbn_c, 1));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_backward2_train_run_f32(&symbn_c));
     return symbn_backward2_train_end(&symbn_c, 1);
 }
 
@@ -698,7 +704,7 @@ int symbn_rmsnorm_backward2_eval_f32(const float *d2_dx, const float *d2_dgamma,
     struct symbn_call symbn_c;
     const int symbn_status = symbn_backward2_eval_begin(&symbn_c, &symbn_a, 1, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_backward2_eval_run(&symbn_c, 1));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_backward2_eval_run_f32(&symbn_c));
     return symbn_backward2_eval_end(&symbn_c, 1);
 }
 
@@ -708,7 +714,7 @@ int symbn_rmsnorm_backward2_train_f64(const double *d2_dx, const double *d2_dgam
     struct symbn_call symbn_c;
     const int symbn_status = symbn_backward2_train_begin(&symbn_c, &symbn_a, 0, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_backward2_train_run(&symbn_c, 0));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_backward2_train_run_f64(&symbn_c));
     return symbn_backward2_train_end(&symbn_c, 0);
 }
 
@@ -718,6 +724,6 @@ int symbn_rmsnorm_backward2_eval_f64(const double *d2_dx, const double *d2_dgamm
     struct symbn_call symbn_c;
     const int symbn_status = symbn_backward2_eval_begin(&symbn_c, &symbn_a, 0, outer, q_count, p_count, l_count, s_count, schedule);
     if (symbn_status != SYMBN_OK) return symbn_status;
-    SYMBN_ON_TEAM(symbn_c.team, symbn_backward2_eval_run(&symbn_c, 0));
+    SYMBN_ON_TEAM(symbn_c.team, symbn_backward2_eval_run_f64(&symbn_c));
     return symbn_backward2_eval_end(&symbn_c, 0);
 }

@@ -62,21 +62,22 @@ def problem(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def run(kernels, case: Case, data: dict, mode: str, dtype=np.float64) -> dict[str, np.ndarray]:
-    """Forward and backward of one mode; arrays are cast to ``dtype``."""
+def run(kernels, case: Case, data: dict, mode: str, dtype=np.float64, eps: float = 1e-5) -> dict[str, np.ndarray]:
+    """Forward and backward of one mode; arrays are cast to ``dtype``. In training the forward
+    returns the statistics themselves, which the backward takes with the same eps."""
     cast = {k: v.astype(dtype) for k, v in data.items()}
     norm = BUILTINS[case.norm]
     running = [cast[f"running_{s}"] for s in norm.stat_names]
     if mode == "train":
-        y, *saved = kernels.forward_train(cast["x"], cast["gamma"], cast["beta"], **case.options)
-        dx, dgamma, dbeta = kernels.backward_train(cast["dy"], cast["x"], cast["gamma"], *saved, **case.options)
+        y, *stats = kernels.forward_train(cast["x"], cast["gamma"], cast["beta"], eps, **case.options)
+        dx, dgamma, dbeta = kernels.backward_train(cast["dy"], cast["x"], cast["gamma"], *stats, eps=eps, **case.options)
         updated = [r.copy() for r in running]
         kernels.forward_train(cast["x"], cast["gamma"], cast["beta"], **case.options,
                               **{f"running_{s}": r for s, r in zip(norm.stat_names, updated)})
         return {"y": y, "dx": dx, "dgamma": dgamma, "dbeta": dbeta,
                 **{f"running_{s}": r for s, r in zip(norm.stat_names, updated)}}
-    y = kernels.forward_eval(cast["x"], cast["gamma"], cast["beta"], *running, **case.options)
-    dx, dgamma, dbeta = kernels.backward_eval(cast["dy"], cast["x"], cast["gamma"], *running, **case.options)
+    y = kernels.forward_eval(cast["x"], cast["gamma"], cast["beta"], *running, eps=eps, **case.options)
+    dx, dgamma, dbeta = kernels.backward_eval(cast["dy"], cast["x"], cast["gamma"], *running, eps=eps, **case.options)
     return {"y": y, "dx": dx, "dgamma": dgamma, "dbeta": dbeta}
 
 

@@ -1,21 +1,38 @@
 """Bad input gets a clear error naming the argument, on both backends; never a crash or a wrong answer."""
+import atexit
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 
 import symbn
 
+if not os.environ.get("SYMBN_CACHE_DIR"):  # one kernel cache per test session
+    os.environ["SYMBN_CACHE_DIR"] = tempfile.mkdtemp(prefix="symbn-tests-")
+    atexit.register(shutil.rmtree, os.environ["SYMBN_CACHE_DIR"], True)
 
-@pytest.fixture(params=["numpy", "c"])
+BACKENDS = ["numpy", pytest.param("c", marks=pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None,
+                                                                 reason="no C compiler"))]
+
+
+@pytest.fixture(params=BACKENDS)
 def bn(request):
     return symbn.load("batchnorm", request.param)
 
 
-@pytest.fixture(params=["numpy", "c"])
+@pytest.fixture(params=BACKENDS)
+def bn2(request):
+    return symbn.load("batchnorm", request.param, order=2)
+
+
+@pytest.fixture(params=BACKENDS)
 def gn(request):
     return symbn.load("groupnorm", request.param)
 
 
-@pytest.fixture(params=["numpy", "c"])
+@pytest.fixture(params=BACKENDS)
 def ln(request):
     return symbn.load("layernorm", request.param)
 
@@ -47,7 +64,11 @@ X = np.arange(12.0).reshape(4, 3)
     (lambda k: k.backward_train(np.ones((4, 2)), X, None, np.zeros(3), np.ones(3)), ValueError, r"dy must have shape \(4, 3\)"),
     (lambda k: k.backward_train(np.ones((4, 3), np.float32), X, None, np.zeros(3), np.ones(3)), TypeError, "dy has dtype float32"),
     (lambda k: k.backward_train(np.ones((4, 3)), X, None, np.zeros(2), np.ones(3)), ValueError, r"mean must have shape \(3,\)"),
-    (lambda k: k.backward_train(np.ones((4, 3)), X, None, np.zeros(3), np.full(3, np.nan)), ValueError, "invstd contains NaN"),
+    (lambda k: k.backward_train(np.ones((4, 3)), X, None, np.zeros(3), np.full(3, np.nan)), ValueError, "var contains NaN"),
+    (lambda k: k.backward_train(np.ones((4, 3)), X, None, np.zeros(3), np.ones(3), eps=0.0), ValueError, "eps must be a positive"),
+    (lambda k: k.backward_train(np.ones((4, 3)), X, None, np.zeros(3), np.ones((3, 1))), ValueError, r"var must have shape \(3,\)"),
+    (lambda k: k.backward_eval(np.ones((4, 3)), X, None, np.zeros(3), [1.0, 1.0, 1.0]), TypeError, "running_var must be a numpy.ndarray"),
+    (lambda k: k.backward_eval(np.ones((4, 3)), X, None, np.zeros(3), np.full(3, np.inf)), ValueError, "running_var contains NaN"),
     (lambda k: k.forward_eval(X, None, None, np.zeros(2), np.ones(3)), ValueError, r"running_mean must have shape \(3,\)"),
     (lambda k: k.forward_train(X, running_mean=np.zeros(3)), TypeError, "running_var must be a numpy.ndarray"),
     (lambda k: k.forward_train(X, running_mean=np.zeros(3), running_var=np.ones(3), momentum=2), ValueError, "momentum"),
@@ -70,8 +91,44 @@ def test_layernorm_shape_must_match(ln):
         ln.forward_train(np.ones((2, 3)), np.ones(4))
     with pytest.raises(ValueError, match="must match"):
         ln.forward_train(np.ones((2, 3)), normalized_shape=(2,))
-    y, mean, invstd = ln.forward_train(np.arange(6.0).reshape(2, 3), normalized_shape=(2, 3))
-    assert mean.shape == () and y.shape == (2, 3)
+    y, mean, var = ln.forward_train(np.arange(6.0).reshape(2, 3), normalized_shape=(2, 3))
+    assert mean.shape == var.shape == () and y.shape == (2, 3)
+
+
+def test_layernorm_normalized_shape_is_validated_as_pytorch_does(ln):
+    """Issue 14, finding 2: normalized_shape is never ignored when gamma or beta is given."""
+    x = np.ones((2, 3, 4))
+    with pytest.raises(ValueError, match=r"gamma must have shape \(3, 4\), got \(4,\)"):
+        ln.forward_train(x, np.ones(4), normalized_shape=(3, 4))
+    with pytest.raises(ValueError, match=r"beta must have shape \(3, 4\)"):
+        ln.forward_train(x, None, np.ones(4), normalized_shape=(3, 4))
+    with pytest.raises(ValueError, match="normalized_shape must be a non-empty sequence of positive ints"):
+        ln.forward_train(x, normalized_shape=())
+    with pytest.raises(TypeError, match="normalized_shape must be an int or a sequence of ints"):
+        ln.forward_train(x, normalized_shape=4.0)
+    y, mean, _ = ln.forward_train(x, normalized_shape=4)  # an int is one trailing dim, as in PyTorch
+    assert mean.shape == (2, 3) and y.shape == x.shape
+    dx, dgamma, dbeta = ln.backward_train(x, x, np.ones((3, 4)), *ln.forward_train(x, normalized_shape=(3, 4))[1:])
+    assert dgamma.shape == dbeta.shape == (3, 4)
+
+
+def test_higher_order_kernels_name_their_arguments(bn2):
+    x, dy = np.arange(12.0).reshape(4, 3), np.ones((4, 3))
+    y, mean, var = bn2.forward_train(x)
+    ones = np.ones(3)
+    with pytest.raises(ValueError, match=r"d2_dx must have shape \(4, 3\)"):
+        bn2.backward2_train(np.ones((3, 3)), ones, ones, dy, x, ones, mean, var)
+    with pytest.raises(TypeError, match="d2_dgamma has dtype float32"):
+        bn2.backward2_train(dy, ones.astype(np.float32), ones, dy, x, ones, mean, var)
+    with pytest.raises(ValueError, match="dy contains NaN"):
+        bn2.backward2_train(dy, ones, ones, np.full((4, 3), np.nan), x, ones, mean, var)
+    with pytest.raises(ValueError, match="out must be a sequence of 2 arrays or None"):
+        bn2.backward2_train(dy, ones, ones, dy, x, ones, mean, var, out=np.empty((4, 3)))
+    d2_x, d2_dy = np.empty((4, 3)), np.empty((4, 3))
+    result = bn2.backward2_train(dy, ones, ones, dy, x, ones, mean, var, out=(d2_x, d2_dy))
+    assert result[0] is d2_x and result[3] is d2_dy
+    with pytest.raises(ValueError, match=r"out\[1\] must not overlap an input"):
+        bn2.backward2_train(dy, ones, ones, dy, x, ones, mean, var, out=(None, dy))
 
 
 def test_errors_leave_outputs_and_running_statistics_untouched(bn):

@@ -1,16 +1,37 @@
 """The generated kernels against PyTorch autograd and float64 finite differences, with random
-cotangents; layouts, dtypes, optional parameters, strided input, m = 1, 2 and large."""
+cotangents; layouts, dtypes, optional parameters, strided input, m = 1, 2 and large; and the
+kernels of higher orders (2, 3, and jvp of the backward) for every built-in and a spec the
+templates never saw, train and eval, NumPy and C, against the plain-ops PyTorch programs of
+symbn.oracles and against central differences of the order below.
+
+Tests that need PyTorch are marked and skipped without it; the others run everywhere."""
+import atexit
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
 import symbn
 from conftest import finite_difference
-from symbn.spec import BUILTINS
+from symbn.build import compile_library, prefixes, sources_dir
+from symbn.spec import BUILTINS, CHANNEL, resolve
 
-torch = pytest.importorskip("torch")
-F = torch.nn.functional
+if not os.environ.get("SYMBN_CACHE_DIR"):  # one kernel cache per test session: C compiles once per plan
+    os.environ["SYMBN_CACHE_DIR"] = tempfile.mkdtemp(prefix="symbn-tests-")
+    atexit.register(shutil.rmtree, os.environ["SYMBN_CACHE_DIR"], True)
 
-BACKENDS = ("numpy", "c")
+try:
+    import torch
+    F = torch.nn.functional
+except ImportError:
+    torch = F = None
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed (pip install '.[torch]')")
+needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler")
+
+BACKENDS = ("numpy", pytest.param("c", marks=needs_cc))
 NORMS = tuple(BUILTINS)
 
 
@@ -73,6 +94,7 @@ def close(a, b, dtype):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * max(1.0, float(np.max(np.abs(b)))))
 
 
+@needs_torch
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("norm, shape, options", [(n, s, o) for n in NORMS for s, o in SHAPES[n]])
 def test_train_against_autograd(backend, norm, shape, options, dtype):
@@ -86,6 +108,7 @@ def test_train_against_autograd(backend, norm, shape, options, dtype):
         close(mine, theirs, dtype)
 
 
+@needs_torch
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("with_gamma, with_beta", [(False, False), (True, False), (False, True), (True, True)])
 def test_optional_parameters(backend, norm, with_gamma, with_beta):
@@ -103,6 +126,7 @@ def test_optional_parameters(backend, norm, with_gamma, with_beta):
         close(mine, theirs, np.float64)
 
 
+@needs_torch
 @pytest.mark.parametrize("norm", ["batchnorm", "instancenorm"])
 def test_running_statistics_match_pytorch(backend, norm):
     shape, options = (4, 3, 5, 6), {}
@@ -119,6 +143,7 @@ def test_running_statistics_match_pytorch(backend, norm):
     close(mine[1], theirs[1].numpy(), np.float32)
 
 
+@needs_torch
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("norm", ["batchnorm", "instancenorm"])
 def test_eval_against_autograd(backend, norm, dtype):
@@ -196,9 +221,10 @@ def test_a_batch_of_one_is_valid(backend):
     x = np.array([[3.0, -1.0, 2.0]])
     k = kernels("batchnorm", backend)
     beta = np.array([0.5, 0.0, -1.0])
-    y, mean, invstd = k.forward_train(x, np.ones(3), beta)
+    y, mean, var = k.forward_train(x, np.ones(3), beta)
     np.testing.assert_array_equal(y, beta[None])  # var = 0: xhat = 0, y = beta
-    dx, _, dbeta = k.backward_train(np.ones_like(x), x, np.ones(3), mean, invstd)
+    np.testing.assert_array_equal(var, 0.0)
+    dx, _, dbeta = k.backward_train(np.ones_like(x), x, np.ones(3), mean, var)
     np.testing.assert_array_equal(dx, 0.0)
     np.testing.assert_array_equal(dbeta, [1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="more than one value per group"):
@@ -221,6 +247,7 @@ def test_strided_input_is_never_misread(backend, norm):
                                   k.backward_train(dy, x, gamma, *saved, **options)[0])
 
 
+@needs_torch
 def test_float32_with_a_large_offset_stays_accurate(backend):
     """1e4 + noise: E[x²] - E[x]² would cancel catastrophically in float32; two passes in double do not."""
     rng = np.random.default_rng(8)
@@ -228,17 +255,18 @@ def test_float32_with_a_large_offset_stays_accurate(backend):
     x32 = x64.astype(np.float32)
     dy = rng.normal(size=x32.shape).astype(np.float32)
     k = kernels("batchnorm", backend)
-    y, mean, invstd = k.forward_train(x32, None, None)
+    y, mean, var = k.forward_train(x32, None, None)
     reference = x32.astype(np.float64)
     expected = (reference - reference.mean(0)) / np.sqrt(reference.var(0) + 1e-5)
     np.testing.assert_allclose(y, expected, atol=2e-6)
-    np.testing.assert_allclose(1 / invstd**2 - 1e-5, reference.var(0), rtol=1e-6)
-    dx = k.backward_train(dy, x32, None, mean, invstd)[0]
+    np.testing.assert_allclose(var, reference.var(0), rtol=1e-6)
+    dx = k.backward_train(dy, x32, None, mean, var)[0]
     tx = torch.tensor(reference, requires_grad=True)
     F.batch_norm(tx, None, None, training=True, eps=1e-5).backward(torch.tensor(dy.astype(np.float64)))
     np.testing.assert_allclose(dx, tx.grad.numpy(), atol=2e-5)
 
 
+@needs_cc
 def test_numpy_and_c_agree_on_large_problems():
     rng = np.random.default_rng(9)
     x = rng.normal(size=(16, 8, 12, 12)).astype(np.float32)
@@ -260,6 +288,7 @@ def test_numpy_and_c_agree_on_large_problems():
     ("instancenorm", (6, 5, 60, 60), {}),
 ])
 @pytest.mark.parametrize("mode", ["train", "eval"])
+@needs_cc
 def test_threaded_c_matches_numpy_on_large_problems(norm, shape, options, mode):
     """Problems large enough for a thread team, in each loop shape: 1 and 2 threads agree with NumPy."""
     x, dy, gamma, beta = data(norm, shape, options, np.float64, seed=10)
@@ -284,18 +313,190 @@ def test_out_buffers_are_used_and_checked(backend):
     x, dy, gamma, beta = data("batchnorm", (64, 8), {}, np.float32, seed=12)
     k = kernels("batchnorm", backend)
     y = np.empty_like(x)
-    result, mean, invstd = k.forward_train(x, gamma, beta, out=y)
+    result, mean, var = k.forward_train(x, gamma, beta, out=y)
     assert result is y
     dx = np.empty_like(x)
-    assert k.backward_train(dy, x, gamma, mean, invstd, out=dx)[0] is dx
+    assert k.backward_train(dy, x, gamma, mean, var, out=dx)[0] is dx
     with pytest.raises(ValueError, match="out must be a float32 array of shape"):
         k.forward_train(x, gamma, beta, out=np.empty((64, 8)))
     with pytest.raises(ValueError, match="must not overlap an input"):
         k.forward_train(x, gamma, beta, out=x)
     for overlapping in (dy, x):  # dx over either input: refused (the kernels read them while writing dx)
         with pytest.raises(ValueError, match="must not overlap an input"):
-            k.backward_train(dy, x, gamma, mean, invstd, out=overlapping)
+            k.backward_train(dy, x, gamma, mean, var, out=overlapping)
         with pytest.raises(ValueError, match="must not overlap an input"):
-            k.backward_eval(dy, x, gamma, mean, 1 / invstd**2, out=overlapping)
+            k.backward_eval(dy, x, gamma, mean, var, out=overlapping)
     with pytest.raises(ValueError, match="threads must be a non-negative integer"):
         k.set_threads(-1)
+
+
+# ---- higher orders: 2, 3 and jvp of the backward, against PyTorch's plain-ops programs and central differences
+
+HIGHER = (("vjp", "vjp"), ("vjp", "vjp", "vjp"), ("vjp", "jvp"))
+QUARTIC = symbn.Norm("quartic", stats={"mean": "x", "m4": "(x - mean)**4"}, normalized="(x - mean) / (m4 + eps)**(1/4)",
+                     affine="group", layout=CHANNEL)
+SMALL = {"batchnorm": ((4, 3, 2), {}), "instancenorm": ((2, 3, 4), {}), "groupnorm": ((2, 4, 3), {"num_groups": 2}),
+         "layernorm": ((3, 2, 4), {"normalized_shape": (2, 4)}), "rmsnorm": ((3, 5), {}), "quartic": ((5, 3, 2), {})}
+CASES = [(n, t) for n in NORMS for t in HIGHER] + [("quartic", ("vjp", "vjp"))]
+
+
+def spec_of(name):
+    return QUARTIC if name == "quartic" else BUILTINS[name]
+
+
+@pytest.fixture(scope="module")
+def higher(backend):
+    """The kernels of every case on ``backend``; the C libraries of all of them compiled at once
+    (on every core) before the first test needs one."""
+    if backend == "c":
+        def build(name, prefix):
+            return compile_library(sources_dir(spec_of(name), prefix, backend="c") / f"{_stem(name, prefix)}.c")
+        jobs = sorted({(n, p) for n, t in CASES for p in prefixes(t)})
+        for n, p in jobs:  # emit (derive and lower) one at a time: that is Python, the compiler is not
+            sources_dir(spec_of(n), p, backend="c")
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            list(pool.map(lambda job: build(*job), jobs))
+    return {(n, t): symbn.load(spec_of(n), backend, transforms=t) for n, t in CASES}
+
+
+def _stem(name, chain):
+    from symbn.lower import unit_name
+
+    return name if len(chain) == 1 else f"{name}_{unit_name(chain)}"
+
+
+def tables(kernels):
+    """Kernel name -> its table, over every part of a loaded chain."""
+    parts = getattr(kernels, "parts", (kernels,))
+    return {name: table for part in parts for name, table in part.KERNELS.items()}
+
+
+def base(name):
+    """What a cotangent or tangent pairs with: d2_dx -> x, t2_dy -> y, d3_d2_dgamma -> gamma."""
+    import re
+
+    while name not in ("x", "y", "gamma", "beta"):
+        name = re.sub(r"^(d\d+_|t\d*_|d)", "", name, count=1)
+    return name
+
+
+class Problem:
+    """Seeded float64 values for every name a kernel of one chain takes, made on first use."""
+
+    def __init__(self, name, mode, seed=0):
+        self.spec, self.mode = spec_of(name), mode
+        self.shape, self.options = SMALL[name]
+        self.rng = np.random.default_rng(seed)
+        layout = self.spec.layout.name
+        self.param_shape = (tuple(self.options.get("normalized_shape", self.shape[-1:])) if layout == "trailing"
+                            else self.shape[1:2])
+        groups = self.options.get("num_groups", self.shape[1] if layout in ("channel", "instance") else 1)
+        self.running = {s: self.rng.uniform(0.5, 2.0, groups) for s in self.spec.stat_names}
+        self.values = {"x": self.rng.normal(0.5, 2.0, self.shape), "gamma": self.rng.normal(1.0, 0.3, self.param_shape)}
+
+    def __getitem__(self, name):
+        if name not in self.values:
+            self.values[name] = self.rng.normal(size=self.shape if base(name) in ("x", "y") else self.param_shape)
+        return self.values[name]
+
+    def call(self, kernels, table, **changed):
+        """Kernel ``table`` on these values (``changed`` replacing some); in training, the saved
+        statistics recomputed from x by forward_train, so that they stay functions of x."""
+        values = {name: changed.get(name, self[name]) for name, kind, role, _ in table.inputs
+                  if role != "scalar" and name not in self.running}
+        stats = {}
+        if self.mode == "train":
+            stats = dict(zip(self.spec.stat_names, kernels.forward_train(values["x"], values.get("gamma", self["gamma"]), None,
+                                                                        **self.options)[1:]))
+        args = []
+        for (name, kind, role, _), label in zip(table.inputs, table.labels):
+            if role == "scalar":
+                continue
+            args.append(self.running[name] if label.startswith("running_") else stats[name] if name in stats else values[name])
+        out = getattr(kernels, table.name)(*args, **self.options)
+        return dict(zip([o[0] for o in table.outputs], out if isinstance(out, tuple) else (out,)))
+
+    def differentiable(self, table):
+        """The inputs of ``table`` that a transform differentiates: not eps, not the statistics."""
+        return [name for (name, kind, role, _), label in zip(table.inputs, table.labels)
+                if role != "scalar" and not label.startswith("running_") and not (kind == "group" and role == "data")]
+
+
+def _kernel_names(transforms, mode):
+    from symbn.lower import kernel_name
+
+    return kernel_name(transforms[:-1], mode), kernel_name(transforms, mode)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name, transforms", CASES, ids=[f"{n}-{'.'.join(t)}" for n, t in CASES])
+def test_higher_orders_against_central_differences_of_the_order_below(higher, name, transforms, mode):
+    """A vjp kernel's outputs are the gradients of Σ cotangent·(the kernel below), a jvp kernel's the
+    directional derivative of the kernel below; both by central differences in float64, with the
+    statistics recomputed from x in training (they are functions of x at every order)."""
+    from symbn.oracles import adjoint_name, central_differences, relative_error, tangent_name
+
+    kernels = higher[name, transforms]
+    below_name, last_name = _kernel_names(transforms, mode)
+    below, last = tables(kernels)[below_name], tables(kernels)[last_name]
+    problem, level = Problem(name, mode, seed=1), len(transforms)
+    mine = problem.call(kernels, last)
+    wrt = problem.differentiable(below)
+    if transforms[-1] == "vjp":
+        outputs = [o[0] for o in below.outputs]
+
+        def loss(**changed):
+            out = problem.call(kernels, below, **changed)
+            return float(sum(np.sum(problem[adjoint_name(o, level)] * out[o]) for o in outputs))
+
+        for output, *_ in last.outputs:
+            wanted = next((i for i in wrt if adjoint_name(i, level) == output), None)
+            if wanted is None:  # an input the kernel below does not read (beta in a backward): no gradient
+                np.testing.assert_array_equal(mine[output], 0.0, err_msg=output)
+                continue
+            fd = central_differences(lambda v, i=wanted: loss(**{i: v}), problem[wanted])
+            assert relative_error(mine[output], fd) < 1e-6, (output, relative_error(mine[output], fd))
+    else:
+        h = 1e-6
+        direction = {i: problem[tangent_name(i, level)] for i in wrt if tangent_name(i, level) in {n for n, *_ in last.inputs}}
+        up = problem.call(kernels, below, **{i: problem[i] + h * t for i, t in direction.items()})
+        down = problem.call(kernels, below, **{i: problem[i] - h * t for i, t in direction.items()})
+        for output, *_ in below.outputs:
+            fd = (up[output] - down[output]) / (2 * h)
+            assert relative_error(mine[tangent_name(output, level)], fd) < 1e-6, output
+
+
+@needs_torch
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name, transforms", CASES, ids=[f"{n}-{'.'.join(t)}" for n, t in CASES])
+def test_higher_orders_against_plain_ops_pytorch(higher, name, transforms, mode):
+    """Every output of the chain's last kernel against the same chain of transforms applied by
+    PyTorch autograd to the forward written in plain torch ops (not F.batch_norm)."""
+    from symbn.oracles import chain, evaluate, forward_program, relative_error
+
+    kernels = higher[name, transforms]
+    problem = Problem(name, mode, seed=2)
+    last = tables(kernels)[_kernel_names(transforms, mode)[1]]
+    running = [problem.running[s] for s in problem.spec.stat_names] if mode == "eval" else None
+    program = chain(forward_program(problem.spec, mode, running=running, normalized_shape=problem.options.get("normalized_shape"),
+                                    num_groups=problem.options.get("num_groups")), transforms)
+    expected = evaluate(program, {name: problem[name] for name in program.inputs})
+    mine = problem.call(kernels, last)
+    for output, *_ in last.outputs:
+        scale = float(np.max(np.abs(expected[output]))) if expected[output].size else 0.0
+        error = relative_error(mine[output], expected[output]) if scale > 1e-12 else float(np.max(np.abs(mine[output])))
+        assert error < 1e-10, (output, error)
+
+
+def test_a_chain_loads_every_prefix():
+    """order=2 holds the forward, the backward and the double backward, each a method; the last
+    module's kernels take their inputs in plan order (arrays, then eps) and return a tuple."""
+    k = symbn.load("batchnorm", order=2)
+    assert k.kernels == ("forward_train", "backward_train", "forward_eval", "backward_eval", "backward2_train", "backward2_eval")
+    x, dy = np.random.default_rng(3).normal(size=(2, 6, 3))
+    y, mean, var = k.forward_train(x)
+    ones, zeros = np.ones(3), np.zeros(3)
+    d2 = k.backward2_train(dy, ones, zeros, dy, x, ones, mean, var, eps=1e-5)
+    assert [a.shape for a in d2] == [x.shape, (3,), (3,), x.shape]
+    assert "backward3_train" in symbn.load("rmsnorm", order=3).kernels
+    assert symbn.load("layernorm", transforms=("vjp", "jvp")).kernels[-1] == "vjp_jvp_eval"

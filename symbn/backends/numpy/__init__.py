@@ -353,8 +353,13 @@ def context(plan: KernelPlan) -> dict:
 
 
 def shared_context() -> dict:
-    """What ``runtime.py.j2`` prints: the tables of the C interface and of the layouts."""
-    return {"status": interface.STATUS, "optional": {name: interface.DEFAULTS[name] for name in interface.OPTIONAL}, "geometry": GEOMETRY, "sizes": SIZES, "ctypes": CTYPES}
+    """What ``runtime.py.j2`` prints: the tables of the C interface and of the layouts, and what
+    the C backend's ``schedule.py.j2`` (included when it exists) needs: its tuning."""
+    try:
+        from ..c import TUNING as tuning
+    except ImportError:
+        tuning = {}
+    return {"schedules": interface.SCHEDULES, "tuning": tuning,"status": interface.STATUS, "optional": {name: interface.DEFAULTS[name] for name in interface.OPTIONAL}, "geometry": GEOMETRY, "sizes": SIZES, "ctypes": CTYPES}
 
 
 __all__ = ["FILES", "FRAME", "GEOMETRY", "PACKAGE", "PRINTER", "SHARED", "TEMPLATES", "NumPyKernelPrinter", "context",
