@@ -130,11 +130,12 @@ def _compact_backward(dy, x, gamma, mean, invstd):
 
 
 def _symbn(kernels, name: str, x, dy, gamma, beta, options) -> dict:
-    """Forward and backward calls of generated kernels, into preallocated outputs."""
+    """Forward and backward calls of generated kernels, into preallocated outputs; the backward
+    takes the statistics the forward returns, and the same eps."""
     y, dx = np.empty_like(x), np.empty_like(x)
-    _, *saved = kernels.forward_train(x, gamma, beta, **options)
-    return {(name, "forward"): lambda: kernels.forward_train(x, gamma, beta, out=y, **options),
-            (name, "backward"): lambda: kernels.backward_train(dy, x, gamma, *saved, out=dx, **options)}
+    _, *stats = kernels.forward_train(x, gamma, beta, 1e-5, **options)
+    return {(name, "forward"): lambda: kernels.forward_train(x, gamma, beta, 1e-5, out=y, **options),
+            (name, "backward"): lambda: kernels.backward_train(dy, x, gamma, *stats, eps=1e-5, out=dx, **options)}
 
 
 def _torch(norm: str, x, dy, gamma, beta, options, threads: int) -> dict:
