@@ -63,7 +63,9 @@ struct symbn_call {
     double m;                        /* members per group */
     int team, shape;
     int columns, sums, params;       /* the kernel's per-group values; most sums in a pass; parameter gradients */
-    double *table;                   /* [column][group]: every per-group value */
+    double *table;                   /* every per-group value: column v of group g at table[v * cs + g * gstride] */
+    ptrdiff_t cs, gstride;           /* [column][group] (cs = groups: LANES, ROWS read across groups), or
+                                        [group][column] (GROUPS: a group's values in one or two cache lines) */
     double *partial;                 /* ROWS: [thread][sum][group] partial sums */
     double *pgrad;                   /* [thread][parameter gradient][p * l_count + l] */
     const void *arrays;              /* the kernel's struct symbn_<kernel>_arrays */
@@ -135,13 +137,24 @@ static int symbn_start(struct symbn_call *c, const void *arrays, ptrdiff_t outer
     c->team = symbn_team(work);
     c->shape = symbn_shape(schedule, outer, q_count, p_count, c->ls, c->team);
     c->columns = columns, c->sums = sums, c->params = params, c->arrays = arrays;
+    c->cs = c->shape == SYMBN_SCHEDULE_GROUPS ? 1 : c->groups;
+    c->gstride = c->shape == SYMBN_SCHEDULE_GROUPS ? columns : 1;
     if (!symbn_times(columns, c->groups, limit, &table) || !symbn_times((ptrdiff_t)c->team * (sums + 1), c->groups, limit, &partial) ||
         !symbn_times((ptrdiff_t)c->team * (params + 1), c->pl, limit, &pgrad) || table > limit - partial ||
         table + partial > limit - pgrad) return SYMBN_ESIZE;
-    c->table = calloc((size_t)(table + partial + pgrad), sizeof(double));
+    if (c->shape != SYMBN_SCHEDULE_ROWS) partial = 0;
+    /* begin fills the table; ROWS zeroes its partial sums per pass */
+    c->table = malloc((size_t)(table + partial + pgrad) * sizeof(double));
     if (!c->table) return SYMBN_ENOMEM;
     c->partial = c->table + table, c->pgrad = c->partial + partial;
+    for (ptrdiff_t k = 0; k < pgrad; ++k) c->pgrad[k] = 0.0;
     return SYMBN_OK;
+}
+
+/* The values of group g: column v at [v * c->cs] */
+SYMBN_INLINE double *symbn_group(const struct symbn_call *c, ptrdiff_t g)
+{
+    return c->table + g * c->gstride;
 }
 
 /* This thread's number, and its share [*first, *last) of `count` items (contiguous blocks, as schedule(static)). */
@@ -187,9 +200,12 @@ static inline int symbn_all_finite(const void *array, ptrdiff_t count, int singl
     return finite;
 }
 
-static inline int symbn_finite(const double *values, ptrdiff_t count)
+/* Whether column v of the table holds finite values only. */
+static inline int symbn_finite_column(const struct symbn_call *c, int v)
 {
-    return symbn_all_finite(values, count, 0);
+    int finite = 1;
+    for (ptrdiff_t g = 0; g < c->groups; ++g) finite &= isfinite(c->table[v * c->cs + g * c->gstride]) != 0;
+    return finite;
 }
 
 /* ---- the element code of each pass, for one member ----
@@ -565,10 +581,10 @@ SYMBN_INLINE void symbn_over_group(const struct symbn_call *c, int step, int sin
 {
     const ptrdiff_t p = g % c->p_count, q = g / c->p_count, next = ahead && g + 1 < c->groups ? c->ls : 0;
     double gv[SYMBN_COLUMNS], total[SYMBN_REDUCED + 1] = {0.0};
-    for (int v = 0; v < c->columns; ++v) gv[v] = c->table[v * c->groups + g];
+    for (int v = 0; v < c->columns; ++v) gv[v] = symbn_group(c, g)[v * c->cs];
     for (ptrdiff_t n = 0; n < c->outer; ++n)
         symbn_run(c, step, single, ns, np, gv, ((n * c->q_count + q) * c->p_count + p) * c->ls, p, next, total, mine);
-    for (int j = 0; j < ns; ++j) c->table[(red + j) * c->groups + g] = total[j];
+    for (int j = 0; j < ns; ++j) symbn_group(c, g)[(red + j) * c->cs] = total[j];
 }
 
 /* LANES: one pass over the `width` groups of one q from p0, lane k the group of p0 + k; the sums
@@ -578,7 +594,7 @@ SYMBN_INLINE void symbn_lanes(const struct symbn_call *c, int step, int single, 
                               ptrdiff_t q, ptrdiff_t p0, ptrdiff_t width, double *mine)
 {
     const ptrdiff_t g0 = q * c->p_count + p0;
-    const double *const gv = c->table + g0;
+    const double *const gv = c->table + g0; /* LANES: [column][group] */
     double acc[SYMBN_REDUCED + 1][SYMBN_LANES];
     for (int j = 0; j < ns + np; ++j)
         for (int k = 0; k < SYMBN_LANES; ++k) acc[j][k] = 0.0;
@@ -598,7 +614,7 @@ SYMBN_INLINE void symbn_lanes(const struct symbn_call *c, int step, int single, 
         }
     }
     for (ptrdiff_t k = 0; k < width; ++k) {
-        for (int j = 0; j < ns; ++j) c->table[(red + j) * c->groups + g0 + k] = acc[j][k];
+        for (int j = 0; j < ns; ++j) symbn_group(c, g0 + k)[(red + j) * c->cs] = acc[j][k];
         for (int j = 0; j < np; ++j) mine[j * c->pl + p0 + k] += acc[ns + j][k];
     }
 }
@@ -626,7 +642,7 @@ SYMBN_INLINE void symbn_rows(const struct symbn_call *c, int step, int single, i
             for (ptrdiff_t p = 0; p < c->p_count; ++p) {
                 const ptrdiff_t g = q * c->p_count + p;
                 double gv[SYMBN_COLUMNS], total[SYMBN_REDUCED + 1] = {0.0};
-                for (int v = 0; v < c->columns; ++v) gv[v] = c->table[v * c->groups + g];
+                for (int v = 0; v < c->columns; ++v) gv[v] = symbn_group(c, g)[v * c->cs];
                 symbn_run(c, step, single, ns, np, gv, (u * c->p_count + p) * c->ls, p, 0, total, mine);
                 for (int j = 0; j < ns; ++j) part[j * c->groups + g] += total[j];
             }
@@ -645,7 +661,7 @@ static inline void symbn_add_up(const struct symbn_call *c, int ns, int red)
         for (ptrdiff_t g = first; g < last; ++g) {
             double total = 0.0;
             for (int t = 0; t < c->team; ++t) total += c->partial[((ptrdiff_t)t * (c->sums + 1) + j) * c->groups + g];
-            c->table[(red + j) * c->groups + g] = total;
+            symbn_group(c, g)[(red + j) * c->cs] = total;
         }
 }
 
@@ -676,9 +692,9 @@ SYMBN_INLINE void symbn_forward_train_run(const struct symbn_call *c, int single
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) {
             symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_0, single, 1, 0, 4, g, 1, symbn_mine(c, 0));
-            symbn_forward_train_group_1(c->table + g, c->groups);
+            symbn_forward_train_group_1(symbn_group(c, g), c->cs);
             symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_1, single, 1, 0, 6, g, 0, symbn_mine(c, 0));
-            symbn_forward_train_group_2(c->table + g, c->groups);
+            symbn_forward_train_group_2(symbn_group(c, g), c->cs);
             symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_2, single, 0, 0, 0, g, 0, symbn_mine(c, 0));
         }
     } else if (c->shape == SYMBN_SCHEDULE_LANES) {
@@ -687,9 +703,9 @@ SYMBN_INLINE void symbn_forward_train_run(const struct symbn_call *c, int single
         for (ptrdiff_t b = first; b < last; ++b) {
             const ptrdiff_t q = b / blocks, p0 = b % blocks * SYMBN_LANES, width = c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES;
             symbn_lanes(c, SYMBN_STEP_FORWARD_TRAIN_0, single, 1, 0, 4, q, p0, width, symbn_mine(c, 0));
-            for (ptrdiff_t k = 0; k < width; ++k) symbn_forward_train_group_1(c->table + q * c->p_count + p0 + k, c->groups);
+            for (ptrdiff_t k = 0; k < width; ++k) symbn_forward_train_group_1(symbn_group(c, q * c->p_count + p0 + k), c->cs);
             symbn_lanes(c, SYMBN_STEP_FORWARD_TRAIN_1, single, 1, 0, 6, q, p0, width, symbn_mine(c, 0));
-            for (ptrdiff_t k = 0; k < width; ++k) symbn_forward_train_group_2(c->table + q * c->p_count + p0 + k, c->groups);
+            for (ptrdiff_t k = 0; k < width; ++k) symbn_forward_train_group_2(symbn_group(c, q * c->p_count + p0 + k), c->cs);
             symbn_lanes(c, SYMBN_STEP_FORWARD_TRAIN_2, single, 0, 0, 0, q, p0, width, symbn_mine(c, 0));
         }
     } else {
@@ -697,13 +713,13 @@ SYMBN_INLINE void symbn_forward_train_run(const struct symbn_call *c, int single
         SYMBN_BARRIER(c->team);
         symbn_add_up(c, 1, 4);
         symbn_share(c->team, c->groups, &first, &last);
-        for (ptrdiff_t g = first; g < last; ++g) symbn_forward_train_group_1(c->table + g, c->groups);
+        for (ptrdiff_t g = first; g < last; ++g) symbn_forward_train_group_1(symbn_group(c, g), c->cs);
         SYMBN_BARRIER(c->team);
         symbn_rows(c, SYMBN_STEP_FORWARD_TRAIN_1, single, 1, 0, 1, symbn_mine(c, 0));
         SYMBN_BARRIER(c->team);
         symbn_add_up(c, 1, 6);
         symbn_share(c->team, c->groups, &first, &last);
-        for (ptrdiff_t g = first; g < last; ++g) symbn_forward_train_group_2(c->table + g, c->groups);
+        for (ptrdiff_t g = first; g < last; ++g) symbn_forward_train_group_2(symbn_group(c, g), c->cs);
         SYMBN_BARRIER(c->team);
         symbn_rows(c, SYMBN_STEP_FORWARD_TRAIN_2, single, 0, 0, 1, symbn_mine(c, 0));
     }
@@ -722,11 +738,13 @@ static int symbn_forward_train_begin(struct symbn_call *c, const struct symbn_fo
     if (status != SYMBN_OK) return status;
     for (ptrdiff_t g = 0; g < c->groups; ++g) {
         const ptrdiff_t p = g % c->p_count;
-        double *const gv = c->table + g;
+        double *const gv = symbn_group(c, g);
+        if (c->shape == SYMBN_SCHEDULE_GROUPS) /* the values the passes compute, until they do (over_group copies them all) */
+            for (int v = 1; v < c->columns; ++v) gv[v] = 0.0;
         gv[0] = c->m;
-        gv[1 * c->groups] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
-        gv[2 * c->groups] = a->beta ? symbn_load(a->beta, p, single) : 0.0; /* beta_g */
-        gv[3 * c->groups] = a->eps; /* eps_g */
+        gv[1 * c->cs] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
+        gv[2 * c->cs] = a->beta ? symbn_load(a->beta, p, single) : 0.0; /* beta_g */
+        gv[3 * c->cs] = a->eps; /* eps_g */
         (void)p;
     }
     (void)single;
@@ -739,15 +757,15 @@ static int symbn_forward_train_end(struct symbn_call *c, int single)
     const struct symbn_forward_train_arrays *a = c->arrays;
     for (ptrdiff_t g = 0; g < c->groups; ++g) {
         const ptrdiff_t p = g % c->p_count;
-        const double *const gv = c->table + g;
-        const ptrdiff_t gs = c->groups;
+        const double *const gv = symbn_group(c, g);
+        const ptrdiff_t gs = c->cs;
         const double mean_g = gv[5 * gs];
         const double var_g = gv[7 * gs];
         a->mean[g] = mean_g;
         a->var[g] = var_g;
         (void)p;
     }
-    const int finite = symbn_finite(c->table + 4 * c->groups, 1 * c->groups)                       & symbn_finite(c->table + 6 * c->groups, 1 * c->groups)                       & symbn_all_finite(a->gamma, c->p_count, single)                       & symbn_all_finite(a->beta, c->p_count, single);
+    const int finite = symbn_finite_column(c, 4)                       & symbn_finite_column(c, 6)                       & symbn_all_finite(a->gamma, c->p_count, single)                       & symbn_all_finite(a->beta, c->p_count, single);
     free(c->table);
     (void)a; (void)single;
     return finite ? SYMBN_OK : SYMBN_ENONFINITE;
@@ -762,9 +780,9 @@ SYMBN_INLINE void symbn_backward_train_run(const struct symbn_call *c, int singl
     if (c->shape == SYMBN_SCHEDULE_GROUPS) {
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) {
-            symbn_backward_train_group_0(c->table + g, c->groups);
+            symbn_backward_train_group_0(symbn_group(c, g), c->cs);
             symbn_over_group(c, SYMBN_STEP_BACKWARD_TRAIN_0, single, 2, 0, 6, g, 1, symbn_mine(c, 0));
-            symbn_backward_train_group_1(c->table + g, c->groups);
+            symbn_backward_train_group_1(symbn_group(c, g), c->cs);
             symbn_over_group(c, SYMBN_STEP_BACKWARD_TRAIN_1, single, 0, 0, 0, g, 0, symbn_mine(c, 0));
         }
     } else if (c->shape == SYMBN_SCHEDULE_LANES) {
@@ -772,20 +790,20 @@ SYMBN_INLINE void symbn_backward_train_run(const struct symbn_call *c, int singl
         symbn_share(c->team, c->q_count * blocks, &first, &last);
         for (ptrdiff_t b = first; b < last; ++b) {
             const ptrdiff_t q = b / blocks, p0 = b % blocks * SYMBN_LANES, width = c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES;
-            for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_train_group_0(c->table + q * c->p_count + p0 + k, c->groups);
+            for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_train_group_0(symbn_group(c, q * c->p_count + p0 + k), c->cs);
             symbn_lanes(c, SYMBN_STEP_BACKWARD_TRAIN_0, single, 2, 0, 6, q, p0, width, symbn_mine(c, 0));
-            for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_train_group_1(c->table + q * c->p_count + p0 + k, c->groups);
+            for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_train_group_1(symbn_group(c, q * c->p_count + p0 + k), c->cs);
             symbn_lanes(c, SYMBN_STEP_BACKWARD_TRAIN_1, single, 0, 0, 0, q, p0, width, symbn_mine(c, 0));
         }
     } else {
         symbn_share(c->team, c->groups, &first, &last);
-        for (ptrdiff_t g = first; g < last; ++g) symbn_backward_train_group_0(c->table + g, c->groups);
+        for (ptrdiff_t g = first; g < last; ++g) symbn_backward_train_group_0(symbn_group(c, g), c->cs);
         SYMBN_BARRIER(c->team);
         symbn_rows(c, SYMBN_STEP_BACKWARD_TRAIN_0, single, 2, 0, 0, symbn_mine(c, 0));
         SYMBN_BARRIER(c->team);
         symbn_add_up(c, 2, 6);
         symbn_share(c->team, c->groups, &first, &last);
-        for (ptrdiff_t g = first; g < last; ++g) symbn_backward_train_group_1(c->table + g, c->groups);
+        for (ptrdiff_t g = first; g < last; ++g) symbn_backward_train_group_1(symbn_group(c, g), c->cs);
         SYMBN_BARRIER(c->team);
         symbn_rows(c, SYMBN_STEP_BACKWARD_TRAIN_1, single, 0, 0, 0, symbn_mine(c, 0));
     }
@@ -804,12 +822,14 @@ static int symbn_backward_train_begin(struct symbn_call *c, const struct symbn_b
     if (status != SYMBN_OK) return status;
     for (ptrdiff_t g = 0; g < c->groups; ++g) {
         const ptrdiff_t p = g % c->p_count;
-        double *const gv = c->table + g;
+        double *const gv = symbn_group(c, g);
+        if (c->shape == SYMBN_SCHEDULE_GROUPS) /* the values the passes compute, until they do (over_group copies them all) */
+            for (int v = 1; v < c->columns; ++v) gv[v] = 0.0;
         gv[0] = c->m;
-        gv[1 * c->groups] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
-        gv[2 * c->groups] = a->eps; /* eps_g */
-        gv[3 * c->groups] = a->mean[g]; /* mean_g */
-        gv[4 * c->groups] = a->var[g]; /* var_g */
+        gv[1 * c->cs] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
+        gv[2 * c->cs] = a->eps; /* eps_g */
+        gv[3 * c->cs] = a->mean[g]; /* mean_g */
+        gv[4 * c->cs] = a->var[g]; /* var_g */
         (void)p;
     }
     (void)single;
@@ -822,15 +842,15 @@ static int symbn_backward_train_end(struct symbn_call *c, int single)
     const struct symbn_backward_train_arrays *a = c->arrays;
     for (ptrdiff_t g = 0; g < c->groups; ++g) {
         const ptrdiff_t p = g % c->p_count;
-        const double *const gv = c->table + g;
-        const ptrdiff_t gs = c->groups;
+        const double *const gv = symbn_group(c, g);
+        const ptrdiff_t gs = c->cs;
         const double red_0 = gv[6 * gs];
         const double red_1 = gv[7 * gs];
         if (a->dgamma) a->dgamma[p] += red_1;
         if (a->dbeta) a->dbeta[p] += red_0;
         (void)p;
     }
-    const int finite = symbn_finite(c->table + 6 * c->groups, 2 * c->groups)                       & symbn_all_finite(a->gamma, c->p_count, single)                       & symbn_all_finite(a->mean, c->groups, 0)                       & symbn_all_finite(a->var, c->groups, 0);
+    const int finite = symbn_finite_column(c, 6)                       & symbn_finite_column(c, 7)                       & symbn_all_finite(a->gamma, c->p_count, single)                       & symbn_all_finite(a->mean, c->groups, 0)                       & symbn_all_finite(a->var, c->groups, 0);
     free(c->table);
     (void)a; (void)single;
     return finite ? SYMBN_OK : SYMBN_ENONFINITE;
@@ -845,7 +865,7 @@ SYMBN_INLINE void symbn_forward_eval_run(const struct symbn_call *c, int single)
     if (c->shape == SYMBN_SCHEDULE_GROUPS) {
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) {
-            symbn_forward_eval_group_0(c->table + g, c->groups);
+            symbn_forward_eval_group_0(symbn_group(c, g), c->cs);
             symbn_over_group(c, SYMBN_STEP_FORWARD_EVAL_0, single, 0, 0, 0, g, 0, symbn_mine(c, 0));
         }
     } else if (c->shape == SYMBN_SCHEDULE_LANES) {
@@ -853,12 +873,12 @@ SYMBN_INLINE void symbn_forward_eval_run(const struct symbn_call *c, int single)
         symbn_share(c->team, c->q_count * blocks, &first, &last);
         for (ptrdiff_t b = first; b < last; ++b) {
             const ptrdiff_t q = b / blocks, p0 = b % blocks * SYMBN_LANES, width = c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES;
-            for (ptrdiff_t k = 0; k < width; ++k) symbn_forward_eval_group_0(c->table + q * c->p_count + p0 + k, c->groups);
+            for (ptrdiff_t k = 0; k < width; ++k) symbn_forward_eval_group_0(symbn_group(c, q * c->p_count + p0 + k), c->cs);
             symbn_lanes(c, SYMBN_STEP_FORWARD_EVAL_0, single, 0, 0, 0, q, p0, width, symbn_mine(c, 0));
         }
     } else {
         symbn_share(c->team, c->groups, &first, &last);
-        for (ptrdiff_t g = first; g < last; ++g) symbn_forward_eval_group_0(c->table + g, c->groups);
+        for (ptrdiff_t g = first; g < last; ++g) symbn_forward_eval_group_0(symbn_group(c, g), c->cs);
         SYMBN_BARRIER(c->team);
         symbn_rows(c, SYMBN_STEP_FORWARD_EVAL_0, single, 0, 0, 1, symbn_mine(c, 0));
     }
@@ -877,13 +897,15 @@ static int symbn_forward_eval_begin(struct symbn_call *c, const struct symbn_for
     if (status != SYMBN_OK) return status;
     for (ptrdiff_t g = 0; g < c->groups; ++g) {
         const ptrdiff_t p = g % c->p_count;
-        double *const gv = c->table + g;
+        double *const gv = symbn_group(c, g);
+        if (c->shape == SYMBN_SCHEDULE_GROUPS) /* the values the passes compute, until they do (over_group copies them all) */
+            for (int v = 1; v < c->columns; ++v) gv[v] = 0.0;
         gv[0] = c->m;
-        gv[1 * c->groups] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
-        gv[2 * c->groups] = a->beta ? symbn_load(a->beta, p, single) : 0.0; /* beta_g */
-        gv[3 * c->groups] = a->eps; /* eps_g */
-        gv[4 * c->groups] = a->mean[p]; /* mean_g */
-        gv[5 * c->groups] = a->var[p]; /* var_g */
+        gv[1 * c->cs] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
+        gv[2 * c->cs] = a->beta ? symbn_load(a->beta, p, single) : 0.0; /* beta_g */
+        gv[3 * c->cs] = a->eps; /* eps_g */
+        gv[4 * c->cs] = a->mean[p]; /* mean_g */
+        gv[5 * c->cs] = a->var[p]; /* var_g */
         (void)p;
     }
     (void)single;
@@ -909,7 +931,7 @@ SYMBN_INLINE void symbn_backward_eval_run(const struct symbn_call *c, int single
     if (c->shape == SYMBN_SCHEDULE_GROUPS) {
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) {
-            symbn_backward_eval_group_0(c->table + g, c->groups);
+            symbn_backward_eval_group_0(symbn_group(c, g), c->cs);
             symbn_over_group(c, SYMBN_STEP_BACKWARD_EVAL_0, single, 2, 0, 7, g, 0, symbn_mine(c, 0));
         }
     } else if (c->shape == SYMBN_SCHEDULE_LANES) {
@@ -917,12 +939,12 @@ SYMBN_INLINE void symbn_backward_eval_run(const struct symbn_call *c, int single
         symbn_share(c->team, c->q_count * blocks, &first, &last);
         for (ptrdiff_t b = first; b < last; ++b) {
             const ptrdiff_t q = b / blocks, p0 = b % blocks * SYMBN_LANES, width = c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES;
-            for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_eval_group_0(c->table + q * c->p_count + p0 + k, c->groups);
+            for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_eval_group_0(symbn_group(c, q * c->p_count + p0 + k), c->cs);
             symbn_lanes(c, SYMBN_STEP_BACKWARD_EVAL_0, single, 2, 0, 7, q, p0, width, symbn_mine(c, 0));
         }
     } else {
         symbn_share(c->team, c->groups, &first, &last);
-        for (ptrdiff_t g = first; g < last; ++g) symbn_backward_eval_group_0(c->table + g, c->groups);
+        for (ptrdiff_t g = first; g < last; ++g) symbn_backward_eval_group_0(symbn_group(c, g), c->cs);
         SYMBN_BARRIER(c->team);
         symbn_rows(c, SYMBN_STEP_BACKWARD_EVAL_0, single, 2, 0, 0, symbn_mine(c, 0));
         SYMBN_BARRIER(c->team);
@@ -943,12 +965,14 @@ static int symbn_backward_eval_begin(struct symbn_call *c, const struct symbn_ba
     if (status != SYMBN_OK) return status;
     for (ptrdiff_t g = 0; g < c->groups; ++g) {
         const ptrdiff_t p = g % c->p_count;
-        double *const gv = c->table + g;
+        double *const gv = symbn_group(c, g);
+        if (c->shape == SYMBN_SCHEDULE_GROUPS) /* the values the passes compute, until they do (over_group copies them all) */
+            for (int v = 1; v < c->columns; ++v) gv[v] = 0.0;
         gv[0] = c->m;
-        gv[1 * c->groups] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
-        gv[2 * c->groups] = a->eps; /* eps_g */
-        gv[3 * c->groups] = a->mean[p]; /* mean_g */
-        gv[4 * c->groups] = a->var[p]; /* var_g */
+        gv[1 * c->cs] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
+        gv[2 * c->cs] = a->eps; /* eps_g */
+        gv[3 * c->cs] = a->mean[p]; /* mean_g */
+        gv[4 * c->cs] = a->var[p]; /* var_g */
         (void)p;
     }
     (void)single;
@@ -961,8 +985,8 @@ static int symbn_backward_eval_end(struct symbn_call *c, int single)
     const struct symbn_backward_eval_arrays *a = c->arrays;
     for (ptrdiff_t g = 0; g < c->groups; ++g) {
         const ptrdiff_t p = g % c->p_count;
-        const double *const gv = c->table + g;
-        const ptrdiff_t gs = c->groups;
+        const double *const gv = symbn_group(c, g);
+        const ptrdiff_t gs = c->cs;
         const double red_0 = gv[7 * gs];
         const double red_1 = gv[8 * gs];
         if (a->dgamma) a->dgamma[p] += red_0;

@@ -47,17 +47,17 @@ def _forward_train(x, gamma, beta, y, mean, var, geo, eps):
     _y = _runtime.view(y, geo)
     # pass 0
     red_0 = _runtime.total(_x)
-    # pass 1: x measured from the shift
+    # pass 1
     mean_g = red_0/m
     shift = _runtime.rounded(mean_g, _w)
     c_0 = -mean_g + shift
     red_1 = _runtime.zeros(geo)
-    _work = _runtime.working(geo, _w, c_0=c_0, shift=shift)
+    _work = _runtime.working(geo, numpy.float64, c_0=c_0, shift=shift)
     for _block, _part in _runtime.blocks(geo):
         _c_0 = _work['c_0'][_part]
         _shift = _work['shift'][_part]
-        x_v = _x[_block] - _shift
-        _s0 = numpy.add(x_v, _c_0, dtype=numpy.float64)
+        x_v = _x[_block]
+        _s0 = numpy.add(x_v, _c_0 - _shift, dtype=numpy.float64)
         numpy.multiply(_s0, _s0, out=_s0)
         red_1[_part] += _runtime.total(_s0)
     # pass 2: x measured from the shift

@@ -23,7 +23,7 @@ import sympy as sp
 from sympy.printing.numpy import NumPyPrinter
 
 from ... import interface
-from ...lower import COUNT, MOMENTUM, SHIFT, Kernel, KernelPlan, group_var
+from ...lower import COUNT, MOMENTUM, SHIFT, X, Assign, Kernel, KernelPlan, group_var
 from ...program import ELEMENT, GROUP, PARAM, SCALAR
 from ...spec import SpecError
 
@@ -253,9 +253,15 @@ def _kernel(plan: KernelPlan, kernel: Kernel) -> dict:
                 shift_defined = True
         temporaries = {a.symbol for a in p.element}
         varying = varying_inputs | temporaries
-        everything = [a.expr for a in (*p.element, *p.sums, *p.params, *p.stores)]
+        summand_dtype = "numpy.float64" if not kernel.transforms else None  # statistics: summands in float64
+        # A pass of the forward's statistics alone sums float64 summands: there x is read as it is
+        # (x_v - shift in the expressions), with the per-group values in float64, one operation fewer.
+        raw = p.framed and summand_dtype is not None and not (p.element or p.params or p.stores)
+        framed_x = p.framed and not raw
+        sums_of = [Assign(a.name, a.expr.xreplace({X: X - SHIFT})) for a in p.sums] if raw else list(p.sums)
+        everything = [a.expr for a in (*p.element, *sums_of, *p.params, *p.stores)]
         per_group = sorted({v for e in everything for v in e.free_symbols} - varying - {COUNT}, key=str)
-        if p.framed:
+        if framed_x:
             per_group = sorted({*per_group, SHIFT}, key=str)
         printer = NumPyKernelPrinter(renamed={v: f"_{v}" for v in per_group})
         reads = {v for e in everything for v in e.free_symbols}
@@ -263,7 +269,7 @@ def _kernel(plan: KernelPlan, kernel: Kernel) -> dict:
         for a in data_inputs:
             if a.var in reads:
                 value = f"_{a.name}[_block]"
-                if a.name == "x" and p.framed:
+                if a.name == "x" and framed_x:
                     value = f"{value} - _shift"
                 elif exact:
                     value = f"{value}.astype(numpy.float64)"
@@ -272,10 +278,9 @@ def _kernel(plan: KernelPlan, kernel: Kernel) -> dict:
         for a in p.element:
             lines += printer.statements(a.expr, a.name, varying)
         sums = []
-        summand_dtype = "numpy.float64" if not kernel.transforms else None  # statistics: summands in float64
         whole = not p.framed and not p.element and not p.params and not p.stores and all(
             a.expr in {x.var for x in data_inputs} for a in p.sums)
-        for j, a in enumerate(p.sums):
+        for j, a in enumerate(sums_of):
             if whole:
                 sums.append({"name": a.name, "lines": [], "summand": f"_{kernel.arg(element_name(a.expr)).name}"})
             elif a.expr.is_Symbol and a.expr in varying:
@@ -294,7 +299,8 @@ def _kernel(plan: KernelPlan, kernel: Kernel) -> dict:
             target = f"{a.name}_v"
             stores.append({"name": a.name, "load": f"{target} = _{a.name}[_block]",
                            "lines": printer.statements(a.expr, target, varying, new=False)})
-        passes.append({"number": number, "framed": p.framed, "group": group_lines, "whole": whole,
+        passes.append({"number": number, "framed": framed_x, "dtype": "numpy.float64" if raw else "_w",
+                       "group": group_lines, "whole": whole,
                        "loop": bool(p.sums or p.params or p.stores), "work": [str(v) for v in per_group],
                        "loads": loads, "lines": lines, "sums": sums, "params": params, "stores": stores})
     final = []
