@@ -192,7 +192,7 @@ def _kernel(norm: str, k: Kernel) -> dict:
     if train:
         for ps in passes:
             if ps["ns"]:
-                finite.append(f"symbn_finite(c->table + {ps['red']} * c->groups, {ps['ns']} * c->groups)")
+                finite.extend(f"symbn_finite_column(c, {ps['red'] + j})" for j in range(ps["ns"]))
         extent = {(ELEMENT, PARAM): "c->pl", (GROUP, PARAM): "c->p_count", (GROUP, DATA): "c->groups"}
         for a in k.inputs:
             if (a.kind, a.role) in extent:
