@@ -117,7 +117,7 @@ def to_text(d: Derivation, form: str = "both", proofs: list[Proof] | None = None
             if p.equation is not None:
                 lines.append(f"      {show(p.equation)}")
             if not p.holds:
-                lines.append(f"      lhs - rhs = {show(p.residual)}")
+                lines.append(f"      lhs - rhs = {'(not simplified)' if p.residual is None else show(p.residual)}")
     return "\n".join(lines) + "\n"
 
 
@@ -163,7 +163,7 @@ def to_json(d: Derivation, form: str = "both", proofs: list[Proof] | None = None
         doc["proofs"] = [
             {"key": p.key, "claim": p.claim, "status": p.status, "method": p.method,
              "equation": None if p.equation is None else _expr_json(p.equation, d),
-             "residual": _expr_json(p.residual, d)}
+             "residual": None if p.residual is None else _expr_json(p.residual, d)}
             for p in proofs
         ]
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
@@ -202,7 +202,7 @@ def document_context(norm, transforms: tuple[str, ...] = ("vjp",)) -> dict:
 
 
 def _shown_proofs(d: Derivation, show: Callable[[sp.Basic], str]) -> list[dict]:
-    return [{"p": p, "equation": None if p.equation is None else show(p.equation), "residual": show(p.residual)}
+    return [{"p": p, "equation": None if p.equation is None else show(p.equation), "residual": None if p.residual is None else show(p.residual)}
             for p in prove(d)]
 
 

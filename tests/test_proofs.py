@@ -1,5 +1,7 @@
 """Each proof's status for every built-in in both modes, the exact residuals of the refuted
 claims (checked numerically here), and negative controls: the decision procedure says no."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import sympy as sp
@@ -57,7 +59,7 @@ def test_orthogonality_residual_is_exact(derivations, symbolic):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("norm", NORMS)
 def test_brute_force_m_1_to_6(derivations, norm, mode):
-    proofs = [p for p in derivations[norm, mode].proofs if p.key.startswith("brute_force")]
+    proofs = [p for p in prove(derivations[norm, mode]) if p.key.startswith("brute_force")]
     assert [p.key for p in proofs] == [f"brute_force[m={n}]" for n in range(1, 7)]
     assert all(p.holds for p in proofs)
 
@@ -69,12 +71,30 @@ def test_vanishes_says_no_to_a_wrong_identity(derivations):
     assert not vanishes(sp.Sum(d.symbols["x"][I], (I, 1, M)), d.symbols["eps"])
 
 
-def test_brute_force_catches_a_corrupted_derivation():
+def corrupted(d, name="x", keep=2):
+    """``d`` with the step of name's adjoint missing its last paths (batch norm: the one through the mean)."""
+    level = d.levels[-1]
+    target = level.derived[name]
+    steps = tuple(replace(s, definition=sp.Add(*(t.expr for t in level.terms[name][:keep]))) if s.name == target else s
+                  for s in level.program.steps)
+    return replace(d, levels=(*d.levels[:-1], replace(level, program=replace(level.program, steps=steps))))
+
+
+def test_brute_force_and_direct_catch_a_corrupted_derivation():
+    from symbn.prove import _against_direct, _brute_force
     d = derive("batchnorm")
-    d.terms["x"] = d.terms["x"][:2]  # drop the path through the mean
-    from symbn.prove import _brute_force
-    assert not _brute_force(d, 3).holds
-    assert _brute_force(derive("batchnorm"), 3).holds
+    assert _brute_force(d, 3).holds
+    bad = corrupted(d)
+    assert not _brute_force(bad, 3).holds
+    assert not next(p for p in _against_direct(bad) if p.key == "paper_equals_direct[x]").holds
+
+
+def test_order_2_proofs_catch_a_corrupted_double_backward():
+    from symbn.prove import _against_direct, _brute_force
+    d = derive("batchnorm", order=2)
+    bad = corrupted(d, "mean", keep=3)  # one path into the mean's second-order adjoint dropped
+    assert not _brute_force(bad, 2).holds
+    assert not next(p for p in _against_direct(bad) if p.key == "paper_equals_direct[x]").holds
 
 
 def test_a_spec_the_engine_never_saw():
