@@ -254,7 +254,9 @@ class Derivation:
 
     @property
     def symbols(self) -> dict[str, sp.Basic]:
-        return {**self.program.symbols, "i": I, "k": K, "m": M}
+        """Every quantity of every level by name, and the indices and m."""
+        programs = (self.levels[0].source, *(level.program for level in self.levels))
+        return {name: symbol for p in programs for name, symbol in p.symbols.items()} | {"i": I, "k": K, "m": M}
 
     @property
     def notation(self) -> Mapping[sp.Basic, Notation]:
@@ -269,13 +271,20 @@ class Derivation:
     def stats(self) -> tuple[str, ...]:
         return self.norm.stat_names
 
+    def _holder(self, name: str) -> Program:
+        """The program that has ``name``: the last one, else an earlier one (the forward's y)."""
+        for p in (self.program, *(level.source for level in reversed(self.levels))):
+            if any(q.name == name for q in (*p.inputs, *p.steps)):
+                return p
+        raise KeyError(name)
+
     def kind(self, name: str) -> str:
-        """``"element"`` or ``"group"`` for a named quantity of the last program."""
-        return self.program.quantity(name).kind
+        """``"element"`` or ``"group"`` for a named quantity of any level."""
+        return self._holder(name).quantity(name).kind
 
     def value(self, name: str) -> sp.Expr:
-        """A named quantity as it appears at element index i."""
-        return self.program.value(name)
+        """A named quantity of any level as it appears at element index i."""
+        return self._holder(name).value(name)
 
     def adjoint(self, name: str) -> sp.Expr:
         """The last level's adjoint (or tangent) of ``name`` as it appears at element index i."""

@@ -154,7 +154,7 @@ def _against_direct(d: Derivation) -> list[Proof]:
     last = d.levels[-1]
     return [
         _proof(d, f"paper_equals_direct[{name}]",
-               f"staged {_what(d, name)} equals direct differentiation of the fully expanded forward",
+               f"{_staged(d)} {_what(d, name)} equals direct differentiation of the fully expanded forward",
                None, None, d.inline(d.adjoint(name)), direct[last.derived[name]], residual=d.order == 1)
         for name in d.outputs
     ]
@@ -167,9 +167,13 @@ def _what(d: Derivation, name: str) -> str:
     return f"the {'adjoint' if d.levels[-1].kind == 'vjp' else 'tangent'} of {name} ({', '.join(d.transforms)})"
 
 
+def _staged(d: Derivation) -> str:
+    return "paper form of" if d.transforms == ("vjp",) else "staged"
+
+
 def _against_compact(d: Derivation) -> list[Proof]:
     return [
-        _proof(d, f"paper_equals_compact[{name}]", f"staged {_what(d, name)} equals the compact form",
+        _proof(d, f"paper_equals_compact[{name}]", f"{_staged(d)} {_what(d, name)} equals the compact form",
                d.adjoint(name), d.compact[name], d.inline(d.adjoint(name)), d.inline(d.compact[name]), residual=d.order == 1)
         for name in d.outputs
     ]
@@ -181,7 +185,7 @@ def _vanishing_terms(d: Derivation) -> list[Proof]:
     stats = set(d.stats)
     return [
         _proof(d, f"vanishing_term[{name}<-{term.via}]",
-               f"the term through {term.via} in the {d.levels[-1].kind} of {name} is identically zero",
+               f"the term through {term.via} in {_what(d, name)} is identically zero",
                term.local, sp.S.Zero, d.inline(term.local), sp.S.Zero)
         for name, terms in d.terms.items()
         if name in stats
@@ -205,11 +209,11 @@ def _invariances(d: Derivation) -> list[Proof]:
     sum_dx = group_sum(dx.xreplace({I: i}), i)
     sum_dx_xhat = group_sum((dx * xhat).xreplace({I: i}), i)
     return [
-        _proof(d, "sum_dx_zero", "the adjoint of x sums to zero over the group: no component along a shift of x",
+        _proof(d, "sum_dx_zero", f"{_what(d, 'x')} sums to zero over the group: no component along a shift of x",
                group_sum(shown_dx, I), 0, sum_dx, 0),
-        _proof(d, "sum_dx_xhat_zero", "the adjoint of x is orthogonal to xhat: no component along a rescaling, exactly, for eps > 0",
+        _proof(d, "sum_dx_xhat_zero", f"{_what(d, 'x')} is orthogonal to xhat: no component along a rescaling, exactly, for eps > 0",
                group_sum(shown_dx * shown_xhat, I), 0, sum_dx_xhat, 0),
-        _proof(d, "sum_dx_xhat_zero_eps0", "the adjoint of x is orthogonal to xhat at eps = 0",
+        _proof(d, "sum_dx_xhat_zero_eps0", f"{_what(d, 'x')} is orthogonal to xhat at eps = 0",
                group_sum(shown_dx * shown_xhat, I), 0, sum_dx_xhat, 0, at={eps: 0}),
     ]
 
@@ -248,8 +252,10 @@ def _brute_force(d: Derivation, n: int) -> Proof:
         for j in range(n) if d.program.quantity(output).kind == ELEMENT else [0]:
             mine = engine.xreplace({I: j + 1}).doit().xreplace(explicit)
             holds &= vanishes(mine - values[output][j], d.symbols["eps"])
-    claim = (f"at m = {n}: every output of the last program, at every element, equals the chain "
-             f"{', '.join(d.transforms)} done by sympy.diff on the forward written out")
+    claim = (f"at m = {n}: dl/dx (every element), dl/dgamma and dl/dbeta equal sympy.diff of the forward written out"
+             if d.transforms == ("vjp",) and d.outputs == ("x", "gamma", "beta") else
+             f"at m = {n}: every output of the last program, at every element, equals the chain {', '.join(d.transforms)} "
+             "done by sympy.diff on the forward written out")
     return Proof(f"brute_force[m={n}]", claim, None, holds, sp.S.Zero, BRUTE)
 
 
