@@ -111,6 +111,14 @@ class Program:
         """The quantities ``step``'s definition reads, inputs and steps alike."""
         return [q.name for q in (*self.inputs, *self.steps) if q.name != step.name and step.definition.has(self.symbol(q.name))]
 
+    def frozen(self, names: tuple[str, ...]) -> Program:
+        """The program with the steps ``names`` turned into inputs nothing differentiates: what a
+        framework computes when it saves a statistic without its history (PyTorch's native batch
+        norm saves mean and 1/σ that way, so its derivatives of order 3 miss their paths)."""
+        steps = [s for s in self.steps if s.name in names]
+        inputs = (*self.inputs, *(Input(s.name, s.kind, s.role, s.target, False) for s in steps))
+        return Program(inputs, tuple(s for s in self.steps if s.name not in names), self.outputs, self.notation, self.level)
+
     def live(self) -> Program:
         """The program without the steps no output needs."""
         needed = set(self.outputs)
