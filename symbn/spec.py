@@ -58,7 +58,9 @@ _KERNEL_NAMES = frozenset("""
     requested_threads row running s s_count saved schedule self set_threads shape shift signatures
     simd size size_t spatial start stats status step suffix summand sums t team team_size text
     thread_id threads total totals u units updatable update_running v value values width work
-    writable x_v xhat_v xv y_v yv
+    writable x_v xhat_v xv y_v yv acc always_inline call columns count cs extra first g0 gs gstride gv
+    in_memory labels last limit mode ns outputs param parameters params ps red reduced rows single ss
+    staticmethod strand symbols table
 """.split())
 """Every identifier the generated Python and C use (arguments, locals, functions, keyword
 arguments; tests/test_security.py checks the list against ``generated/``). A statistic's name
@@ -134,6 +136,12 @@ def reserved_reason(name: str) -> str | None:
         return f"is reserved: it starts with {prefix!r}, a prefix of the generated code's own names ({', '.join(RESERVED_PREFIXES)})"
     if re.fullmatch(r"d[0-9].*", name):
         return "is reserved: d followed by a digit is the form of adjoint names"
+    if re.fullmatch(r"t[0-9].*", name):
+        return "is reserved: t followed by a digit is the form of tangent names and the kernels' temporaries"
+    if re.search(r"_[gv]\Z", name):
+        return "is reserved: the kernels name a quantity's per-group and per-element values <name>_g and <name>_v"
+    if re.match(r"(forward|backward|vjp|jvp)", name):
+        return "is reserved: kernels are named forward_*, backward*_*, vjp_*, jvp_*"
     return None
 
 

@@ -308,9 +308,11 @@ def test_limits_that_hold_still_build():
 def test_reserved_covers_every_identifier_of_the_generated_code():
     """Every name the committed kernels use (not an attribute after a dot) is reserved, or is a
     built-in's own statistic or norm name: a statistic can collide with none of them."""
-    own = {s for norm in BUILTINS.values() for s in norm.stat_names} | set(BUILTINS)
+    own = {s for norm in BUILTINS.values() for s in norm.stat_names} | set(BUILTINS) | {f"{n}_backward2" for n in BUILTINS}
     used = set()
     for path in (ROOT / "generated").glob("*.py"):
+        if path.name == "_runtime.py":
+            continue  # generic: it reads names from the per-plan tables as strings, never a statistic's as an identifier
         tokens = list(tokenize.generate_tokens(io.StringIO(path.read_text()).readline))
         used |= {t.string for j, t in enumerate(tokens) if t.type == tokenize.NAME and not (j and tokens[j - 1].string == ".")}
     for path in [*(ROOT / "generated").glob("*.c"), *(ROOT / "generated").glob("*.h")]:
