@@ -223,6 +223,12 @@ def _output(p: Program, name: str) -> Arg:
     return Arg(name, q.kind, q.role, not (q.kind == ELEMENT and q.role == DATA))
 
 
+def _almost_everywhere(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with its Dirac deltas dropped: the derivative of sign(u) (from |u|, at order 2) is
+    0 wherever it is defined, which is what a kernel computes, as PyTorch's autograd does."""
+    return expr.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.S.Zero)
+
+
 def _inlined(expr: sp.Expr, definitions: dict[sp.Basic, sp.Expr]) -> sp.Expr:
     """``expr`` with the per-element steps in ``definitions`` replaced by their definitions."""
     for _ in range(len(definitions) + 1):
@@ -270,7 +276,7 @@ def _lower(name: str, mode: str, transforms: tuple[str, ...], inputs: list[Arg],
         return _to_vars(expr.replace(lambda e: isinstance(e, sp.Sum), reduction), names)
 
     group = [Assign(group_var(s.name).name, reduced(s.definition)) for s in group_steps]
-    results = [(arg, reduced(expr)) for arg, expr in outputs]
+    results = [(arg, reduced(_almost_everywhere(expr))) for arg, expr in outputs]
     temporaries = [Assign(element_var(names[base]).name, reduced(definition)) for base, definition in elements.items()]
     read = set().union(*(a.expr.free_symbols for a in (*group, *sums, *temporaries)), *(e.free_symbols for _, e in results))
     inputs = [a for a in inputs if a.name == "x" or a.var in read]
