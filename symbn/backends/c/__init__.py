@@ -155,6 +155,8 @@ def _kernel(norm: str, k: Kernel) -> dict:
         if ps.framed:
             raise ValueError("the C backend takes plans lowered with frame=False")
         columns += [g.name for g in ps.group] + [s.name for s in ps.sums]
+    # a group param output's value per group, summed over q into its array by `end`, in order
+    columns += [a.name for a in k.final if a.name in outputs and k.arg(a.name).role == PARAM and a.expr != 0]
     index = {name: j for j, name in enumerate(columns)}
     if len(index) != len(columns):
         raise ValueError(f"{k.name}: a per-group value is defined twice: {columns}")
@@ -187,6 +189,8 @@ def _kernel(norm: str, k: Kernel) -> dict:
         pbase += len(ps.params)
     del first_column
     final = _final(k, index, outputs)
+    final["sums"] = [{"name": a.name, "column": index[a.name]} for a in k.final
+                     if a.name in outputs and k.arg(a.name).role == PARAM and a.expr != 0]
     train = k.mode == "train"
     finite = []
     if train:
@@ -300,7 +304,5 @@ def _final(k: Kernel, index: dict[str, int], outputs: set[str]) -> dict:
         if out.role == DATA:
             lines.append(f"a->{a.name}[g] = {doprint(a.expr)};")
         elif a.expr != 0:  # a zero contribution to a parameter's sum is no work
-            lines.append(f"if (a->{a.name}) a->{a.name}[p] += {doprint(a.expr)};")
-    return {"reads": reads, "lines": lines,
-            "uses_p": any("[p]" in line for line in lines), "uses_g": any("[g]" in line for line in lines),
-            "uses_a": any("a->" in line for line in lines)}
+            lines.append(f"gv[{index[a.name]} * gs] = {doprint(a.expr)}; /* {a.name}, summed over q by end */")
+    return {"reads": reads, "lines": lines}
