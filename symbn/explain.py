@@ -364,6 +364,7 @@ def higher_order(norm: Norm, batch: dict, m: int, seed: int) -> dict:
     out["torch"], out["op"], out["note"] = torch["torch"], torch.get("op"), torch["note"]
     order3: dict = {"transforms": ["vjp"] * 3, "outputs": list(outputs),
                     "outputs_text": {o: text(p3.value(o), p3.notation) for o in outputs},
+                    "outputs_latex": {o: latex(p3.value(o), p3.notation) for o in outputs},
                     "inputs": {n: _flat(v, _size(p3, n, m)).tolist() for n, v in values.items() if n not in given},
                     "symbn": {o: v.tolist() for o, v in symbn.items()},
                     "symbn_vs_fd": _compare(symbn, _fd_reverse(last, values, m), outputs),
@@ -429,6 +430,7 @@ def higher_order(norm: Norm, batch: dict, m: int, seed: int) -> dict:
     torch = _torch_chains(norm, ("jvp", "jvp"), pj, values, shape, options, m)
     nested: dict = {"transforms": ["jvp"] * 2, "outputs": list(outputs),
                     "outputs_text": {o: text(pj.value(o), pj.notation) for o in outputs},
+                    "outputs_latex": {o: latex(pj.value(o), pj.notation) for o in outputs},
                     "symbn": {o: v.tolist() for o, v in symbn.items()},
                     "symbn_vs_fd": _compare(symbn, _fd_forward(dj.levels[-1], values, m), outputs),
                     "symbn_vs_plain": None if torch["plain"] is None else _compare(symbn, torch["plain"], outputs),
@@ -458,6 +460,7 @@ def higher_order(norm: Norm, batch: dict, m: int, seed: int) -> dict:
         o = outputs[0]
         contribution = _flat(moved[o], _size(pj, o, m)) - _flat(base[o], _size(pj, o, m))
         parts.append({"stat": s, "tangent": tangent_name(s, 2), "tangent_text": text(dj.program.symbol(tangent_name(s, 2)), dj.notation),
+                      "tangent_latex": latex(dj.program.symbol(tangent_name(s, 2)), dj.notation),
                       "tangent_value": float(np.ravel(exact.values[tangent_name(s, 2)])[0]),
                       "contribution": contribution.tolist(), "norm": float(np.linalg.norm(contribution))})
     o = outputs[0]
@@ -630,8 +633,20 @@ def to_latex(e: Explanation) -> str:
                   for j, s in enumerate(stats)],
         "edges": [{"src": a, "dst": b, "bend": 45 if f"vanishing_term[{a}<-{b}]" in vanishing else 0, "vanishes": f"vanishing_term[{a}<-{b}]" in vanishing} for a, b in edges],
     }
+    h, rows, x_out = n.get("higher_order"), [], None
+    if h:
+        o3, nj = h["order3"], h["nested_jvp"]
+        x_out = o3["outputs_latex"][o3["dropped"]["output"]]
+        fmt = lambda v: "--" if v is None else f"{v:.1e}"  # noqa: E731
+        for name, block, only in ((rf"vjp$^3$, all {len(o3['outputs'])} outputs", o3, None),
+                                  (rf"\quad ${x_out}$ alone", o3, o3["dropped"]["output"]),
+                                  ("jvp(jvp), $" + ", ".join(nj["outputs_latex"].values()) + "$", nj, None)):
+            pick = (lambda c: None if c is None else c["rel_err"]) if only is None else (lambda c: None if c is None else c["per_output"][only])  # noqa: E731
+            rows.append({"name": name, **{k: fmt(pick(block[key])) for k, key in
+                                          (("fd", "symbn_vs_fd"), ("plain", "symbn_vs_plain"), ("native", "native_vs_plain"))}})
     return environment("latex").get_template("report.tex.j2").render(
-        **document_context(e.norm), numbers=n, drift=n["bias_drift"], graph=graph)
+        **document_context(e.norm), numbers=n, drift=n["bias_drift"], graph=graph, semantics=n["semantics"],
+        higher=h, higher_rows=rows, higher_x=x_out)
 
 
 class LatexError(RuntimeError):
