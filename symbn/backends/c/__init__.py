@@ -193,10 +193,9 @@ def _kernel(norm: str, k: Kernel) -> dict:
                      if a.name in outputs and k.arg(a.name).role == PARAM and a.expr != 0]
     train = k.mode == "train"
     finite = []
+    sums_checked = [ps["red"] + j for ps in passes for j in range(ps["ns"])] if train else []
     if train:
-        for ps in passes:
-            if ps["ns"]:
-                finite.extend(f"symbn_finite_column(c, {ps['red'] + j})" for j in range(ps["ns"]))
+        finite.append("symbn_unflagged(c)")
         extent = {(ELEMENT, PARAM): "c->pl", (GROUP, PARAM): "c->p_count", (GROUP, DATA): "c->groups"}
         for a in k.inputs:
             if (a.kind, a.role) in extent:
@@ -224,7 +223,7 @@ def _kernel(norm: str, k: Kernel) -> dict:
         "passes": passes, "final": final,
         "nsums": max([p["ns"] for p in passes] + [0]),
         "params": [{"name": name, "index": j} for name, j in param_index.items()],
-        "finite": finite,
+        "finite": finite, "checked": sums_checked,
         "ahead_rows": not k.transforms,
     }
 
