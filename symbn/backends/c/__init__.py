@@ -2,7 +2,7 @@
 
 Layout of the backend (SymForce's): this module holds the printer (:data:`PRINTER`), the files it
 writes (:data:`FILES`), whether its plans are framed (:data:`FRAME`), the schedule rule
-(:func:`choose_schedule`) and :func:`context`, which turns a :class:`~symbn.lower.KernelPlan`
+(:func:`choose_schedule`), its templates folder (:data:`TEMPLATES`) and :func:`context`, which turns a :class:`~symbn.lower.KernelPlan`
 into what the templates under ``templates/`` print. The templates know no mathematics: every
 expression arrives as C text from here; the context knows no loops: the loop shapes are the
 plain C drivers at the top of ``kernels.c.j2``.
@@ -82,8 +82,9 @@ class CKernelPrinter(C99CodePrinter):
         return super()._print_Pow(expr)
 
 
-PRINTER = CKernelPrinter()
-"""The printer (an instance): ``PRINTER.doprint(expr)`` is the C text of a plan's expression."""
+PRINTER = CKernelPrinter
+"""The printer class (the registry's convention); :func:`context` prints with one instance of it."""
+_PRINT = CKernelPrinter().doprint
 
 
 def choose_schedule(kernel: Kernel | None, outer: int, q: int, p: int, l: int, s: int, threads: int) -> int:
@@ -239,7 +240,7 @@ def _reads(exprs, defined: set[str], index: dict[str, int], what: str) -> list[d
 
 def _pass(k: Kernel, j: int, ps: Pass, index: dict[str, int], element_inputs: dict, load_element, red: int, pbase: int) -> dict:
     """One pass: its per-group function and its member function."""
-    doprint = PRINTER.doprint
+    doprint = _PRINT
     name = f"symbn_{k.name}_{j}"
     group = None
     if ps.group:
@@ -293,7 +294,7 @@ def _pass(k: Kernel, j: int, ps: Pass, index: dict[str, int], element_inputs: di
 
 def _final(k: Kernel, index: dict[str, int], outputs: set[str]) -> dict:
     """Per group after the last pass: the group steps left, then each group output."""
-    doprint = PRINTER.doprint
+    doprint = _PRINT
     steps = [a for a in k.final if a.name not in outputs]
     results = [a for a in k.final if a.name in outputs]
     reads = _reads([a.expr for a in k.final], {a.name for a in steps}, index, f"{k.name} final")
