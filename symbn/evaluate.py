@@ -98,12 +98,6 @@ def _total(body, m: int):
     return np.sum(body) if np.ndim(body) else body * m
 
 
-def _outermost_sums(expr: sp.Expr) -> list[sp.Sum]:
-    if isinstance(expr, sp.Sum):
-        return [expr]
-    return [s for arg in expr.args for s in _outermost_sums(arg)]
-
-
 def _environment(program: Program, inputs: Mapping[str, object], m: int | None) -> dict[sp.Basic, object]:
     missing = [q.name for q in program.inputs if q.name not in inputs]
     if missing:

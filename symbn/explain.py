@@ -28,7 +28,7 @@ import numpy as np
 import sympy as sp
 
 from .build import load, module
-from .derive import Derivation, Level, adjoint_name, derive, jvp, tangent_name, vjp
+from .derive import Derivation, Level, derive, jvp, tangent_name, vjp
 from .evaluate import compile_program, evaluate, evaluate_derivation, evaluate_level
 from .jinja import environment
 from .notation import latex, text
@@ -255,8 +255,9 @@ def _torch_chains(norm: Norm, transforms: tuple[str, ...], program: Program, val
     """The plain-ops reference and PyTorch's own op, ``transforms`` chained, on the group: outputs
     as flat vectors, or a note saying why there is none."""
     try:
-        from . import oracles
         import torch
+
+        from . import oracles
     except ImportError:
         return {"torch": None, "plain": None, "native": None, "note": "PyTorch is not installed (pip install 'symbn[torch]')"}
     inputs = _torch_values(program, values, shape)
