@@ -234,7 +234,7 @@ class Kernels(_runtime.Kernels):
     from groupnorm_backward2.c; the same semantics."""
 
     NORM, NAME, LAYOUT, STATS, UNBIASED, KERNELS = NORM, NAME, LAYOUT, STATS, UNBIASED, KERNELS
-    THREADS = 'symbn_groupnorm_set_num_threads'
+    THREADS = 'symbn_groupnorm_backward2_set_num_threads'
 
     def backward2_train(self, d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, eps=1e-5, *, normalized_shape=None, num_groups=None, out=None):
         """backward2_train(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, eps=1e-5, *, normalized_shape=None, num_groups=None, out=None) -> (d2_x, d2_gamma, d2_beta, d2_dy)"""

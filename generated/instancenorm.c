@@ -35,7 +35,7 @@
 #define SYMBN_STRANDS 16
 #define SYMBN_AHEAD_ROWS 2
 #define SYMBN_SMALL 65536
-#define SYMBN_COLUMNS 11 /* per-group values of the widest kernel */
+#define SYMBN_COLUMNS 13 /* per-group values of the widest kernel */
 #define SYMBN_REDUCED 2 /* sums and parameter gradients of the widest pass */
 
 #ifdef _OPENMP
@@ -68,6 +68,7 @@ struct symbn_call {
                                         [group][column] (GROUPS: a group's values in one or two cache lines) */
     double *partial;                 /* ROWS: [thread][sum][group] partial sums */
     double *pgrad;                   /* [thread][parameter gradient][p * l_count + l] */
+    double *flags;                   /* [thread]: 1 where a sum the thread made was not finite */
     const void *arrays;              /* the kernel's struct symbn_<kernel>_arrays */
 };
 
@@ -141,13 +142,13 @@ static int symbn_start(struct symbn_call *c, const void *arrays, ptrdiff_t outer
     c->gstride = c->shape == SYMBN_SCHEDULE_GROUPS ? columns : 1;
     if (!symbn_times(columns, c->groups, limit, &table) || !symbn_times((ptrdiff_t)c->team * (sums + 1), c->groups, limit, &partial) ||
         !symbn_times((ptrdiff_t)c->team * (params + 1), c->pl, limit, &pgrad) || table > limit - partial ||
-        table + partial > limit - pgrad) return SYMBN_ESIZE;
+        table + partial > limit - pgrad - c->team) return SYMBN_ESIZE;
     if (c->shape != SYMBN_SCHEDULE_ROWS) partial = 0;
     /* begin fills the table; ROWS zeroes its partial sums per pass */
-    c->table = malloc((size_t)(table + partial + pgrad) * sizeof(double));
+    c->table = malloc((size_t)(table + partial + pgrad + c->team) * sizeof(double));
     if (!c->table) return SYMBN_ENOMEM;
-    c->partial = c->table + table, c->pgrad = c->partial + partial;
-    for (ptrdiff_t k = 0; k < pgrad; ++k) c->pgrad[k] = 0.0;
+    c->partial = c->table + table, c->pgrad = c->partial + partial, c->flags = c->pgrad + pgrad;
+    for (ptrdiff_t k = 0; k < pgrad + c->team; ++k) c->pgrad[k] = 0.0;
     return SYMBN_OK;
 }
 
@@ -200,12 +201,12 @@ static inline int symbn_all_finite(const void *array, ptrdiff_t count, int singl
     return finite;
 }
 
-/* Whether column v of the table holds finite values only. */
-static inline int symbn_finite_column(const struct symbn_call *c, int v)
+/* Whether every sum the threads made was finite (none flagged one that was not). */
+static inline int symbn_unflagged(const struct symbn_call *c)
 {
-    int finite = 1;
-    for (ptrdiff_t g = 0; g < c->groups; ++g) finite &= isfinite(c->table[v * c->cs + g * c->gstride]) != 0;
-    return finite;
+    int flagged = 0;
+    for (int t = 0; t < c->team; ++t) flagged |= c->flags[t] != 0.0;
+    return !flagged;
 }
 
 /* ---- the element code of each pass, for one member ----
@@ -573,18 +574,17 @@ SYMBN_INLINE void symbn_run(const struct symbn_call *c, int step, int single, in
     }
 }
 
-/* GROUPS: one pass over group g, every n, its run, with the group's values in a local copy; the
-   sums into the table's columns red.., the parameter gradients into mine. `ahead`: ask for the
-   next group on the way. */
+/* GROUPS: one pass over group g, every n, its run; the group's values in gv[column] (a local
+   array), its sums into gv[red..]; the parameter gradients into mine. `ahead`: ask for the next
+   group on the way. */
 SYMBN_INLINE void symbn_over_group(const struct symbn_call *c, int step, int single, int ns, int np, int red,
-                                   ptrdiff_t g, int ahead, double *mine)
+                                   ptrdiff_t g, double *gv, int ahead, double *mine)
 {
     const ptrdiff_t p = g % c->p_count, q = g / c->p_count, next = ahead && g + 1 < c->groups ? c->ls : 0;
-    double gv[SYMBN_COLUMNS], total[SYMBN_REDUCED + 1] = {0.0};
-    for (int v = 0; v < c->columns; ++v) gv[v] = symbn_group(c, g)[v * c->cs];
+    double total[SYMBN_REDUCED + 1] = {0.0};
     for (ptrdiff_t n = 0; n < c->outer; ++n)
         symbn_run(c, step, single, ns, np, gv, ((n * c->q_count + q) * c->p_count + p) * c->ls, p, next, total, mine);
-    for (int j = 0; j < ns; ++j) symbn_group(c, g)[(red + j) * c->cs] = total[j];
+    for (int j = 0; j < ns; ++j) gv[red + j] = total[j];
 }
 
 /* LANES: one pass over the `width` groups of one q from p0, lane k the group of p0 + k; the sums
@@ -665,10 +665,10 @@ static inline void symbn_add_up(const struct symbn_call *c, int ns, int red)
         }
 }
 
-/* This thread's parameter gradients, from the kernel's `base`-th */
-static double *symbn_mine(const struct symbn_call *c, int base)
+/* This thread's parameter gradients: [parameter gradient][p * l_count + l] */
+static double *symbn_mine(const struct symbn_call *c)
 {
-    return c->pgrad + ((ptrdiff_t)symbn_thread(c->team) * (c->params + 1) + base) * c->pl;
+    return c->pgrad + (ptrdiff_t)symbn_thread(c->team) * (c->params + 1) * c->pl;
 }
 
 /* Each parameter gradient summed over the threads, added into `out` (NULL: not wanted). */
@@ -684,88 +684,112 @@ static inline void symbn_add_params(const struct symbn_call *c, int j, double *o
 
 /* ---- forward_train: the passes in order, in each loop shape ---- */
 
+/* forward_train: the inputs of group g (parameter p) into its values gv[column * gs] */
+SYMBN_INLINE void symbn_forward_train_load(const struct symbn_call *c, int single, double *gv, ptrdiff_t gs, ptrdiff_t g, ptrdiff_t p)
+{
+    const struct symbn_forward_train_arrays *a = c->arrays;
+    gv[0] = c->m;
+    gv[1 * gs] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
+    gv[2 * gs] = a->beta ? symbn_load(a->beta, p, single) : 0.0; /* beta_g */
+    gv[3 * gs] = a->eps; /* eps_g */
+    (void)a; (void)g; (void)p; (void)single;
+}
+
+/* forward_train: group g's outputs, after the last pass, from its values gv[column * gs];
+   1 where one of its sums is not finite */
+SYMBN_INLINE int symbn_forward_train_final(const struct symbn_call *c, double *gv, ptrdiff_t gs, ptrdiff_t g)
+{
+    const struct symbn_forward_train_arrays *a = c->arrays;
+    const double mean_g = gv[5 * gs];
+    const double var_g = gv[7 * gs];
+    a->mean[g] = mean_g;
+    a->var[g] = var_g;
+    (void)a; (void)g;
+    return !(isfinite(gv[4 * gs]) && isfinite(gv[6 * gs]));
+}
+
 /* This thread's share of every pass of forward_train. */
 SYMBN_INLINE void symbn_forward_train_run(const struct symbn_call *c, int single)
 {
+    double *const mine = symbn_mine(c); /* this thread's parameter gradients */
     ptrdiff_t first, last;
+    int flagged = 0;
     if (c->shape == SYMBN_SCHEDULE_GROUPS) {
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) {
-            symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_0, single, 1, 0, 4, g, 1, symbn_mine(c, 0));
-            symbn_forward_train_group_1(symbn_group(c, g), c->cs);
-            symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_1, single, 1, 0, 6, g, 0, symbn_mine(c, 0));
-            symbn_forward_train_group_2(symbn_group(c, g), c->cs);
-            symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_2, single, 0, 0, 0, g, 0, symbn_mine(c, 0));
+            double gv[SYMBN_COLUMNS] = {0.0}; /* the group's values, here while it is made; then in the table for end */
+            symbn_forward_train_load(c, single, gv, 1, g, g % c->p_count);
+            symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_0, single, 1, 0, 4, g, gv, 1, mine + 0 * c->pl);
+            symbn_forward_train_group_1(gv, 1);
+            symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_1, single, 1, 0, 6, g, gv, 0, mine + 0 * c->pl);
+            symbn_forward_train_group_2(gv, 1);
+            symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_2, single, 0, 0, 0, g, gv, 0, mine + 0 * c->pl);
+            flagged |= symbn_forward_train_final(c, gv, 1, g);
+            for (int v = 0; v < c->columns; ++v) symbn_group(c, g)[v] = gv[v];
         }
     } else if (c->shape == SYMBN_SCHEDULE_LANES) {
         const ptrdiff_t blocks = (c->p_count + SYMBN_LANES - 1) / SYMBN_LANES;
         symbn_share(c->team, c->q_count * blocks, &first, &last);
         for (ptrdiff_t b = first; b < last; ++b) {
             const ptrdiff_t q = b / blocks, p0 = b % blocks * SYMBN_LANES, width = c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES;
-            symbn_lanes(c, SYMBN_STEP_FORWARD_TRAIN_0, single, 1, 0, 4, q, p0, width, symbn_mine(c, 0));
+            for (ptrdiff_t k = 0; k < width; ++k) symbn_forward_train_load(c, single, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k, p0 + k);
+            symbn_lanes(c, SYMBN_STEP_FORWARD_TRAIN_0, single, 1, 0, 4, q, p0, width, mine + 0 * c->pl);
             for (ptrdiff_t k = 0; k < width; ++k) symbn_forward_train_group_1(symbn_group(c, q * c->p_count + p0 + k), c->cs);
-            symbn_lanes(c, SYMBN_STEP_FORWARD_TRAIN_1, single, 1, 0, 6, q, p0, width, symbn_mine(c, 0));
+            symbn_lanes(c, SYMBN_STEP_FORWARD_TRAIN_1, single, 1, 0, 6, q, p0, width, mine + 0 * c->pl);
             for (ptrdiff_t k = 0; k < width; ++k) symbn_forward_train_group_2(symbn_group(c, q * c->p_count + p0 + k), c->cs);
-            symbn_lanes(c, SYMBN_STEP_FORWARD_TRAIN_2, single, 0, 0, 0, q, p0, width, symbn_mine(c, 0));
+            symbn_lanes(c, SYMBN_STEP_FORWARD_TRAIN_2, single, 0, 0, 0, q, p0, width, mine + 0 * c->pl);
+            for (ptrdiff_t k = 0; k < width; ++k) flagged |= symbn_forward_train_final(c, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k);
         }
     } else {
-        symbn_rows(c, SYMBN_STEP_FORWARD_TRAIN_0, single, 1, 0, 1, symbn_mine(c, 0));
+        symbn_share(c->team, c->groups, &first, &last); /* the same share of the groups every time */
+        for (ptrdiff_t g = first; g < last; ++g) {
+            symbn_forward_train_load(c, single, c->table + g, c->groups, g, g % c->p_count);
+        }
+        SYMBN_BARRIER(c->team);
+        symbn_rows(c, SYMBN_STEP_FORWARD_TRAIN_0, single, 1, 0, 1, mine + 0 * c->pl);
         SYMBN_BARRIER(c->team);
         symbn_add_up(c, 1, 4);
-        symbn_share(c->team, c->groups, &first, &last);
-        for (ptrdiff_t g = first; g < last; ++g) symbn_forward_train_group_1(symbn_group(c, g), c->cs);
+        symbn_share(c->team, c->groups, &first, &last); /* the same share of the groups every time */
+        for (ptrdiff_t g = first; g < last; ++g) {
+            symbn_forward_train_group_1(symbn_group(c, g), c->cs);
+        }
         SYMBN_BARRIER(c->team);
-        symbn_rows(c, SYMBN_STEP_FORWARD_TRAIN_1, single, 1, 0, 1, symbn_mine(c, 0));
+        symbn_rows(c, SYMBN_STEP_FORWARD_TRAIN_1, single, 1, 0, 1, mine + 0 * c->pl);
         SYMBN_BARRIER(c->team);
         symbn_add_up(c, 1, 6);
-        symbn_share(c->team, c->groups, &first, &last);
-        for (ptrdiff_t g = first; g < last; ++g) symbn_forward_train_group_2(symbn_group(c, g), c->cs);
+        symbn_share(c->team, c->groups, &first, &last); /* the same share of the groups every time */
+        for (ptrdiff_t g = first; g < last; ++g) {
+            symbn_forward_train_group_2(symbn_group(c, g), c->cs);
+        }
         SYMBN_BARRIER(c->team);
-        symbn_rows(c, SYMBN_STEP_FORWARD_TRAIN_2, single, 0, 0, 1, symbn_mine(c, 0));
+        symbn_rows(c, SYMBN_STEP_FORWARD_TRAIN_2, single, 0, 0, 1, mine + 0 * c->pl);
+        symbn_share(c->team, c->groups, &first, &last);
+        for (ptrdiff_t g = first; g < last; ++g) flagged |= symbn_forward_train_final(c, c->table + g, c->groups, g);
     }
+    c->flags[symbn_thread(c->team)] = flagged;
     (void)first; (void)last;
 }
 
 static void symbn_forward_train_run_f32(const struct symbn_call *c) { symbn_forward_train_run(c, 1); }
 static void symbn_forward_train_run_f64(const struct symbn_call *c) { symbn_forward_train_run(c, 0); }
 
-/* forward_train: the checks, the workspace, each group's inputs */
+/* forward_train: the checks, the workspace */
 static int symbn_forward_train_begin(struct symbn_call *c, const struct symbn_forward_train_arrays *a, int single, ptrdiff_t outer,
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
 {
     if (!a->x || !a->y || !a->mean || !a->var) return SYMBN_ENULL;
     const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 9, 1, 0);
-    if (status != SYMBN_OK) return status;
-    for (ptrdiff_t g = 0; g < c->groups; ++g) {
-        const ptrdiff_t p = g % c->p_count;
-        double *const gv = symbn_group(c, g);
-        if (c->shape == SYMBN_SCHEDULE_GROUPS) /* the values the passes compute, until they do (over_group copies them all) */
-            for (int v = 1; v < c->columns; ++v) gv[v] = 0.0;
-        gv[0] = c->m;
-        gv[1 * c->cs] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
-        gv[2 * c->cs] = a->beta ? symbn_load(a->beta, p, single) : 0.0; /* beta_g */
-        gv[3 * c->cs] = a->eps; /* eps_g */
-        (void)p;
-    }
     (void)single;
-    return SYMBN_OK;
+    return status;
 }
 
-/* forward_train: each group's outputs, the parameter gradients, whether the sums and inputs read were finite */
+/* forward_train: the parameter gradients, summed over the groups and threads, whether the sums and inputs read were finite */
 static int symbn_forward_train_end(struct symbn_call *c, int single)
 {
     const struct symbn_forward_train_arrays *a = c->arrays;
-    for (ptrdiff_t g = 0; g < c->groups; ++g) {
-        const ptrdiff_t p = g % c->p_count;
-        const double *const gv = symbn_group(c, g);
-        const ptrdiff_t gs = c->cs;
-        const double mean_g = gv[5 * gs];
-        const double var_g = gv[7 * gs];
-        a->mean[g] = mean_g;
-        a->var[g] = var_g;
-        (void)p;
-    }
-    const int finite = symbn_finite_column(c, 4)                       & symbn_finite_column(c, 6)                       & symbn_all_finite(a->gamma, c->p_count, single)                       & symbn_all_finite(a->beta, c->p_count, single);
+    const int finite = symbn_unflagged(c)
+                       & symbn_all_finite(a->gamma, c->p_count, single)
+                       & symbn_all_finite(a->beta, c->p_count, single);
     free(c->table);
     (void)a; (void)single;
     return finite ? SYMBN_OK : SYMBN_ENONFINITE;
@@ -773,84 +797,111 @@ static int symbn_forward_train_end(struct symbn_call *c, int single)
 
 /* ---- backward_train: the passes in order, in each loop shape ---- */
 
+/* backward_train: the inputs of group g (parameter p) into its values gv[column * gs] */
+SYMBN_INLINE void symbn_backward_train_load(const struct symbn_call *c, int single, double *gv, ptrdiff_t gs, ptrdiff_t g, ptrdiff_t p)
+{
+    const struct symbn_backward_train_arrays *a = c->arrays;
+    gv[0] = c->m;
+    gv[1 * gs] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
+    gv[2 * gs] = a->eps; /* eps_g */
+    gv[3 * gs] = a->mean[g]; /* mean_g */
+    gv[4 * gs] = a->var[g]; /* var_g */
+    (void)a; (void)g; (void)p; (void)single;
+}
+
+/* backward_train: group g's outputs, after the last pass, from its values gv[column * gs];
+   1 where one of its sums is not finite */
+SYMBN_INLINE int symbn_backward_train_final(const struct symbn_call *c, double *gv, ptrdiff_t gs, ptrdiff_t g)
+{
+    const struct symbn_backward_train_arrays *a = c->arrays;
+    const double red_0 = gv[6 * gs];
+    const double red_1 = gv[7 * gs];
+    gv[11 * gs] = red_1; /* dgamma, summed over q by end */
+    gv[12 * gs] = red_0; /* dbeta, summed over q by end */
+    (void)a; (void)g;
+    return !(isfinite(gv[6 * gs]) && isfinite(gv[7 * gs]));
+}
+
 /* This thread's share of every pass of backward_train. */
 SYMBN_INLINE void symbn_backward_train_run(const struct symbn_call *c, int single)
 {
+    double *const mine = symbn_mine(c); /* this thread's parameter gradients */
     ptrdiff_t first, last;
+    int flagged = 0;
     if (c->shape == SYMBN_SCHEDULE_GROUPS) {
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) {
-            symbn_backward_train_group_0(symbn_group(c, g), c->cs);
-            symbn_over_group(c, SYMBN_STEP_BACKWARD_TRAIN_0, single, 2, 0, 6, g, 1, symbn_mine(c, 0));
-            symbn_backward_train_group_1(symbn_group(c, g), c->cs);
-            symbn_over_group(c, SYMBN_STEP_BACKWARD_TRAIN_1, single, 0, 0, 0, g, 0, symbn_mine(c, 0));
+            double gv[SYMBN_COLUMNS] = {0.0}; /* the group's values, here while it is made; then in the table for end */
+            symbn_backward_train_load(c, single, gv, 1, g, g % c->p_count);
+            symbn_backward_train_group_0(gv, 1);
+            symbn_over_group(c, SYMBN_STEP_BACKWARD_TRAIN_0, single, 2, 0, 6, g, gv, 1, mine + 0 * c->pl);
+            symbn_backward_train_group_1(gv, 1);
+            symbn_over_group(c, SYMBN_STEP_BACKWARD_TRAIN_1, single, 0, 0, 0, g, gv, 0, mine + 0 * c->pl);
+            flagged |= symbn_backward_train_final(c, gv, 1, g);
+            for (int v = 0; v < c->columns; ++v) symbn_group(c, g)[v] = gv[v];
         }
     } else if (c->shape == SYMBN_SCHEDULE_LANES) {
         const ptrdiff_t blocks = (c->p_count + SYMBN_LANES - 1) / SYMBN_LANES;
         symbn_share(c->team, c->q_count * blocks, &first, &last);
         for (ptrdiff_t b = first; b < last; ++b) {
             const ptrdiff_t q = b / blocks, p0 = b % blocks * SYMBN_LANES, width = c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES;
+            for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_train_load(c, single, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k, p0 + k);
             for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_train_group_0(symbn_group(c, q * c->p_count + p0 + k), c->cs);
-            symbn_lanes(c, SYMBN_STEP_BACKWARD_TRAIN_0, single, 2, 0, 6, q, p0, width, symbn_mine(c, 0));
+            symbn_lanes(c, SYMBN_STEP_BACKWARD_TRAIN_0, single, 2, 0, 6, q, p0, width, mine + 0 * c->pl);
             for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_train_group_1(symbn_group(c, q * c->p_count + p0 + k), c->cs);
-            symbn_lanes(c, SYMBN_STEP_BACKWARD_TRAIN_1, single, 0, 0, 0, q, p0, width, symbn_mine(c, 0));
+            symbn_lanes(c, SYMBN_STEP_BACKWARD_TRAIN_1, single, 0, 0, 0, q, p0, width, mine + 0 * c->pl);
+            for (ptrdiff_t k = 0; k < width; ++k) flagged |= symbn_backward_train_final(c, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k);
         }
     } else {
-        symbn_share(c->team, c->groups, &first, &last);
-        for (ptrdiff_t g = first; g < last; ++g) symbn_backward_train_group_0(symbn_group(c, g), c->cs);
+        symbn_share(c->team, c->groups, &first, &last); /* the same share of the groups every time */
+        for (ptrdiff_t g = first; g < last; ++g) {
+            symbn_backward_train_load(c, single, c->table + g, c->groups, g, g % c->p_count);
+            symbn_backward_train_group_0(symbn_group(c, g), c->cs);
+        }
         SYMBN_BARRIER(c->team);
-        symbn_rows(c, SYMBN_STEP_BACKWARD_TRAIN_0, single, 2, 0, 0, symbn_mine(c, 0));
+        symbn_rows(c, SYMBN_STEP_BACKWARD_TRAIN_0, single, 2, 0, 0, mine + 0 * c->pl);
         SYMBN_BARRIER(c->team);
         symbn_add_up(c, 2, 6);
-        symbn_share(c->team, c->groups, &first, &last);
-        for (ptrdiff_t g = first; g < last; ++g) symbn_backward_train_group_1(symbn_group(c, g), c->cs);
+        symbn_share(c->team, c->groups, &first, &last); /* the same share of the groups every time */
+        for (ptrdiff_t g = first; g < last; ++g) {
+            symbn_backward_train_group_1(symbn_group(c, g), c->cs);
+        }
         SYMBN_BARRIER(c->team);
-        symbn_rows(c, SYMBN_STEP_BACKWARD_TRAIN_1, single, 0, 0, 0, symbn_mine(c, 0));
+        symbn_rows(c, SYMBN_STEP_BACKWARD_TRAIN_1, single, 0, 0, 0, mine + 0 * c->pl);
+        symbn_share(c->team, c->groups, &first, &last);
+        for (ptrdiff_t g = first; g < last; ++g) flagged |= symbn_backward_train_final(c, c->table + g, c->groups, g);
     }
+    c->flags[symbn_thread(c->team)] = flagged;
     (void)first; (void)last;
 }
 
 static void symbn_backward_train_run_f32(const struct symbn_call *c) { symbn_backward_train_run(c, 1); }
 static void symbn_backward_train_run_f64(const struct symbn_call *c) { symbn_backward_train_run(c, 0); }
 
-/* backward_train: the checks, the workspace, each group's inputs */
+/* backward_train: the checks, the workspace */
 static int symbn_backward_train_begin(struct symbn_call *c, const struct symbn_backward_train_arrays *a, int single, ptrdiff_t outer,
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
 {
     if (!a->dy || !a->x || !a->mean || !a->var || !a->dx) return SYMBN_ENULL;
-    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 11, 2, 0);
-    if (status != SYMBN_OK) return status;
-    for (ptrdiff_t g = 0; g < c->groups; ++g) {
-        const ptrdiff_t p = g % c->p_count;
-        double *const gv = symbn_group(c, g);
-        if (c->shape == SYMBN_SCHEDULE_GROUPS) /* the values the passes compute, until they do (over_group copies them all) */
-            for (int v = 1; v < c->columns; ++v) gv[v] = 0.0;
-        gv[0] = c->m;
-        gv[1 * c->cs] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
-        gv[2 * c->cs] = a->eps; /* eps_g */
-        gv[3 * c->cs] = a->mean[g]; /* mean_g */
-        gv[4 * c->cs] = a->var[g]; /* var_g */
-        (void)p;
-    }
+    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 13, 2, 0);
     (void)single;
-    return SYMBN_OK;
+    return status;
 }
 
-/* backward_train: each group's outputs, the parameter gradients, whether the sums and inputs read were finite */
+/* backward_train: the parameter gradients, summed over the groups and threads, whether the sums and inputs read were finite */
 static int symbn_backward_train_end(struct symbn_call *c, int single)
 {
     const struct symbn_backward_train_arrays *a = c->arrays;
-    for (ptrdiff_t g = 0; g < c->groups; ++g) {
-        const ptrdiff_t p = g % c->p_count;
-        const double *const gv = symbn_group(c, g);
-        const ptrdiff_t gs = c->cs;
-        const double red_0 = gv[6 * gs];
-        const double red_1 = gv[7 * gs];
-        if (a->dgamma) a->dgamma[p] += red_1;
-        if (a->dbeta) a->dbeta[p] += red_0;
-        (void)p;
-    }
-    const int finite = symbn_finite_column(c, 6)                       & symbn_finite_column(c, 7)                       & symbn_all_finite(a->gamma, c->p_count, single)                       & symbn_all_finite(a->mean, c->groups, 0)                       & symbn_all_finite(a->var, c->groups, 0);
+    if (a->dgamma)
+        for (ptrdiff_t q = 0; q < c->q_count; ++q)
+            for (ptrdiff_t p = 0; p < c->p_count; ++p) a->dgamma[p] += symbn_group(c, q * c->p_count + p)[11 * c->cs];
+    if (a->dbeta)
+        for (ptrdiff_t q = 0; q < c->q_count; ++q)
+            for (ptrdiff_t p = 0; p < c->p_count; ++p) a->dbeta[p] += symbn_group(c, q * c->p_count + p)[12 * c->cs];
+    const int finite = symbn_unflagged(c)
+                       & symbn_all_finite(a->gamma, c->p_count, single)
+                       & symbn_all_finite(a->mean, c->groups, 0)
+                       & symbn_all_finite(a->var, c->groups, 0);
     free(c->table);
     (void)a; (void)single;
     return finite ? SYMBN_OK : SYMBN_ENONFINITE;
@@ -858,61 +909,82 @@ static int symbn_backward_train_end(struct symbn_call *c, int single)
 
 /* ---- forward_eval: the passes in order, in each loop shape ---- */
 
+/* forward_eval: the inputs of group g (parameter p) into its values gv[column * gs] */
+SYMBN_INLINE void symbn_forward_eval_load(const struct symbn_call *c, int single, double *gv, ptrdiff_t gs, ptrdiff_t g, ptrdiff_t p)
+{
+    const struct symbn_forward_eval_arrays *a = c->arrays;
+    gv[0] = c->m;
+    gv[1 * gs] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
+    gv[2 * gs] = a->beta ? symbn_load(a->beta, p, single) : 0.0; /* beta_g */
+    gv[3 * gs] = a->eps; /* eps_g */
+    gv[4 * gs] = a->mean[p]; /* mean_g */
+    gv[5 * gs] = a->var[p]; /* var_g */
+    (void)a; (void)g; (void)p; (void)single;
+}
+
+/* forward_eval: group g's outputs, after the last pass, from its values gv[column * gs] */
+SYMBN_INLINE int symbn_forward_eval_final(const struct symbn_call *c, double *gv, ptrdiff_t gs, ptrdiff_t g)
+{
+    (void)c; (void)g;
+    (void)gv; (void)gs;
+    return 0;
+}
+
 /* This thread's share of every pass of forward_eval. */
 SYMBN_INLINE void symbn_forward_eval_run(const struct symbn_call *c, int single)
 {
+    double *const mine = symbn_mine(c); /* this thread's parameter gradients */
     ptrdiff_t first, last;
+    int flagged = 0;
     if (c->shape == SYMBN_SCHEDULE_GROUPS) {
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) {
-            symbn_forward_eval_group_0(symbn_group(c, g), c->cs);
-            symbn_over_group(c, SYMBN_STEP_FORWARD_EVAL_0, single, 0, 0, 0, g, 0, symbn_mine(c, 0));
+            double gv[SYMBN_COLUMNS] = {0.0}; /* the group's values, here while it is made; then in the table for end */
+            symbn_forward_eval_load(c, single, gv, 1, g, g % c->p_count);
+            symbn_forward_eval_group_0(gv, 1);
+            symbn_over_group(c, SYMBN_STEP_FORWARD_EVAL_0, single, 0, 0, 0, g, gv, 0, mine + 0 * c->pl);
+            flagged |= symbn_forward_eval_final(c, gv, 1, g);
+            for (int v = 0; v < c->columns; ++v) symbn_group(c, g)[v] = gv[v];
         }
     } else if (c->shape == SYMBN_SCHEDULE_LANES) {
         const ptrdiff_t blocks = (c->p_count + SYMBN_LANES - 1) / SYMBN_LANES;
         symbn_share(c->team, c->q_count * blocks, &first, &last);
         for (ptrdiff_t b = first; b < last; ++b) {
             const ptrdiff_t q = b / blocks, p0 = b % blocks * SYMBN_LANES, width = c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES;
+            for (ptrdiff_t k = 0; k < width; ++k) symbn_forward_eval_load(c, single, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k, p0 + k);
             for (ptrdiff_t k = 0; k < width; ++k) symbn_forward_eval_group_0(symbn_group(c, q * c->p_count + p0 + k), c->cs);
-            symbn_lanes(c, SYMBN_STEP_FORWARD_EVAL_0, single, 0, 0, 0, q, p0, width, symbn_mine(c, 0));
+            symbn_lanes(c, SYMBN_STEP_FORWARD_EVAL_0, single, 0, 0, 0, q, p0, width, mine + 0 * c->pl);
+            for (ptrdiff_t k = 0; k < width; ++k) flagged |= symbn_forward_eval_final(c, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k);
         }
     } else {
-        symbn_share(c->team, c->groups, &first, &last);
-        for (ptrdiff_t g = first; g < last; ++g) symbn_forward_eval_group_0(symbn_group(c, g), c->cs);
+        symbn_share(c->team, c->groups, &first, &last); /* the same share of the groups every time */
+        for (ptrdiff_t g = first; g < last; ++g) {
+            symbn_forward_eval_load(c, single, c->table + g, c->groups, g, g % c->p_count);
+            symbn_forward_eval_group_0(symbn_group(c, g), c->cs);
+        }
         SYMBN_BARRIER(c->team);
-        symbn_rows(c, SYMBN_STEP_FORWARD_EVAL_0, single, 0, 0, 1, symbn_mine(c, 0));
+        symbn_rows(c, SYMBN_STEP_FORWARD_EVAL_0, single, 0, 0, 1, mine + 0 * c->pl);
+        symbn_share(c->team, c->groups, &first, &last);
+        for (ptrdiff_t g = first; g < last; ++g) flagged |= symbn_forward_eval_final(c, c->table + g, c->groups, g);
     }
+    c->flags[symbn_thread(c->team)] = flagged;
     (void)first; (void)last;
 }
 
 static void symbn_forward_eval_run_f32(const struct symbn_call *c) { symbn_forward_eval_run(c, 1); }
 static void symbn_forward_eval_run_f64(const struct symbn_call *c) { symbn_forward_eval_run(c, 0); }
 
-/* forward_eval: the checks, the workspace, each group's inputs */
+/* forward_eval: the checks, the workspace */
 static int symbn_forward_eval_begin(struct symbn_call *c, const struct symbn_forward_eval_arrays *a, int single, ptrdiff_t outer,
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
 {
     if (!a->x || !a->mean || !a->var || !a->y) return SYMBN_ENULL;
     const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 7, 0, 0);
-    if (status != SYMBN_OK) return status;
-    for (ptrdiff_t g = 0; g < c->groups; ++g) {
-        const ptrdiff_t p = g % c->p_count;
-        double *const gv = symbn_group(c, g);
-        if (c->shape == SYMBN_SCHEDULE_GROUPS) /* the values the passes compute, until they do (over_group copies them all) */
-            for (int v = 1; v < c->columns; ++v) gv[v] = 0.0;
-        gv[0] = c->m;
-        gv[1 * c->cs] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
-        gv[2 * c->cs] = a->beta ? symbn_load(a->beta, p, single) : 0.0; /* beta_g */
-        gv[3 * c->cs] = a->eps; /* eps_g */
-        gv[4 * c->cs] = a->mean[p]; /* mean_g */
-        gv[5 * c->cs] = a->var[p]; /* var_g */
-        (void)p;
-    }
     (void)single;
-    return SYMBN_OK;
+    return status;
 }
 
-/* forward_eval: each group's outputs, the parameter gradients */
+/* forward_eval: the parameter gradients, summed over the groups and threads */
 static int symbn_forward_eval_end(struct symbn_call *c, int single)
 {
     const struct symbn_forward_eval_arrays *a = c->arrays;
@@ -924,75 +996,97 @@ static int symbn_forward_eval_end(struct symbn_call *c, int single)
 
 /* ---- backward_eval: the passes in order, in each loop shape ---- */
 
+/* backward_eval: the inputs of group g (parameter p) into its values gv[column * gs] */
+SYMBN_INLINE void symbn_backward_eval_load(const struct symbn_call *c, int single, double *gv, ptrdiff_t gs, ptrdiff_t g, ptrdiff_t p)
+{
+    const struct symbn_backward_eval_arrays *a = c->arrays;
+    gv[0] = c->m;
+    gv[1 * gs] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
+    gv[2 * gs] = a->eps; /* eps_g */
+    gv[3 * gs] = a->mean[p]; /* mean_g */
+    gv[4 * gs] = a->var[p]; /* var_g */
+    (void)a; (void)g; (void)p; (void)single;
+}
+
+/* backward_eval: group g's outputs, after the last pass, from its values gv[column * gs] */
+SYMBN_INLINE int symbn_backward_eval_final(const struct symbn_call *c, double *gv, ptrdiff_t gs, ptrdiff_t g)
+{
+    const struct symbn_backward_eval_arrays *a = c->arrays;
+    const double red_0 = gv[7 * gs];
+    const double red_1 = gv[8 * gs];
+    gv[9 * gs] = red_0; /* dgamma, summed over q by end */
+    gv[10 * gs] = red_1; /* dbeta, summed over q by end */
+    (void)a; (void)g;
+    (void)gv; (void)gs;
+    return 0;
+}
+
 /* This thread's share of every pass of backward_eval. */
 SYMBN_INLINE void symbn_backward_eval_run(const struct symbn_call *c, int single)
 {
+    double *const mine = symbn_mine(c); /* this thread's parameter gradients */
     ptrdiff_t first, last;
+    int flagged = 0;
     if (c->shape == SYMBN_SCHEDULE_GROUPS) {
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) {
-            symbn_backward_eval_group_0(symbn_group(c, g), c->cs);
-            symbn_over_group(c, SYMBN_STEP_BACKWARD_EVAL_0, single, 2, 0, 7, g, 0, symbn_mine(c, 0));
+            double gv[SYMBN_COLUMNS] = {0.0}; /* the group's values, here while it is made; then in the table for end */
+            symbn_backward_eval_load(c, single, gv, 1, g, g % c->p_count);
+            symbn_backward_eval_group_0(gv, 1);
+            symbn_over_group(c, SYMBN_STEP_BACKWARD_EVAL_0, single, 2, 0, 7, g, gv, 0, mine + 0 * c->pl);
+            flagged |= symbn_backward_eval_final(c, gv, 1, g);
+            for (int v = 0; v < c->columns; ++v) symbn_group(c, g)[v] = gv[v];
         }
     } else if (c->shape == SYMBN_SCHEDULE_LANES) {
         const ptrdiff_t blocks = (c->p_count + SYMBN_LANES - 1) / SYMBN_LANES;
         symbn_share(c->team, c->q_count * blocks, &first, &last);
         for (ptrdiff_t b = first; b < last; ++b) {
             const ptrdiff_t q = b / blocks, p0 = b % blocks * SYMBN_LANES, width = c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES;
+            for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_eval_load(c, single, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k, p0 + k);
             for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_eval_group_0(symbn_group(c, q * c->p_count + p0 + k), c->cs);
-            symbn_lanes(c, SYMBN_STEP_BACKWARD_EVAL_0, single, 2, 0, 7, q, p0, width, symbn_mine(c, 0));
+            symbn_lanes(c, SYMBN_STEP_BACKWARD_EVAL_0, single, 2, 0, 7, q, p0, width, mine + 0 * c->pl);
+            for (ptrdiff_t k = 0; k < width; ++k) flagged |= symbn_backward_eval_final(c, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k);
         }
     } else {
-        symbn_share(c->team, c->groups, &first, &last);
-        for (ptrdiff_t g = first; g < last; ++g) symbn_backward_eval_group_0(symbn_group(c, g), c->cs);
+        symbn_share(c->team, c->groups, &first, &last); /* the same share of the groups every time */
+        for (ptrdiff_t g = first; g < last; ++g) {
+            symbn_backward_eval_load(c, single, c->table + g, c->groups, g, g % c->p_count);
+            symbn_backward_eval_group_0(symbn_group(c, g), c->cs);
+        }
         SYMBN_BARRIER(c->team);
-        symbn_rows(c, SYMBN_STEP_BACKWARD_EVAL_0, single, 2, 0, 0, symbn_mine(c, 0));
+        symbn_rows(c, SYMBN_STEP_BACKWARD_EVAL_0, single, 2, 0, 0, mine + 0 * c->pl);
         SYMBN_BARRIER(c->team);
         symbn_add_up(c, 2, 7);
+        symbn_share(c->team, c->groups, &first, &last);
+        for (ptrdiff_t g = first; g < last; ++g) flagged |= symbn_backward_eval_final(c, c->table + g, c->groups, g);
     }
+    c->flags[symbn_thread(c->team)] = flagged;
     (void)first; (void)last;
 }
 
 static void symbn_backward_eval_run_f32(const struct symbn_call *c) { symbn_backward_eval_run(c, 1); }
 static void symbn_backward_eval_run_f64(const struct symbn_call *c) { symbn_backward_eval_run(c, 0); }
 
-/* backward_eval: the checks, the workspace, each group's inputs */
+/* backward_eval: the checks, the workspace */
 static int symbn_backward_eval_begin(struct symbn_call *c, const struct symbn_backward_eval_arrays *a, int single, ptrdiff_t outer,
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
 {
     if (!a->dy || !a->x || !a->mean || !a->var || !a->dx) return SYMBN_ENULL;
-    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 9, 2, 0);
-    if (status != SYMBN_OK) return status;
-    for (ptrdiff_t g = 0; g < c->groups; ++g) {
-        const ptrdiff_t p = g % c->p_count;
-        double *const gv = symbn_group(c, g);
-        if (c->shape == SYMBN_SCHEDULE_GROUPS) /* the values the passes compute, until they do (over_group copies them all) */
-            for (int v = 1; v < c->columns; ++v) gv[v] = 0.0;
-        gv[0] = c->m;
-        gv[1 * c->cs] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
-        gv[2 * c->cs] = a->eps; /* eps_g */
-        gv[3 * c->cs] = a->mean[p]; /* mean_g */
-        gv[4 * c->cs] = a->var[p]; /* var_g */
-        (void)p;
-    }
+    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 11, 2, 0);
     (void)single;
-    return SYMBN_OK;
+    return status;
 }
 
-/* backward_eval: each group's outputs, the parameter gradients */
+/* backward_eval: the parameter gradients, summed over the groups and threads */
 static int symbn_backward_eval_end(struct symbn_call *c, int single)
 {
     const struct symbn_backward_eval_arrays *a = c->arrays;
-    for (ptrdiff_t g = 0; g < c->groups; ++g) {
-        const ptrdiff_t p = g % c->p_count;
-        const double *const gv = symbn_group(c, g);
-        const ptrdiff_t gs = c->cs;
-        const double red_0 = gv[7 * gs];
-        const double red_1 = gv[8 * gs];
-        if (a->dgamma) a->dgamma[p] += red_0;
-        if (a->dbeta) a->dbeta[p] += red_1;
-        (void)p;
-    }
+    if (a->dgamma)
+        for (ptrdiff_t q = 0; q < c->q_count; ++q)
+            for (ptrdiff_t p = 0; p < c->p_count; ++p) a->dgamma[p] += symbn_group(c, q * c->p_count + p)[9 * c->cs];
+    if (a->dbeta)
+        for (ptrdiff_t q = 0; q < c->q_count; ++q)
+            for (ptrdiff_t p = 0; p < c->p_count; ++p) a->dbeta[p] += symbn_group(c, q * c->p_count + p)[10 * c->cs];
     const int finite = 1;
     free(c->table);
     (void)a; (void)single;

@@ -31,6 +31,10 @@ FULL = [  # norm, shape, options, dtype
     ("batchnorm", (256, 64), {}, "float64"),
 ]
 QUICK = FULL[:3]
+DOUBLE = [  # the double backward: symbn's order-2 C kernel against PyTorch's, batch norm in training, float32
+    ((8192, 1024), "float32"),
+    ((32, 64, 56, 56), "float32"),
+]
 
 TRIAD = r"""
 #include <stddef.h>
@@ -196,7 +200,12 @@ def bench(quick: bool = False, threads: int = 2, progress=None) -> dict:
         if progress:
             progress(f"[{number}/{len(cases)}] {norm} {'x'.join(map(str, shape))} {dtype}, {threads} threads")
         results.append(_case(number, norm, shape, options, np.dtype(dtype), threads, triad, repeats, glibc))
-    return {"cases": results, "quick": quick, "repeats": repeats,
+    double = []
+    for number, (shape, dtype) in enumerate(DOUBLE[:1] if quick else DOUBLE, 1):
+        if progress:
+            progress(f"[double {number}/{len(DOUBLE)}] batchnorm double backward {'x'.join(map(str, shape))} {dtype}, {threads} threads")
+        double.append(_double_case(100 + number, shape, np.dtype(dtype), threads, repeats))
+    return {"cases": results, "double_backward": double, "quick": quick, "repeats": repeats,
             "allocation": "symbn: outputs preallocated (out=), reused every call; PyTorch: fresh outputs from its "
                           "allocator every call, NumPy by hand (compact, staged): fresh temporaries, " + (
                               "both on memory freed by the call before (glibc told to keep it: no page faults; ratios "
@@ -237,6 +246,39 @@ def _case(seed: int, norm: str, shape: tuple, options: dict, dtype: np.dtype, th
                                                 for name, (fwd, bwd) in timings.items()}}
 
 
+def _double_case(seed: int, shape: tuple, dtype: np.dtype, threads: int, repeats: int) -> dict:
+    """Batch norm's double backward (the gradient of the backward, given cotangents of dx, dγ, dβ):
+    symbn's generated order-2 C kernel, its own first backward, and PyTorch's double backward
+    (``torch.autograd.grad`` of the first-order gradients that ``autograd.grad(..., create_graph=True)``
+    built through ``F.batch_norm``; the graph is built once, the second grad is what is timed)."""
+    rng = np.random.default_rng(seed)
+    x, dy, v = (rng.normal(size=shape).astype(dtype) for _ in range(3))
+    channels = shape[1]
+    gamma, beta, v_gamma, v_beta = (rng.normal(1, 0.2, channels).astype(dtype) for _ in range(4))
+    kernels = load("batchnorm", "c", threads=threads, order=2)
+    _, *stats = kernels.forward_train(x, gamma, beta, 1e-5)
+    dx, d2_x, d2_dy = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+    calls = {"symbn backward": lambda: kernels.backward_train(dy, x, gamma, *stats, eps=1e-5, out=dx),
+             "symbn double backward": lambda: kernels.backward2_train(v, v_gamma, v_beta, dy, x, gamma, *stats, eps=1e-5,
+                                                                      out=(d2_x, d2_dy))}
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        torch.set_num_threads(threads)
+        tx, tg, tb, tdy = (torch.from_numpy(a.copy()).requires_grad_() for a in (x, gamma, beta, dy))
+        y = torch.nn.functional.batch_norm(tx, None, None, tg, tb, training=True, eps=1e-5)
+        first = torch.autograd.grad(y, (tx, tg, tb), tdy, create_graph=True)
+        cotangents = (torch.from_numpy(v), torch.from_numpy(v_gamma), torch.from_numpy(v_beta))
+        calls["torch double backward"] = lambda: torch.autograd.grad(first, (tx, tg, tdy), cotangents, retain_graph=True)
+    ms = median_ms(calls, repeats)
+    mine, native = ms["symbn double backward"], ms.get("torch double backward")
+    return {"norm": "batchnorm", "shape": list(shape), "dtype": dtype.name, "threads": threads, "ms": ms,
+            "double_vs_torch": None if native is None else mine / native,
+            "double_vs_own_backward": mine / ms["symbn backward"]}
+
+
 def _row(fwd: float | None, bwd: float, nbytes: int, bandwidth: float, torch: list | None) -> dict:
     """Times, bandwidths (bytes counted as in the report), fraction of the triad, ratio to PyTorch."""
     row = {"forward_ms": fwd, "backward_ms": bwd,
@@ -262,7 +304,21 @@ def to_text(report: dict) -> str:
                      _cell(r["forward_vs_torch"], ".2f"), _cell(r["backward_vs_torch"], ".2f")]
             lines.append(f"{label:<42}{name:<15}" + "".join(f"{c:>{w}}" for c, w in zip(cells, (9, 9, 10, 10, 11, 11, 10, 10))))
             label = ""
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _double_text(report)) + "\n"
+
+
+def _double_text(report: dict) -> list[str]:
+    """The double-backward section: times and the two ratios the targets are stated in."""
+    if not report.get("double_backward"):
+        return []
+    lines = ["", "double backward (batch norm, training; PyTorch: autograd.grad of the create_graph=True gradients of F.batch_norm)",
+             f"{'case':<34}{'symbn bwd ms':>14}{'symbn bwd2 ms':>15}{'torch bwd2 ms':>15}{'bwd2/torch':>12}{'bwd2/own bwd':>14}"]
+    for case in report["double_backward"]:
+        ms = case["ms"]
+        lines.append(f"{'x'.join(map(str, case['shape'])) + ' ' + case['dtype']:<34}{ms['symbn backward']:>14.3f}"
+                     f"{ms['symbn double backward']:>15.3f}{_cell(ms.get('torch double backward'), '.3f'):>15}"
+                     f"{_cell(case['double_vs_torch'], '.2f'):>12}{case['double_vs_own_backward']:>14.2f}")
+    return lines
 
 
 def _cell(value, spec: str) -> str:

@@ -354,7 +354,7 @@ def context(plan: KernelPlan) -> dict:
         "layout": norm.layout.name, "layout_description": norm.layout.description,
         "stat_names": tuple(plan.stat_names), "unbiased": tuple(norm.unbiased), "transforms": tuple(plan.transforms),
         "shift": plan.shift, "kernels": [_kernel(plan, k) for k in plan.kernels], "running": running,
-        "threads_symbol": f"symbn_{norm.name}_set_num_threads",
+        "threads_symbol": f"symbn_{plan.name}_set_num_threads",
     }
 
 
