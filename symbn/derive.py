@@ -20,6 +20,7 @@ from typing import Mapping
 
 import sympy as sp
 
+from .simplify import compact_forms
 from .program import ELEMENT, GROUP, Input, Program, Step, element_symbol, forward_program, group_symbol
 from .spec import Norm, Notation, resolve
 from .sums import I, K, M, diff_element, evaluate_constant_sums, fresh_index, group_sum
@@ -352,6 +353,4 @@ def derive(norm: str | Norm, mode: str = "train", order: int = 1, transforms: tu
         levels.append((vjp if kind == "vjp" else jvp)(program))
         program = levels[-1].program
     derivation = Derivation(norm, mode, tuple(levels))
-    from .simplify import compact_forms
-
     return replace(derivation, compact=MappingProxyType(compact_forms(derivation)))

@@ -9,14 +9,25 @@ reductions a kernel hoists (Σ ∂l/∂y_k and Σ ∂l/∂y_k·x̂_k for batch n
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Mapping, Protocol, Sequence
 
 import sympy as sp
 
 from .sums import I, M, expand_sums
 
-if TYPE_CHECKING:
-    from .derive import Derivation
+
+class Derivation(Protocol):
+    """What this stage reads of a derivation (:class:`symbn.derive.Derivation` provides it): the
+    forward's steps, every symbol, the last level's paper-form quantities and outputs, and
+    inlining. A protocol, so that this stage does not import the one before it."""
+
+    forward: Sequence
+    symbols: Mapping[str, sp.Basic]
+    gradients: Mapping[str, sp.Expr]
+    outputs: tuple[str, ...]
+    stats: tuple[str, ...]
+
+    def inline(self, expr: sp.Expr, keep: tuple[str, ...] = ()) -> sp.Expr: ...
 
 
 def compact_forms(d: Derivation) -> dict[str, sp.Expr]:
