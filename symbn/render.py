@@ -52,25 +52,27 @@ TITLES = {
 }
 
 
-def titles(d: Derivation) -> dict[str, str]:
-    """Each section's title; at order 1 in reverse mode, :data:`TITLES`."""
+def titles(d: Derivation, latex: bool = False) -> dict[str, str]:
+    """Each section's title; at order 1 in reverse mode, :data:`TITLES`. ``latex``: as LaTeX
+    text (math in $...$), for the article."""
     if d.transforms == ("vjp",):
         return TITLES
     out = {"forward": "Forward"}
     for number, level in enumerate(d.levels, 1):
         key = "paper" if number == d.order else f"staged{number}"
-        out[key] = f"Level {number}: {_level_title(number, level.kind)}, staged"
-    out["compact"] = f"Level {d.order}: {_level_title(d.order, d.levels[-1].kind)}, compact form (reductions hoisted)"
+        out[key] = f"Level {number}: {_level_title(number, level.kind, latex)}, staged"
+    out["compact"] = f"Level {d.order}: {_level_title(d.order, d.levels[-1].kind, latex)}, compact form (reductions hoisted)"
     return out
 
 
-def _level_title(number: int, kind: str) -> str:
+def _level_title(number: int, kind: str, latex: bool) -> str:
     if kind == "jvp":
         return "forward mode (each tangent: one term per quantity it reads, local derivative times tangent)"
     if number == 1:
         return "reverse mode, the backward pass (one term per path)"
-    return (f"reverse mode over level {number - 1} (l{str(number).translate(_SUBSCRIPTS)} = Σ cotangent · output of level "
-            f"{number - 1}; one term per path)")
+    loss = rf"$\ell_{{{number}}} = \sum$ cotangent $\cdot$ output" if latex else \
+        f"l{str(number).translate(_SUBSCRIPTS)} = Σ cotangent · output"
+    return f"reverse mode over level {number - 1} ({loss} of level {number - 1}; one term per path)"
 
 
 _SUBSCRIPTS = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
@@ -191,7 +193,7 @@ def document_context(norm, transforms: tuple[str, ...] = ("vjp",)) -> dict:
             show_h = lambda e, h=h: latex(e, h.notation)  # noqa: E731
             block["higher"] = {
                 "derivation": h, "chain": "(".join(reversed(h.transforms)) + "(f" + ")" * h.order,
-                "sections": [(titles(h)[key], [(show_h(eq.lhs), _right(eq, show_h)) for eq in equations])
+                "sections": [(titles(h, latex=True)[key], [(show_h(eq.lhs), _right(eq, show_h)) for eq in equations])
                              for key, equations in sections(h).items() if key != "forward"],
                 "proofs": _shown_proofs(h, show_h),
             }

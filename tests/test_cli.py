@@ -101,7 +101,8 @@ def test_generate_writes_every_kernel_file(tmp_path):
     out = run("generate", "-o", str(tmp_path))
     assert out.returncode == 0, out.stderr
     names = {p.name for p in tmp_path.iterdir()}
-    assert {f"{n}.{ext}" for n in BUILTINS for ext in ("py", "c", "h")} | {"__init__.py"} == names
+    stems = [*BUILTINS, *(f"{n}_backward2" for n in BUILTINS)]  # orders 1 and 2
+    assert {f"{n}.{ext}" for n in stems for ext in ("py", "c", "h")} | {"__init__.py", "_runtime.py"} == names
 
 
 def test_check_rejects_unknown_norms_in_one_line():
@@ -116,6 +117,8 @@ def test_bench_quick_reports_every_implementation(tmp_path):
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert len(report["cases"]) == 3 and "[3/3]" in out.stderr
+    (double,) = report["double_backward"]
+    assert double["ms"]["symbn double backward"] > 0 and double["double_vs_own_backward"] > 0
     torch = {"torch", "torch (fresh)"} if importlib.util.find_spec("torch") else set()
     for case in report["cases"]:
         assert {"c", "numpy", "compact numpy", "staged numpy", *torch} <= set(case["results"]) and case["triad_gbs"] > 0
@@ -136,10 +139,10 @@ def test_the_bench_baselines_compute_batch_norm(shape):
     rng = np.random.default_rng(3)
     x, dy = rng.normal(3, 2, shape), rng.normal(size=shape)
     gamma, beta = rng.normal(1, 0.2, shape[1]), rng.normal(size=shape[1])
-    y, mean, invstd = load("batchnorm").forward_train(x, gamma, beta)
-    expected = load("batchnorm").backward_train(dy, x, gamma, mean, invstd)
-    hand = _compact_forward(x, gamma, beta)
-    for mine, theirs in zip(hand, (y, mean, invstd)):
+    y, mean, var = load("batchnorm").forward_train(x, gamma, beta)
+    expected = load("batchnorm").backward_train(dy, x, gamma, mean, var)
+    hand = _compact_forward(x, gamma, beta)  # saves the inverse standard deviation, as frameworks do
+    for mine, theirs in zip(hand, (y, mean, 1 / np.sqrt(var + 1e-5))):
         np.testing.assert_allclose(mine, theirs, rtol=1e-12, atol=1e-12)
     for backward in (_compact_backward(dy, x, gamma, hand[1], hand[2]), _staged_backward(dy, x, gamma)):
         for mine, theirs in zip(backward, expected):
@@ -156,3 +159,30 @@ def test_the_allocator_modes_of_the_bench_leave_results_alone():
         assert keep_freed_memory(keep)  # glibc here
         a = np.arange(1 << 23, dtype=np.float64)
         assert a[-1] == (1 << 23) - 1 and float(a.sum()) == (1 << 23) * ((1 << 23) - 1) / 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed")
+def test_order_2_document_compiles(tmp_path):
+    """The article with the double backward: its staged levels, compact form and proofs."""
+    tex = tmp_path / "bn2.tex"
+    out = run("derive", "batchnorm", "--order", "2", "--format", "latex", "--document", "-o", str(tex))
+    assert out.returncode == 0, out.stderr
+    assert r"\partial \ell_{2}" in tex.read_text() and "Higher order" in tex.read_text()
+    compiled = subprocess.run(["pdflatex", "-halt-on-error", "-interaction=nonstopmode", tex.name],
+                              cwd=tmp_path, capture_output=True, text=True)
+    assert compiled.returncode == 0, compiled.stdout[-2000:]
+
+
+def test_derive_at_higher_orders():
+    out = run("derive", "batchnorm", "--order", "2", "--form", "compact")
+    assert out.returncode == 0, out.stderr
+    assert "Level 2" in out.stdout and "∂l₂/∂x_i = " in out.stdout and "∂l₂/∂(∂l/∂y_i) = " in out.stdout
+    doc = json.loads(run("derive", "rmsnorm", "--transforms", "vjp,jvp", "--format", "json").stdout)
+    assert doc["order"] == 2 and doc["transforms"] == ["vjp", "jvp"] and len(doc["levels"]) == 2
+    assert set(doc["compact"]) == {"dx", "dgamma", "dbeta"}
+    for args, message in ((["--order", "0"], "must be a positive integer"), (["--transforms", "vjp,hvp"], "vjp or jvp"),
+                          (["--order", "2", "--transforms", "vjp"], "not both"),
+                          (["--format", "latex", "--document", "--mode", "eval"], "drop --mode")):
+        bad = run("derive", *args)
+        assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, (args, bad.stderr)
