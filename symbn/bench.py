@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from .build import cache_dir, compile_library, load
+from .spec import BUILTINS
 
 FULL = [  # norm, shape, options, dtype
     ("batchnorm", (8192, 1024), {}, "float32"),
@@ -219,7 +220,7 @@ def _case(seed: int, norm: str, shape: tuple, options: dict, dtype: np.dtype, th
     """One norm, shape and dtype: every implementation timed in the same rounds, and the triad."""
     rng = np.random.default_rng(seed)
     x, dy = rng.normal(size=shape).astype(dtype), rng.normal(size=shape).astype(dtype)
-    params = x.shape[1:2] if norm in ("batchnorm", "groupnorm") else x.shape[-1:]
+    params = tuple(x.shape[axis] for axis in BUILTINS[norm].layout.param_axes(x.ndim))
     gamma, beta = rng.normal(1, 0.2, params).astype(dtype), rng.normal(size=params).astype(dtype)
     a, b, c = np.empty_like(x), np.ones_like(x), np.ones_like(x)
     calls = {("triad", "forward"): lambda: triad(a, b, c)}

@@ -127,20 +127,14 @@ class Case:
 
 def cases(norm: str) -> list[Case]:
     """Small problems in each layout the norm takes: 2-D and 4-D, or two normalized shapes."""
-    layout = BUILTINS[norm].layout.name
-    return {
-        "channel": [Case(norm, (6, 3)), Case(norm, (2, 3, 2, 3))],
-        "instance": [Case(norm, (2, 3, 5)), Case(norm, (2, 3, 2, 3))],
-        "groups": [Case(norm, (2, 6, 4), {"num_groups": 3}), Case(norm, (2, 4, 2, 2), {"num_groups": 2})],
-        "trailing": [Case(norm, (4, 6), {"normalized_shape": (6,)}), Case(norm, (3, 2, 5), {"normalized_shape": (2, 5)})],
-    }[layout]
+    return [Case(norm, shape, dict(options)) for shape, options in BUILTINS[norm].layout.examples]
 
 
 def problem(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded float64 inputs: an offset x, a random cotangent, parameters and running statistics."""
     rng = np.random.default_rng(seed)
     stats = BUILTINS[case.norm].stat_names
-    groups = case.options.get("num_groups", case.param_shape[0] if case.norm in ("batchnorm", "instancenorm") else 1)
+    groups = case.options.get("num_groups", case.param_shape[0] if BUILTINS[case.norm].layout.params_per_group else 1)
     return {
         "x": rng.normal(0.5, 2.0, case.shape), "dy": rng.normal(size=case.shape),
         "gamma": rng.normal(1.0, 0.3, case.param_shape), "beta": rng.normal(size=case.param_shape),

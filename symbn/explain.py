@@ -47,18 +47,10 @@ WIDTH = 112
 """Width of explain's wrapped paragraphs."""
 
 
-_PER = {"channel": "per channel over the batch", "instance": "per sample and channel",
-        "trailing": "per row (one sample, over the normalized dimensions)", "groups": "per sample and group"}
-_GROUP = {"channel": "batch", "instance": "sample's channel", "trailing": "row", "groups": "sample's group"}
-_RUNNING = ("channel", "instance")
-"""The layouts of PyTorch's norms with running statistics (batch norm, instance norm with
-``track_running_stats``): only they have an inference mode with constant statistics."""
-
-
 def semantics(norm: Norm) -> dict:
     """What the statistics are per layout, and what symbn's eval mode is for this norm."""
-    running = norm.layout.name in _RUNNING
-    return {"layout": norm.layout.name, "statistics": _PER[norm.layout.name], "group": _GROUP[norm.layout.name],
+    running = norm.layout.running
+    return {"layout": norm.layout.name, "statistics": norm.layout.statistics, "group": norm.layout.group_noun,
             "inference_has_constant_statistics": running,
             "eval_mode": "inference with running statistics (constants)" if running else
             "a frozen-statistics variant (constants in place of the statistics), not PyTorch's inference, "
@@ -77,12 +69,7 @@ class Explanation:
 
 def _one_group(norm: Norm, m: int) -> tuple[tuple[int, ...], dict]:
     """x's shape and the layout options for a single group of m elements."""
-    return {
-        "channel": ((m, 1), {}),
-        "trailing": ((1, m), {}),
-        "instance": ((1, 1, m), {}),
-        "groups": ((1, m, 1), {"num_groups": 1}),
-    }[norm.layout.name]
+    return norm.layout.single_group(m)
 
 
 def _routes(d: Derivation) -> list[list[str]]:
@@ -168,10 +155,7 @@ def bias_drift(norm: Norm, steps: int = 40, lr: float = 0.2, seed: int = 0) -> d
     """The paper's Section 2 argument, run: x = a·u + b before normalization, gradient descent on
     a, b (and gamma, beta after it) with the true dl/dx and with the frozen-moment one."""
     rng = np.random.default_rng(seed + 1)
-    shape, options = {
-        "channel": ((64, 8), {}), "trailing": ((1, 64), {}),
-        "instance": ((1, 8, 32), {}), "groups": ((1, 8, 16), {"num_groups": 4}),
-    }[norm.layout.name]
+    shape, options = norm.layout.demo[0], dict(norm.layout.demo[1])
     kernels, geo = load(norm, "numpy"), module(norm).geometry(shape, None, None, options.get("num_groups"))
     view = (geo.outer, geo.q, geo.p, geo.l, geo.s)
     u = rng.normal(0.5, 1.5, shape)

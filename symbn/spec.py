@@ -172,6 +172,50 @@ def _check_text(text: str, what: str) -> None:
         raise SpecError(f"{what} has {len(text)} characters; at most {MAX_TEXT}")
 
 
+_GEOMETRY = {
+    "channel": (
+        "if len(shape) < 2:",
+        "    raise ValueError(f\"x must have shape (N, C, *spatial), got {tuple(shape)}\")",
+        "n, c, spatial = shape[0], shape[1], prod(shape[2:])",
+        "return Geometry(n, 1, c, 1, spatial, (c,), (c,))",
+    ),
+    "instance": (
+        "if len(shape) < 3:",
+        "    raise ValueError(f\"x must have shape (N, C, L, *spatial), got {tuple(shape)}\")",
+        "n, c, spatial = shape[0], shape[1], prod(shape[2:])",
+        "return Geometry(1, n, c, 1, spatial, (n, c), (c,))",
+    ),
+    "groups": (
+        "if len(shape) < 2:",
+        "    raise ValueError(f\"x must have shape (N, C, *spatial), got {tuple(shape)}\")",
+        "n, c, spatial = shape[0], shape[1], prod(shape[2:])",
+        "if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1 or c % num_groups:",
+        "    raise ValueError(f\"num_groups must be a positive integer dividing C = {c}, got {num_groups!r}\")",
+        "return Geometry(1, n, num_groups, c // num_groups, spatial, (n, num_groups), (c,))",
+    ),
+    "trailing": (
+        "if normalized_shape is not None:",
+        "    normalized = dims(\"normalized_shape\", normalized_shape)",
+        "elif param_shape is not None:",
+        "    normalized = tuple(param_shape)",
+        "else:",
+        "    normalized = tuple(shape[-1:])",
+        "if not normalized or len(normalized) > len(shape) or tuple(shape[len(shape) - len(normalized):]) != normalized:",
+        "    raise ValueError(f\"normalized_shape {normalized} must match the trailing dims of x {tuple(shape)}\")",
+        "batch = tuple(shape[:len(shape) - len(normalized)])",
+        "return Geometry(1, prod(batch), 1, prod(normalized), 1, batch, normalized)",
+    ),
+}
+"""The only geometry code there is: per built-in layout, the body of its geometry function.
+It is Python source that reaches the generated runtime, so it is written here and nowhere
+else; a :class:`Layout` may only carry one of these bodies, never text of its own."""
+
+Shape = tuple[int, ...]
+Options = tuple[tuple[str, object], ...]
+"""A layout's options (``num_groups``, ``normalized_shape``) as (name, value) pairs:
+a tuple, so that a Layout stays hashable; ``dict(options)`` gives the keyword arguments."""
+
+
 @dataclass(frozen=True)
 class Layout:
     """How a tensor maps onto groups of elements that share statistics.
@@ -179,42 +223,116 @@ class Layout:
     Every layout views x as (outer, Q, P, L, S): a group is one (q, p) pair, its members run
     over (outer, L, S), gamma and beta are indexed by (p, l), running statistics by p. The
     generated kernels use exactly this view (see ``templates/``).
+
+    geometry: the body of ``geometry(shape, param_shape, normalized_shape, num_groups) ->
+        Geometry(outer, q, p, l, s, group_shape, param_shape)`` in the generated runtime
+        (standalone Python: it may use ``prod``, ``dims`` and ``Geometry`` and raises ValueError
+        for a shape the layout cannot take). It is code that reaches generated files, so it
+        must be one of the built-in layouts' bodies (:data:`_GEOMETRY`): left empty, it is the
+        built-in of the same name's; anything else is refused. A layout named like a built-in
+        must carry that built-in's geometry (the generated modules find it by name).
+    examples: small test problems, (shape, options) pairs (``check`` runs each).
+    one_group: (shape, options) of x forming a single group, with ``-1`` standing for the
+        group's size m (see :meth:`single_group`).
+    demo: (shape, options) of a moderate x, for demonstrations (explain's bias-drift run).
+    statistics: what the statistics are computed per, in words ("per channel over the batch").
+    group_noun: what one group is, in words ("batch", "row").
+    running: whether PyTorch's norms in this layout keep running statistics (batch norm,
+        instance norm with ``track_running_stats``): only they have an inference mode with
+        constant statistics.
+
+    Fields left empty (and ``running`` left None) are those of the built-in layout whose
+    geometry this one carries.
     """
 
     name: str
     description: str
+    geometry: tuple[str, ...] = ()
+    examples: tuple[tuple[Shape, Options], ...] = ()
+    one_group: tuple[Shape, Options] = ()
+    demo: tuple[Shape, Options] = ()
+    statistics: str = ""
+    group_noun: str = ""
+    running: bool | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.name, "layout name", reserved=False)
         _check_text(self.description, f"layout {self.name}: description")
+        geometry = self.geometry
+        if isinstance(geometry, list):
+            geometry = tuple(geometry)
+        if not geometry and self.name in _GEOMETRY:
+            geometry = _GEOMETRY[self.name]
+        if geometry not in _GEOMETRY.values():
+            raise SpecError(f"layout {self.name}: the geometry must be one of the built-in layouts' "
+                            f"({', '.join(_GEOMETRY)}), e.g. geometry=CHANNEL.geometry: it is code that reaches "
+                            "the generated files, so a spec cannot bring its own")
+        if self.name in _GEOMETRY and geometry != _GEOMETRY[self.name]:
+            raise SpecError(f"layout {self.name}: a layout named like the built-in {self.name} must have its geometry")
+        # the built-in tuple itself, never the caller's object (whatever its type compares like)
+        object.__setattr__(self, "geometry", next(body for body in _GEOMETRY.values() if body == geometry))
+        builtin = globals().get("LAYOUTS", {}).get(self.kind)
+        for name in ("examples", "one_group", "demo", "statistics", "group_noun"):
+            if not getattr(self, name) and builtin is not None:
+                object.__setattr__(self, name, getattr(builtin, name))
+        if self.running is None and builtin is not None:
+            object.__setattr__(self, "running", builtin.running)
+        for name in ("statistics", "group_noun"):
+            _check_text(getattr(self, name), f"layout {self.name}: {name}")
+
+    @property
+    def kind(self) -> str:
+        """The built-in layout whose geometry this one carries."""
+        return next(name for name, body in _GEOMETRY.items() if body == self.geometry)
+
+    def single_group(self, m: int) -> tuple[Shape, dict]:
+        """x's shape and the layout options for a single group of m elements."""
+        shape, options = self.one_group
+        return tuple(m if d == -1 else d for d in shape), dict(options)
 
     def reduce_axes(self, ndim: int, normalized_ndim: int = 1) -> tuple[int, ...]:
         """The axes of an ``ndim``-dimensional x that one group's statistics reduce over
         (for ``groups``: the channel axis within one group of channels, and the spatial axes)."""
-        if self.name == "trailing":
+        if self.kind == "trailing":
             if not 1 <= normalized_ndim <= ndim:
                 raise ValueError(f"normalized_shape of {normalized_ndim} dims does not fit x of {ndim} dims")
             return tuple(range(ndim - normalized_ndim, ndim))
-        least = 2 if self.name == "channel" else 3
+        least = 2 if self.kind == "channel" else 3
         if ndim < least:
             raise ValueError(f"{self.name} layout needs x of at least {least} dimensions (N, C, ...), got {ndim}")
-        first = {"channel": (0,), "instance": (), "groups": (1,)}[self.name]
+        first = {"channel": (0,), "instance": (), "groups": (1,)}[self.kind]
         return first + tuple(range(2, ndim))
 
     @property
     def params_per_group(self) -> bool:
         """Whether gamma and beta hold one entry per group's p (L = 1: channel, instance)."""
-        return self.name in ("channel", "instance")
+        return self.kind in ("channel", "instance")
 
     def param_axes(self, ndim: int, normalized_ndim: int = 1) -> tuple[int, ...]:
         """The axes of x along which gamma and beta vary."""
-        return self.reduce_axes(ndim, normalized_ndim) if self.name == "trailing" else (1,)
+        return self.reduce_axes(ndim, normalized_ndim) if self.kind == "trailing" else (1,)
 
 
-CHANNEL = Layout("channel", "x: (N, C, *spatial); statistics per channel over N and spatial; gamma, beta: (C,)")
-INSTANCE = Layout("instance", "x: (N, C, *spatial); statistics per sample and channel over spatial; gamma, beta: (C,)")
-GROUPS = Layout("groups", "x: (N, C, *spatial); statistics per sample and group of C/num_groups channels; gamma, beta: (C,)")
-TRAILING = Layout("trailing", "x: (*batch, *normalized_shape); statistics per row over the trailing dims; gamma, beta: normalized_shape")
+CHANNEL = Layout(
+    "channel", "x: (N, C, *spatial); statistics per channel over N and spatial; gamma, beta: (C,)",
+    geometry=_GEOMETRY["channel"], examples=(((6, 3), ()), ((2, 3, 2, 3), ())), one_group=((-1, 1), ()),
+    demo=((64, 8), ()), statistics="per channel over the batch", group_noun="batch", running=True)
+INSTANCE = Layout(
+    "instance", "x: (N, C, *spatial); statistics per sample and channel over spatial; gamma, beta: (C,)",
+    geometry=_GEOMETRY["instance"], examples=(((2, 3, 5), ()), ((2, 3, 2, 3), ())), one_group=((1, 1, -1), ()),
+    demo=((1, 8, 32), ()), statistics="per sample and channel", group_noun="sample's channel", running=True)
+GROUPS = Layout(
+    "groups", "x: (N, C, *spatial); statistics per sample and group of C/num_groups channels; gamma, beta: (C,)",
+    geometry=_GEOMETRY["groups"],
+    examples=(((2, 6, 4), (("num_groups", 3),)), ((2, 4, 2, 2), (("num_groups", 2),))),
+    one_group=((1, -1, 1), (("num_groups", 1),)), demo=((1, 8, 16), (("num_groups", 4),)),
+    statistics="per sample and group", group_noun="sample's group", running=False)
+TRAILING = Layout(
+    "trailing", "x: (*batch, *normalized_shape); statistics per row over the trailing dims; gamma, beta: normalized_shape",
+    geometry=_GEOMETRY["trailing"],
+    examples=(((4, 6), (("normalized_shape", (6,)),)), ((3, 2, 5), (("normalized_shape", (2, 5)),))),
+    one_group=((1, -1), ()), demo=((1, 64), ()),
+    statistics="per row (one sample, over the normalized dimensions)", group_noun="row", running=False)
 LAYOUTS = {layout.name: layout for layout in (CHANNEL, INSTANCE, GROUPS, TRAILING)}
 
 

@@ -25,7 +25,7 @@ from sympy.printing.numpy import NumPyPrinter
 from ... import interface
 from ...lower import COUNT, MOMENTUM, SHIFT, X, Assign, Kernel, KernelPlan, group_var
 from ...program import ELEMENT, GROUP, PARAM, SCALAR
-from ...spec import SpecError
+from ...spec import LAYOUTS, SpecError
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 FILES = {"{name}.py": "kernels.py.j2"}
@@ -37,44 +37,12 @@ FRAME = True
 DEFAULTS = {"eps": "1e-5"}
 """Default values of scalar inputs, as Python source."""
 
-GEOMETRY = {
-    "channel": [
-        "if len(shape) < 2:",
-        "    raise ValueError(f\"x must have shape (N, C, *spatial), got {tuple(shape)}\")",
-        "n, c, spatial = shape[0], shape[1], prod(shape[2:])",
-        "return Geometry(n, 1, c, 1, spatial, (c,), (c,))",
-    ],
-    "instance": [
-        "if len(shape) < 3:",
-        "    raise ValueError(f\"x must have shape (N, C, L, *spatial), got {tuple(shape)}\")",
-        "n, c, spatial = shape[0], shape[1], prod(shape[2:])",
-        "return Geometry(1, n, c, 1, spatial, (n, c), (c,))",
-    ],
-    "groups": [
-        "if len(shape) < 2:",
-        "    raise ValueError(f\"x must have shape (N, C, *spatial), got {tuple(shape)}\")",
-        "n, c, spatial = shape[0], shape[1], prod(shape[2:])",
-        "if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1 or c % num_groups:",
-        "    raise ValueError(f\"num_groups must be a positive integer dividing C = {c}, got {num_groups!r}\")",
-        "return Geometry(1, n, num_groups, c // num_groups, spatial, (n, num_groups), (c,))",
-    ],
-    "trailing": [
-        "if normalized_shape is not None:",
-        "    normalized = dims(\"normalized_shape\", normalized_shape)",
-        "elif param_shape is not None:",
-        "    normalized = tuple(param_shape)",
-        "else:",
-        "    normalized = tuple(shape[-1:])",
-        "if not normalized or len(normalized) > len(shape) or tuple(shape[len(shape) - len(normalized):]) != normalized:",
-        "    raise ValueError(f\"normalized_shape {normalized} must match the trailing dims of x {tuple(shape)}\")",
-        "batch = tuple(shape[:len(shape) - len(normalized)])",
-        "return Geometry(1, prod(batch), 1, prod(normalized), 1, batch, normalized)",
-    ],
-}
+GEOMETRY = {layout.name: layout.geometry for layout in LAYOUTS.values()}
 """Per layout, the body of its geometry function ``(shape, param_shape, normalized_shape,
 num_groups) -> Geometry``: x viewed as (outer, q, p, l, s), the shape of one value per group,
 and the shape of an element parameter (an element parameter has p·l values, a group
-parameter p, running statistics included). This is the knowledge a ``Layout`` should own."""
+parameter p, running statistics included). Each ``Layout`` owns its body
+(:attr:`symbn.spec.Layout.geometry`); only the built-in layouts' bodies exist."""
 
 SIZES = {"outer": "outer", "q_count": "q", "p_count": "p", "l_count": "l", "s_count": "s"}
 """The C interface's size parameters -> the Geometry field each one is."""
@@ -338,7 +306,7 @@ def element_name(symbol: sp.Symbol) -> str:
 def context(plan: KernelPlan) -> dict:
     """What ``kernels.py.j2`` prints for ``plan``."""
     norm = plan.norm
-    if norm.layout.name not in GEOMETRY:
+    if GEOMETRY.get(norm.layout.name) != norm.layout.geometry:
         raise SpecError(f"{norm.name}: layout {norm.layout.name!r} has no geometry in the NumPy backend "
                         f"(layouts: {', '.join(GEOMETRY)})")
     printer = NumPyKernelPrinter()
