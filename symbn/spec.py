@@ -60,7 +60,7 @@ _KERNEL_NAMES = frozenset("""
     thread_id threads total totals u units updatable update_running v value values width work
     writable x_v xhat_v xv y_v yv acc always_inline call columns count cs extra first g0 gs gstride gv
     in_memory labels last limit mode ns outputs param parameters params ps red reduced rows single ss
-    staticmethod strand symbols table
+    staticmethod strand symbols table flagged flags
 """.split())
 """Every identifier the generated Python and C use (arguments, locals, functions, keyword
 arguments; tests/test_security.py checks the list against ``generated/``). A statistic's name
@@ -382,7 +382,7 @@ class Norm:
             raise SpecError(f"{self.name}: affine must be one of {', '.join(AFFINE)}, got {self.affine!r}")
         if not isinstance(self.layout, Layout):
             raise SpecError(f"{self.name}: layout must be a Layout ({', '.join(LAYOUTS)})")
-        if self.affine == "group" and self.layout.name not in ("channel", "instance"):
+        if self.affine == "group" and not self.layout.params_per_group:
             raise SpecError(f"{self.name}: with layout {self.layout.name}, gamma varies within a group: use affine='element'")
         if not self.stats:
             raise SpecError(f"{self.name}: a normalization needs at least one statistic")
