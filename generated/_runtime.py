@@ -307,7 +307,8 @@ class Kernels:
     def _prepare(self, table, values, normalized_shape, num_groups):
         """The checked inputs, and the geometry."""
         names = [name for name, *_ in table.inputs]
-        x = array("x", values[names.index("x")], finite="x" not in table.checked)
+        kernel_checks = self._c is not None and table.mode == "train"  # C training kernels check what they read
+        x = array("x", values[names.index("x")], finite="x" not in table.checked and not kernel_checks)
         param_shape = next((v.shape for (_, kind, role, _), v in zip(table.inputs, values)
                             if kind == "element" and role == "param" and isinstance(v, numpy.ndarray)), None)
         geo = GEOMETRY[self.LAYOUT](x.shape, param_shape, normalized_shape, num_groups)
@@ -324,7 +325,7 @@ class Kernels:
                 if value is None and name in OPTIONAL:
                     value = numpy.full(shape, OPTIONAL[name], x.dtype)
                 else:
-                    value = array(label, value, None if double else x.dtype, shape, name not in table.checked)
+                    value = array(label, value, None if double else x.dtype, shape, name not in table.checked and not kernel_checks)
                 if double:
                     value = value.astype(numpy.float64, copy=False)
             arrays[name] = value
@@ -362,15 +363,12 @@ class Kernels:
         """Run one kernel on its checked inputs into its buffers; NaN and infinity are found from
         the kernel's sums (per-group and parameter outputs), and only then looked for in the inputs."""
         every = {**arrays, **buffers}
-        order = [name for name, kind in table.parameters if kind == "pointer"]
         if self._c is None:
             with numpy.errstate(all="ignore"):  # NaN and infinity are reported below, as for C
-                table.numpy(*[every[name] for name in order], geo, *scalars.values())
+                table.numpy(*[every[name] for name, kind in table.parameters if kind == "pointer"], geo, *scalars.values())
         else:
-            args = []
-            for name, kind in table.parameters:
-                args.append(pointer(every[name]) if kind == "pointer" else getattr(geo, SIZES[name]) if kind == "size"
-                            else scalars[name] if kind == "real" else self.schedule)
+            args = [pointer(every[name]) if kind == "pointer" else getattr(geo, SIZES[name]) if kind == "size"
+                    else scalars[name] if kind == "real" else self.schedule for name, kind in table.parameters]
             function = self._c[table.name, x.dtype]
             status = function(*args)
             if status == STATUS["SYMBN_ENONFINITE"]:
@@ -378,9 +376,10 @@ class Kernels:
             if status:
                 name = next((key for key, value in STATUS.items() if value == status), status)
                 raise RuntimeError(f"{function.__name__} failed with status {name}")
-        for name, kind, role, _ in table.outputs:
-            if (kind == "group" or role == "param") and not numpy.isfinite(buffers[name]).all():
-                nonfinite(named)
+        if self._c is None or table.mode != "train":  # the C training kernels check their own sums
+            for name, kind, role, _ in table.outputs:
+                if (kind == "group" or role == "param") and not numpy.isfinite(buffers[name]).all():
+                    nonfinite(named)
 
     def _results(self, table, x, geo, buffers):
         results = []
