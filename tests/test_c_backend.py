@@ -20,7 +20,7 @@ from symbn import oracles
 from symbn.backends import c as backend
 from symbn.interface import DTYPES, SCHEDULES, STATUS, parameters
 from symbn.lower import plan as lower_plan
-from symbn.program import DATA, ELEMENT, GROUP, PARAM, SCALAR
+from symbn.program import DATA, ELEMENT, GROUP, PARAM
 from symbn.spec import BUILTINS, CHANNEL, Norm
 
 CC = os.environ.get("CC", "cc")

@@ -17,7 +17,7 @@ import pytest
 import symbn
 from conftest import finite_difference
 from symbn.build import compile_library, prefixes, sources_dir
-from symbn.spec import BUILTINS, CHANNEL, TRAILING, resolve
+from symbn.spec import BUILTINS, CHANNEL, TRAILING
 
 if not os.environ.get("SYMBN_CACHE_DIR"):  # one kernel cache per test session: C compiles once per plan
     os.environ["SYMBN_CACHE_DIR"] = tempfile.mkdtemp(prefix="symbn-tests-")

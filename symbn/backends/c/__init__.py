@@ -41,7 +41,7 @@ from sympy.printing.c import C99CodePrinter
 from sympy.printing.precedence import PRECEDENCE
 
 from ...interface import DEFAULTS, DTYPES, OPTIONAL, SCHEDULES, STATUS, function_name, parameters
-from ...lower import COUNT, Arg, Kernel, KernelPlan, Pass, element_var, group_var
+from ...lower import COUNT, Arg, Kernel, KernelPlan, Pass
 from ...program import DATA, ELEMENT, GROUP, PARAM, SCALAR
 
 FILES = {"{name}.c": "kernels.c.j2", "{name}.h": "kernels.h.j2"}

@@ -160,7 +160,6 @@ def _checked(kernel: Kernel) -> list[str]:
     temporaries = {a.symbol: a.expr for p in kernel.passes for a in p.element}
     definitions = {a.symbol: a.expr for p in kernel.passes for a in p.group}
     definitions.update({a.symbol: a.expr for a in kernel.final})
-    reductions = {a.symbol: a.expr for p in kernel.passes for a in p.sums}
 
     def expanded(expr: sp.Expr, table: dict) -> sp.Expr:
         for _ in range(len(table) + 1):
@@ -182,7 +181,6 @@ def _kernel(plan: KernelPlan, kernel: Kernel) -> dict:
     """Everything the template prints for one kernel: its table and its element code."""
     exact = len(kernel.transforms) > 1  # derivatives beyond the first run in float64 throughout
     group_printer = NumPyKernelPrinter()
-    element_inputs = [a for a in kernel.inputs if a.kind == ELEMENT and a.role == PARAM]
     data_inputs = [a for a in kernel.inputs if a.kind == ELEMENT and a.role != PARAM]
     varying_inputs = {a.var for a in kernel.inputs if a.kind == ELEMENT}
     shift_of = group_var(plan.shift) if plan.shift else None
