@@ -70,30 +70,33 @@ def tangent_name(name: str, level: int) -> str:
     return f"t_{name}" if level == 1 else f"t{level}_{name}"
 
 
-def _wrapped(text: str) -> str:
-    """A notation as an operand of ∂ or δ: in parentheses unless it is one simple symbol."""
-    return f"({text})" if any(c in text for c in " /·+-^") else text
+def _compound(text: str) -> bool:
+    """Whether a written quantity needs parentheses as an operand of ∂ or δ (∂l/∂x_i does, μ_B not)."""
+    return any(c in text for c in " /·+-^")
+
+
+def _literal(latex: str, element: bool) -> str:
+    """LaTeX as it goes into a notation: an element's notation is a format template ({i} is the
+    index), so its own braces are doubled."""
+    return latex.replace("{", "{{").replace("}", "}}") if element else latex
 
 
 def _adjoint_notation(written: Notation, element: bool, level: int) -> Notation:
     """∂l/∂q (level 1, the paper's), ∂l₂/∂q at level 2...; element notations stay format templates."""
     loss_text = "l" if level == 1 else f"l{str(level).translate(_SUBSCRIPTS)}"
-    loss_latex = r"\ell" if level == 1 else rf"\ell_{{{level}}}"
-    if element:
-        return Notation(f"∂{loss_text}/∂{_wrapped(written.text)}",
-                        r"\frac{{\partial " + loss_latex.replace("{", "{{").replace("}", "}}") + r"}}{{\partial " + written.latex + "}}")
-    return Notation(f"∂{loss_text}/∂{_wrapped(written.text)}", r"\frac{\partial " + loss_latex + r"}{\partial " + written.latex + "}")
+    loss_latex = _literal(r"\ell" if level == 1 else rf"\ell_{{{level}}}", element)
+    operand = f"({written.text})" if _compound(written.text) else written.text
+    frac = r"\frac{{{{\partial {0}}}}}{{{{\partial {1}}}}}" if element else r"\frac{{\partial {0}}}{{\partial {1}}}"
+    return Notation(f"∂{loss_text}/∂{operand}", frac.format(loss_latex, written.latex))
 
 
 def _tangent_notation(written: Notation, element: bool, level: int) -> Notation:
     """δq (level 1), δ₂q at level 2...: the directional derivative of q."""
     text = "δ" if level == 1 else f"δ{str(level).translate(_SUBSCRIPTS)}"
-    latex = r"\delta " if level == 1 else rf"\delta_{{{level}}} "
-    if element:
-        latex = latex.replace("{", "{{").replace("}", "}}")
-    body = written.latex if not any(c in written.text for c in " /·+-^") else (
-        r"\left({}\right)".replace("{}", written.latex) if not element else r"\left(" + written.latex + r"\right)")
-    return Notation(f"{text}{_wrapped(written.text)}", latex + body)
+    delta = _literal(r"\delta " if level == 1 else rf"\delta_{{{level}}} ", element)
+    if _compound(written.text):
+        return Notation(f"{text}({written.text})", delta + r"\left(" + written.latex + r"\right)")
+    return Notation(f"{text}{written.text}", delta + written.latex)
 
 
 def _new_quantity(p: Program, name: str, new_name: str, level: int, reverse: bool) -> tuple[sp.Basic, Notation]:
