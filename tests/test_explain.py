@@ -155,7 +155,8 @@ def test_report_compiles(explained, tmp_path, norm):
     assert target.stat().st_size > 20_000
     source = (tmp_path / "report.tex").read_text()
     assert "One order up: PyTorch's higher derivatives" in source and "frozen-statistics variant" in source
-    assert ("drops exactly the terms" in source) is (norm == "layernorm")
+    # without PyTorch the report cannot tell whether native agrees, and shows the derived terms either way
+    assert ("drops exactly the terms" in source) is (norm == "layernorm" or oracles is None)
 
 
 # --------------------------------------------------------------------------- one order up
@@ -170,7 +171,7 @@ def test_higher_order_keys(batchnorm):
         assert set(block["symbn_vs_fd"]) == {"rel_err", "per_output"}
     assert [t["via"] for t in o3["dropped"]["terms"]] == ["var", "mean"]
     assert o3["dropped"]["other_outputs"] == {o: [] for o in o3["outputs"][1:]}
-    assert nj["outputs"] == ["t2_t_y"] and nj["explanation"] == ["mean", "var"]
+    assert nj["outputs"] == ["t2_t_y"] and nj["explanation"] == (["mean", "var"] if oracles is not None else None)
 
 
 def _group(h, batch, names, element):
