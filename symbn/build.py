@@ -29,6 +29,7 @@ from pathlib import Path
 
 from . import __version__
 from .backends import NAMES
+from .errors import CompilerError
 from .jinja import resource_dir
 from .spec import BUILTINS, Norm, resolve
 
@@ -40,10 +41,6 @@ TIMEOUT = 300.0
 """Seconds one compiler run may take (``$SYMBN_CC_TIMEOUT`` overrides)."""
 BUILTIN_ORDERS = (1, 2)
 """The orders of the built-ins that ``generated/`` holds."""
-
-
-class CompilerError(RuntimeError):
-    """No usable C compiler, or the generated C did not compile: the message has the command and its output."""
 
 
 def cache_dir() -> Path:

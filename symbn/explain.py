@@ -29,6 +29,7 @@ import sympy as sp
 
 from .build import load, module
 from .derive import Derivation, Level, derive, jvp, tangent_name, vjp
+from .errors import LatexError
 from .evaluate import compile_program, evaluate, evaluate_derivation, evaluate_level
 from .jinja import environment
 from .notation import latex, text
@@ -469,7 +470,7 @@ def _statistics_sentence(e: Explanation, label: dict) -> list[str]:
     if sem["inference_has_constant_statistics"]:
         return [f"In training the statistics ({stats}) are computed {sem['statistics']}, so every x_k of the {sem['group']} feeds them.",
                 "Routes from x_i to the loss:"]
-    return [f"The statistics ({stats}; the B names the group, here one {sem['group']}) are computed {sem['statistics']},",
+    return [f"The statistics ({stats}, one {sem['group']}'s) are computed {sem['statistics']},",
             "in training and in inference alike, so every x_k of the group feeds them. Routes from x_i to the loss:"]
 
 
@@ -632,10 +633,6 @@ def to_latex(e: Explanation) -> str:
     return environment("latex").get_template("report.tex.j2").render(
         **document_context(e.norm), numbers=n, drift=n["bias_drift"], graph=graph, semantics=n["semantics"],
         higher=h, higher_rows=rows, higher_x=x_out)
-
-
-class LatexError(RuntimeError):
-    """pdflatex is missing or failed; the message says what to do."""
 
 
 def write_report(e: Explanation, target: Path) -> Path:

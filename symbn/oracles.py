@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
+from .errors import TorchMissing
 from .spec import BUILTINS, Norm
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,10 +36,6 @@ if TYPE_CHECKING:  # pragma: no cover
 TORCH_PIN = "torch==2.13.0"
 MODES = ("train", "eval")
 TRANSFORMS = ("vjp", "jvp")
-
-
-class TorchMissing(ImportError):
-    """PyTorch is needed for this oracle and is not installed."""
 
 
 def _torch():

@@ -22,6 +22,8 @@ from typing import Mapping
 
 import sympy as sp
 
+from .errors import SpecError
+
 FUNCTIONS = {"sqrt": sp.sqrt, "exp": sp.exp, "log": sp.log, "abs": sp.Abs}
 """Functions a spec expression may call; each takes exactly one argument."""
 
@@ -100,10 +102,6 @@ NORM_PREFIXES = ("omp", "symbn")
 """Prefixes a norm name may not have: OpenMP's names and symbn's own C symbols."""
 
 AFFINE = ("group", "element")
-
-
-class SpecError(ValueError):
-    """A spec that cannot describe a normalization; the message says which part and why."""
 
 
 def _pairs(norm: str, stats) -> tuple[tuple[str, str], ...]:
@@ -553,10 +551,15 @@ class _NotConstant(Exception):
     pass
 
 
-_MOMENTS = {
-    "mean": Notation("μ_B", r"\mu_{\mathcal{B}}", "E[x]", r"\mathrm{E}[x]"),
-    "var": Notation("σ²_B", r"\sigma^{2}_{\mathcal{B}}", "Var[x]", r"\mathrm{Var}[x]"),
-}
+def _moments(group: str) -> dict[str, Notation]:
+    """Mean and variance over ``group``, the letter that names the set of elements sharing them:
+    the paper's mini-batch 𝓑 for batch norm; 𝓛 (a layer's units, one row), 𝓖 (a group) and 𝓘 (an
+    instance) for the per-sample norms, whose statistics are not the batch's."""
+    return {
+        "mean": Notation(f"μ_{group}", rf"\mu_{{\mathcal{{{group}}}}}", "E[x]", r"\mathrm{E}[x]"),
+        "var": Notation(f"σ²_{group}", rf"\sigma^{{2}}_{{\mathcal{{{group}}}}}", "Var[x]", r"\mathrm{Var}[x]"),
+    }
+
 
 BATCHNORM = Norm(
     name="batchnorm",
@@ -565,7 +568,7 @@ BATCHNORM = Norm(
     affine="group",
     layout=CHANNEL,
     description="Batch normalization (Ioffe & Szegedy 2015): each channel over the mini-batch",
-    notation=_MOMENTS,
+    notation=_moments("B"),
     unbiased=("var",),
 )
 
@@ -575,6 +578,7 @@ LAYERNORM = replace(
     affine="element",
     layout=TRAILING,
     description="Layer normalization (Ba et al. 2016): each sample over its features",
+    notation=_moments("L"),
 )
 
 RMSNORM = Norm(
@@ -584,7 +588,7 @@ RMSNORM = Norm(
     affine="element",
     layout=TRAILING,
     description="RMS normalization (Zhang & Sennrich 2019): no mean, scaled by the root mean square",
-    notation={"ms": Notation("ν_B", r"\nu_{\mathcal{B}}", "E[x²]", r"\mathrm{E}[x^{2}]")},
+    notation={"ms": Notation("ν_L", r"\nu_{\mathcal{L}}", "E[x²]", r"\mathrm{E}[x^{2}]")},
 )
 
 INSTANCENORM = replace(
@@ -592,6 +596,7 @@ INSTANCENORM = replace(
     name="instancenorm",
     layout=INSTANCE,
     description="Instance normalization (Ulyanov et al. 2016): each sample and channel over its spatial positions",
+    notation=_moments("I"),
 )
 
 GROUPNORM = replace(
@@ -600,6 +605,7 @@ GROUPNORM = replace(
     affine="element",  # gamma is per channel, and a group holds several channels
     layout=GROUPS,
     description="Group normalization (Wu & He 2018): each sample over groups of channels and their spatial positions",
+    notation=_moments("G"),
 )
 
 BUILTINS: dict[str, Norm] = {norm.name: norm for norm in (BATCHNORM, LAYERNORM, RMSNORM, INSTANCENORM, GROUPNORM)}
