@@ -254,7 +254,7 @@ def emitted(norm: str | Norm, transforms=None, order: int = 1, backend: str = "n
 
 def sources_dir(norm: str | Norm, transforms=None, order: int = 1, backend: str = "c") -> Path:
     """The folder that holds the kernel sources of one chain of ``norm`` for ``backend``."""
-    stem, directory, _ = emitted(norm, transforms, order, backend)
+    _, directory, _ = emitted(norm, transforms, order, backend)
     if directory is None:
         raise CompilerError(f"cannot write the kernel cache {cache_dir()}: set SYMBN_CACHE_DIR to a writable folder")
     return directory
@@ -279,7 +279,7 @@ def _from_text(package: str, name: str, text: str) -> types.ModuleType:
     module.__package__, module.__file__ = package, f"<symbn: {name}.py>"
     sys.modules[module.__name__] = module
     setattr(sys.modules[package], name, module)
-    exec(compile(text, module.__file__, "exec"), module.__dict__)  # noqa: S102 - our own emitted code
+    exec(compile(text, module.__file__, "exec"), module.__dict__)
     return module
 
 

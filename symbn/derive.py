@@ -14,14 +14,14 @@ steps, functions of every x_k, at every order; in eval mode they are inputs, lik
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Mapping
 
 import sympy as sp
 
-from .simplify import compact_forms
 from .program import ELEMENT, GROUP, Input, Program, Step, element_symbol, forward_program, group_symbol
+from .simplify import compact_forms
 from .spec import Norm, Notation, resolve
 from .sums import I, K, M, diff_element, evaluate_constant_sums, fresh_index, group_sum
 

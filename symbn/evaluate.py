@@ -14,8 +14,8 @@ so per-element expressions come out as vectors over i, per-group ones as scalars
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import numpy as np
 import sympy as sp

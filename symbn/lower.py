@@ -214,7 +214,7 @@ def _derived_kernel(d: Derivation, shift: str | None) -> Kernel:
 def _input(q: Input) -> Arg:
     """An input in x's dtype, except what is kept in double: the running statistics (params
     nothing differentiates) and scalars."""
-    return Arg(q.name, q.kind, q.role, q.role == SCALAR or q.role == PARAM and not q.differentiable)
+    return Arg(q.name, q.kind, q.role, q.role == SCALAR or (q.role == PARAM and not q.differentiable))
 
 
 def _output(p: Program, name: str) -> Arg:

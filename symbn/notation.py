@@ -6,7 +6,7 @@ with ``{i}`` standing for an element's index).
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import sympy as sp
 from sympy.printing.latex import LatexPrinter

@@ -22,16 +22,13 @@ from __future__ import annotations
 import ast
 import math
 import operator
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
 from .errors import TorchMissing
 from .spec import BUILTINS, Norm
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
 TORCH_PIN = "torch==2.13.0"
 MODES = ("train", "eval")

@@ -22,9 +22,9 @@ The norm spec is one front end (:func:`forward_program`); nothing downstream dep
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
 
 import sympy as sp
 

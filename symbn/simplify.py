@@ -9,7 +9,8 @@ reductions a kernel hoists (Σ ∂l/∂y_k and Σ ∂l/∂y_k·x̂_k for batch n
 """
 from __future__ import annotations
 
-from typing import Mapping, Protocol, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import sympy as sp
 

@@ -17,8 +17,8 @@ import keyword
 import math
 import operator
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Mapping
 
 import sympy as sp
 
@@ -460,7 +460,8 @@ def parse(text: str, names: set[str] | Mapping[str, sp.Basic], where: str = "exp
             return table[node.id]
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.keywords:
             return FUNCTIONS[node.func.id](build(node.args[0]))  # name and arity checked by _check_tree
-        raise SpecError(f"{where}: {ast.unparse(node)!r} is not allowed in {text!r} (numbers, names, + - * / ** and {', '.join(FUNCTIONS)})")
+        raise SpecError(f"{where}: {ast.unparse(node)!r} is not allowed in {text!r} "
+                        f"(numbers, names, + - * / ** and {', '.join(FUNCTIONS)})")
 
     expr = build(tree)
     if symbolic and expr.has(sp.zoo, sp.oo, -sp.oo, sp.nan):

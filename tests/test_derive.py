@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import sympy as sp
-
 from conftest import Batch, numeric, staged
+
 from symbn import SpecError, derive
 from symbn.prove import vanishes
 from symbn.sums import I, M
@@ -93,7 +93,7 @@ def test_staged_numbers_agree_between_modes_when_statistics_coincide(derivations
     differs from training by exactly the moment paths."""
     train, inference = derivations["batchnorm", "train"], derivations["batchnorm", "eval"]
     batch = Batch("batchnorm", "train")
-    direct = [t for t in train.terms["x"] if t.via == "xhat"][0]
+    direct = next(t for t in train.terms["x"] if t.via == "xhat")
     env = batch.environment(train)
     env.update({train.adjoints["xhat"][j + 1]: v for j, v in enumerate(staged(train, batch)["xhat"])})
     np.testing.assert_allclose(numeric(train, direct.expr, env, batch.n),

@@ -59,7 +59,8 @@ X = np.arange(12.0).reshape(4, 3)
     (lambda k: k.forward_train(X, None, np.array([1.0, np.inf, 1.0])), ValueError, "beta contains NaN or infinity"),
     (lambda k: k.forward_train(np.full((4, 3), 1e308)), ValueError, "a sum over them overflows"),
     (lambda k: k.backward_train(np.where(X > 5, np.nan, 1.0), X, None, np.zeros(3), np.ones(3)), ValueError, "dy contains NaN"),
-    (lambda k: k.backward_train(np.ones((4, 3)), X, np.array([1.0, np.nan, 1.0]), np.zeros(3), np.ones(3)), ValueError, "gamma contains NaN"),
+    (lambda k: k.backward_train(np.ones((4, 3)), X, np.array([1.0, np.nan, 1.0]), np.zeros(3), np.ones(3)),
+     ValueError, "gamma contains NaN"),
     (lambda k: k.backward_train(np.ones((4, 3)), X, None, np.array([0.0, np.nan, 0.0]), np.ones(3)), ValueError, "mean contains NaN"),
     (lambda k: k.backward_train(np.ones((4, 2)), X, None, np.zeros(3), np.ones(3)), ValueError, r"dy must have shape \(4, 3\)"),
     (lambda k: k.backward_train(np.ones((4, 3), np.float32), X, None, np.zeros(3), np.ones(3)), TypeError, "dy has dtype float32"),
@@ -108,13 +109,13 @@ def test_layernorm_normalized_shape_is_validated_as_pytorch_does(ln):
         ln.forward_train(x, normalized_shape=4.0)
     y, mean, _ = ln.forward_train(x, normalized_shape=4)  # an int is one trailing dim, as in PyTorch
     assert mean.shape == (2, 3) and y.shape == x.shape
-    dx, dgamma, dbeta = ln.backward_train(x, x, np.ones((3, 4)), *ln.forward_train(x, normalized_shape=(3, 4))[1:])
+    _, dgamma, dbeta = ln.backward_train(x, x, np.ones((3, 4)), *ln.forward_train(x, normalized_shape=(3, 4))[1:])
     assert dgamma.shape == dbeta.shape == (3, 4)
 
 
 def test_higher_order_kernels_name_their_arguments(bn2):
     x, dy = np.arange(12.0).reshape(4, 3), np.ones((4, 3))
-    y, mean, var = bn2.forward_train(x)
+    _, mean, var = bn2.forward_train(x)
     ones = np.ones(3)
     with pytest.raises(ValueError, match=r"d2_dx must have shape \(4, 3\)"):
         bn2.backward2_train(np.ones((3, 3)), ones, ones, dy, x, ones, mean, var)

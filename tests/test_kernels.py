@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from conftest import finite_difference
 
 import symbn
-from conftest import finite_difference
 from symbn.build import compile_library, prefixes, sources_dir
 from symbn.spec import BUILTINS, CHANNEL, TRAILING
 
@@ -242,7 +242,7 @@ def test_strided_input_is_never_misread(backend, norm):
     k = kernels(norm, backend)
     np.testing.assert_array_equal(k.forward_train(strided, gamma, beta, **options)[0], k.forward_train(x, gamma, beta, **options)[0])
     transposed = np.ascontiguousarray(dy.T).T  # Fortran order
-    y, *saved = k.forward_train(x, gamma, beta, **options)
+    _y, *saved = k.forward_train(x, gamma, beta, **options)
     np.testing.assert_array_equal(k.backward_train(transposed, x, gamma, *saved, **options)[0],
                                   k.backward_train(dy, x, gamma, *saved, **options)[0])
 
@@ -437,7 +437,7 @@ class Problem:
             stats = dict(zip(self.spec.stat_names, kernels.forward_train(values["x"], values.get("gamma", self["gamma"]), None,
                                                                         **self.options)[1:]))
         args = []
-        for (name, kind, role, _), label in zip(table.inputs, table.labels):
+        for (name, _kind, role, _), label in zip(table.inputs, table.labels):
             if role == "scalar":
                 continue
             args.append(self.running[name] if label.startswith("running_") else stats[name] if name in stats else values[name])
@@ -522,7 +522,7 @@ def test_a_chain_loads_every_prefix():
     k = symbn.load("batchnorm", order=2)
     assert k.kernels == ("forward_train", "backward_train", "forward_eval", "backward_eval", "backward2_train", "backward2_eval")
     x, dy = np.random.default_rng(3).normal(size=(2, 6, 3))
-    y, mean, var = k.forward_train(x)
+    _y, mean, var = k.forward_train(x)
     ones, zeros = np.ones(3), np.zeros(3)
     d2 = k.backward2_train(dy, ones, zeros, dy, x, ones, mean, var, eps=1e-5)
     assert [a.shape for a in d2] == [x.shape, (3,), (3,), x.shape]

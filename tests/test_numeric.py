@@ -2,7 +2,6 @@
 forward pass the engine did not produce."""
 import numpy as np
 import pytest
-
 from conftest import MODES, NORMS, Batch, numeric, staged
 
 

@@ -62,7 +62,8 @@ def test_imports_without_torch_and_says_how_to_install():
             "    assert 'torch==2.13.0' in str(e), e\n"
             "else:\n"
             "    raise SystemExit('no ImportError')\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert done.returncode == 0, done.stderr
 
 

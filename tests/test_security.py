@@ -214,7 +214,7 @@ def test_reserved_names(name):
 @pytest.mark.parametrize("name", ["stat_a", "run_a", "running_a", "saved_a", "red_0", "c_a", "t_a", "strand_a", "acc_0",
                                   "pacc_1", "symbn_a", "omp_a", "invstd_a", "d0", "d1x"])
 def test_reserved_prefixes(name):
-    with pytest.raises(SpecError, match="prefix|digit"):
+    with pytest.raises(SpecError, match=r"prefix|digit"):
         make(stats={"mean": "x", name: "(x - mean)**2"}, normalized="x - mean")
 
 

@@ -269,7 +269,7 @@ def _pass(k: Kernel, j: int, ps: Pass, index: dict[str, int], element_inputs: di
         "sum": bool(ps.sums), "ss": bool(ps.sums), "param": bool(ps.params), "ps": bool(ps.params),
     }
     prefetch = []
-    for v, a in loads:
+    for _, a in loads:
         if a.role == DATA:
             prefetch.append(f"SYMBN_PREFETCH(a->{a.name} + idx);" if a.double else
                             f"SYMBN_PREFETCH((const char *)a->{a.name} + idx * (single ? sizeof(float) : sizeof(double)));")

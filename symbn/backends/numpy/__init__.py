@@ -23,7 +23,7 @@ import sympy as sp
 from sympy.printing.numpy import NumPyPrinter
 
 from ... import interface
-from ...lower import COUNT, MOMENTUM, SHIFT, X, Assign, Kernel, KernelPlan, group_var
+from ...lower import COUNT, MOMENTUM, SHIFT, Assign, Kernel, KernelPlan, X, group_var
 from ...program import ELEMENT, GROUP, PARAM, SCALAR
 from ...spec import LAYOUTS, SpecError
 
@@ -331,7 +331,9 @@ def shared_context() -> dict:
         from ..c import TUNING as tuning
     except ImportError:
         tuning = {}
-    return {"schedules": interface.SCHEDULES, "tuning": tuning,"status": interface.STATUS, "optional": {name: interface.DEFAULTS[name] for name in interface.OPTIONAL}, "geometry": GEOMETRY, "sizes": SIZES, "ctypes": CTYPES}
+    return {"schedules": interface.SCHEDULES, "tuning": tuning, "status": interface.STATUS,
+            "optional": {name: interface.DEFAULTS[name] for name in interface.OPTIONAL},
+            "geometry": GEOMETRY, "sizes": SIZES, "ctypes": CTYPES}
 
 
 __all__ = ["FILES", "FRAME", "GEOMETRY", "PACKAGE", "PRINTER", "SHARED", "TEMPLATES", "NumPyKernelPrinter", "context",
