@@ -220,6 +220,13 @@ class Derivation:
     levels: tuple[Level, ...]
     compact: Mapping[str, sp.Expr] = field(default_factory=dict)
 
+    def _repr_latex_(self) -> str:
+        """Jupyter (MathJax) shows a derivation as its equations in the paper's notation, as SymPy
+        objects render themselves: the ``align*`` blocks of ``derive --format latex``."""
+        from .render import to_latex  # render reads derivations: imported on use, not at import
+
+        return to_latex(self)
+
     @property
     def transforms(self) -> tuple[str, ...]:
         return tuple(level.kind for level in self.levels)

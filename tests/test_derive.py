@@ -1,5 +1,8 @@
 """The engine's staged adjoints are the paper's six expressions, term by term (Ioffe & Szegedy
 2015, page 4, typed here from the paper), and the compact form is the frameworks' one."""
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 import sympy as sp
@@ -105,3 +108,15 @@ def test_unknown_norm_and_mode_are_clear_errors():
         derive("groupnorm2")
     with pytest.raises(ValueError, match="choose from: train, eval"):
         derive("batchnorm", "test")
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed (CI installs it)")
+def test_a_derivation_renders_itself_in_jupyter(tmp_path):
+    """``_repr_latex_`` is what Jupyter shows: the equations as LaTeX that compiles."""
+    body = derive("layernorm", order=2)._repr_latex_()
+    assert body.count(r"\begin{align*}") >= 3 and r"\mu_{\mathcal{L}}" in body
+    tex = tmp_path / "repr.tex"
+    tex.write_text("\\documentclass{article}\\usepackage{amsmath,amssymb}\\begin{document}\n" + body + "\\end{document}\n")
+    done = subprocess.run(["pdflatex", "-halt-on-error", "-interaction=nonstopmode", tex.name],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:]
