@@ -269,7 +269,7 @@ class Kernels:
 
     NORM = NAME = LAYOUT = THREADS = ""
     STATS = UNBIASED = ()
-    KERNELS = {}
+    KERNELS = NONNEGATIVE = {}
     RUNNING = None
     schedule = 0
     """The C kernels' loop shape (symbn.interface.SCHEDULES): 0 lets the C choose per problem."""
@@ -326,6 +326,8 @@ class Kernels:
                     value = numpy.full(shape, OPTIONAL[name], x.dtype)
                 else:
                     value = array(label, value, None if double else x.dtype, shape, name not in table.checked and not kernel_checks)
+                if kind == "group" and name in self.NONNEGATIVE:
+                    self._nonnegative(label, name, value)
                 if double:
                     value = value.astype(numpy.float64, copy=False)
             arrays[name] = value
@@ -417,12 +419,21 @@ class Kernels:
                 r[...] = new
         return self._results(table, x, geo, buffers)
 
+    def _nonnegative(self, label, name, value):
+        """Refuse a negative value of a statistic that is a mean of non-negative values (NaN is
+        refused with the other non-finite values)."""
+        if (value < 0).any():
+            raise ValueError(f"{label} must be non-negative ({name} is the mean of {self.NONNEGATIVE[name]}), "
+                             f"got {float(value.min())!r}")
+
     def _updatable(self, running, geo, momentum):
         """Running statistics to update in place after a training step: one writable array of
         shape (p,) per statistic."""
         checked = []
         for name, value in zip(self.STATS, running):
             array_ = array(f"running_{name}", value, shape=(geo.p,))
+            if name in self.NONNEGATIVE:
+                self._nonnegative(f"running_{name}", name, array_)
             if array_ is not value or not value.flags.writeable:
                 raise ValueError(f"running_{name} must be a writable C-contiguous array to be updated in place")
             checked.append(array_)

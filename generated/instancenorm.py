@@ -28,6 +28,8 @@ NAME = 'instancenorm'
 LAYOUT = 'instance'
 STATS = ('mean', 'var')
 UNBIASED = ('var',)
+NONNEGATIVE = { 'var': '(x - mean)**2', }
+"""Statistics that cannot be negative, with their definitions: a negative value given is refused."""
 TRANSFORMS = ('vjp',)
 
 
@@ -252,7 +254,7 @@ class Kernels(_runtime.Kernels):
     """The kernels of instancenorm on NumPy (``library=None``) or on the shared library compiled
     from instancenorm.c; the same semantics."""
 
-    NORM, NAME, LAYOUT, STATS, UNBIASED, KERNELS = NORM, NAME, LAYOUT, STATS, UNBIASED, KERNELS
+    NORM, NAME, LAYOUT, STATS, UNBIASED, NONNEGATIVE, KERNELS = NORM, NAME, LAYOUT, STATS, UNBIASED, NONNEGATIVE, KERNELS
     THREADS = 'symbn_instancenorm_set_num_threads'
     RUNNING = staticmethod(_running)
 

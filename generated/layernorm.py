@@ -28,6 +28,8 @@ NAME = 'layernorm'
 LAYOUT = 'trailing'
 STATS = ('mean', 'var')
 UNBIASED = ('var',)
+NONNEGATIVE = { 'var': '(x - mean)**2', }
+"""Statistics that cannot be negative, with their definitions: a negative value given is refused."""
 TRANSFORMS = ('vjp',)
 
 
@@ -251,7 +253,7 @@ class Kernels(_runtime.Kernels):
     """The kernels of layernorm on NumPy (``library=None``) or on the shared library compiled
     from layernorm.c; the same semantics."""
 
-    NORM, NAME, LAYOUT, STATS, UNBIASED, KERNELS = NORM, NAME, LAYOUT, STATS, UNBIASED, KERNELS
+    NORM, NAME, LAYOUT, STATS, UNBIASED, NONNEGATIVE, KERNELS = NORM, NAME, LAYOUT, STATS, UNBIASED, NONNEGATIVE, KERNELS
     THREADS = 'symbn_layernorm_set_num_threads'
     RUNNING = staticmethod(_running)
 

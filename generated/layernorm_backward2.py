@@ -24,6 +24,8 @@ NAME = 'layernorm_backward2'
 LAYOUT = 'trailing'
 STATS = ('mean', 'var')
 UNBIASED = ('var',)
+NONNEGATIVE = { 'var': '(x - mean)**2', }
+"""Statistics that cannot be negative, with their definitions: a negative value given is refused."""
 TRANSFORMS = ('vjp', 'vjp')
 
 
@@ -233,7 +235,7 @@ class Kernels(_runtime.Kernels):
     """The kernels of layernorm_backward2 on NumPy (``library=None``) or on the shared library compiled
     from layernorm_backward2.c; the same semantics."""
 
-    NORM, NAME, LAYOUT, STATS, UNBIASED, KERNELS = NORM, NAME, LAYOUT, STATS, UNBIASED, KERNELS
+    NORM, NAME, LAYOUT, STATS, UNBIASED, NONNEGATIVE, KERNELS = NORM, NAME, LAYOUT, STATS, UNBIASED, NONNEGATIVE, KERNELS
     THREADS = 'symbn_layernorm_backward2_set_num_threads'
 
     def backward2_train(self, d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, eps=1e-5, *, normalized_shape=None, num_groups=None, out=None):

@@ -26,6 +26,8 @@ NAME = 'rmsnorm'
 LAYOUT = 'trailing'
 STATS = ('ms',)
 UNBIASED = ()
+NONNEGATIVE = { 'ms': 'x**2', }
+"""Statistics that cannot be negative, with their definitions: a negative value given is refused."""
 TRANSFORMS = ('vjp',)
 
 
@@ -211,7 +213,7 @@ class Kernels(_runtime.Kernels):
     """The kernels of rmsnorm on NumPy (``library=None``) or on the shared library compiled
     from rmsnorm.c; the same semantics."""
 
-    NORM, NAME, LAYOUT, STATS, UNBIASED, KERNELS = NORM, NAME, LAYOUT, STATS, UNBIASED, KERNELS
+    NORM, NAME, LAYOUT, STATS, UNBIASED, NONNEGATIVE, KERNELS = NORM, NAME, LAYOUT, STATS, UNBIASED, NONNEGATIVE, KERNELS
     THREADS = 'symbn_rmsnorm_set_num_threads'
     RUNNING = staticmethod(_running)
 

@@ -406,6 +406,20 @@ class Norm:
     def stat_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.stats)
 
+    @property
+    def nonnegative(self) -> dict[str, str]:
+        """Statistic -> its expression, for the statistics that cannot be negative: means of an
+        expression SymPy finds non-negative for every real x, eps > 0 and earlier statistics (those
+        found non-negative taken so): a variance, a mean square, a mean |x - mean|. A negative value
+        given for one (saved or running) is an error upstream, and would make NaN of a square root."""
+        symbols = {"x": sp.Symbol("x", real=True), "eps": sp.Symbol("eps", positive=True)}
+        found = {}
+        for name, text in self.stats:
+            if parse(text, symbols).is_nonnegative:
+                found[name] = text
+            symbols[name] = sp.Symbol(name, nonnegative=True) if name in found else sp.Symbol(name, real=True)
+        return found
+
 
 _BINARY = {ast.Add: sp.Add, ast.Sub: lambda a, b: a - b, ast.Mult: sp.Mul, ast.Div: lambda a, b: a / b, ast.Pow: sp.Pow}
 

@@ -144,3 +144,25 @@ def test_read_only_input_is_fine(bn):
     x.flags.writeable = False
     y, *_ = bn.forward_train(x)
     assert y.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_or_nan_statistics_are_refused_by_name(backend):
+    """A variance or mean square cannot be negative: given one (running, saved, or at order 2), the
+    kernels say which argument and why instead of returning NaN; NaN is refused by name too."""
+    bn, rms = symbn.load("batchnorm", backend, order=2), symbn.load("rmsnorm", backend)
+    ones, zeros, bad = np.ones(3), np.zeros(3), np.array([1.0, -1.0, 1.0])
+    calls = [
+        (lambda: bn.forward_eval(X, None, None, zeros, bad), "running_var must be non-negative"),
+        (lambda: bn.backward_eval(X, X, None, zeros, bad), "running_var must be non-negative"),
+        (lambda: bn.backward_train(X, X, None, zeros, bad), r"var must be non-negative \(var is the mean of \(x - mean\)\*\*2\)"),
+        (lambda: bn.backward2_train(X, ones, zeros, X, X, ones, zeros, bad), "var must be non-negative"),
+        (lambda: bn.forward_train(X, running_mean=zeros.copy(), running_var=bad.copy()), "running_var must be non-negative"),
+        (lambda: bn.forward_eval(X, None, None, zeros, np.array([1.0, np.nan, 1.0])), "running_var contains NaN"),
+        (lambda: bn.forward_eval(X, None, None, np.array([np.nan, 0, 0]), ones), "running_mean contains NaN"),
+        (lambda: rms.forward_eval(X, np.ones(3), None, -np.ones(1)), "running_ms must be non-negative"),
+    ]
+    for call, message in calls:
+        with pytest.raises(ValueError, match=message):
+            call()
+    bn.forward_eval(X, None, None, -ones, zeros)  # a mean may be negative, a variance may be zero

@@ -142,3 +142,12 @@ def test_example_shapes_run_through_the_generated_geometry(layout):
         assert geo.q * geo.p == 1 and geo.outer * geo.l * geo.s == m
     with pytest.raises(ValueError):
         geometry((3,) if layout.kind != "trailing" else (2, 3), None, (4,) if layout.kind == "trailing" else None, 2)
+
+
+def test_the_statistics_that_cannot_be_negative_are_derived():
+    """Found by SymPy from each definition, so a spec's own statistics are covered as well."""
+    assert BUILTINS["batchnorm"].nonnegative == {"var": "(x - mean)**2"}
+    assert BUILTINS["rmsnorm"].nonnegative == {"ms": "x**2"}
+    spec = Norm(name="mad", stats={"mean": "x", "mad": "abs(x - mean)", "skew": "(x - mean)**3", "m4": "(x - mad)**4"},
+                normalized="(x - mean) / (mad + eps)", affine="group", layout=BUILTINS["batchnorm"].layout)
+    assert list(spec.nonnegative) == ["mad", "m4"]

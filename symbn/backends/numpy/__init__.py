@@ -318,7 +318,8 @@ def context(plan: KernelPlan) -> dict:
     return {
         "norm": norm.name, "name": plan.name, "description": norm.description or norm.name,
         "layout": norm.layout.name, "layout_description": norm.layout.description,
-        "stat_names": tuple(plan.stat_names), "unbiased": tuple(norm.unbiased), "transforms": tuple(plan.transforms),
+        "stat_names": tuple(plan.stat_names), "unbiased": tuple(norm.unbiased),
+        "nonnegative": norm.nonnegative, "transforms": tuple(plan.transforms),
         "shift": plan.shift, "kernels": [_kernel(plan, k) for k in plan.kernels], "running": running,
         "threads_symbol": f"symbn_{plan.name}_set_num_threads",
     }
