@@ -348,8 +348,16 @@ def to_svg(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(quick: bool, as_json: bool, threads: int, plot=None) -> str:
+FORMATS = ("text", "json")
+"""What ``bench --format`` prints: the table, or every number as JSON."""
+
+
+def main(quick: bool = False, format: str = "text", threads: int = 2, plot=None) -> str:
+    """The ``bench`` command: runs the cases (progress lines on standard error) and returns what
+    it prints, in ``format`` (one of :data:`FORMATS`); ``plot``: also write the SVG chart there."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     report = bench(quick, threads, progress=lambda line: print(line, file=sys.stderr, flush=True))
     if plot:
         plot.write_text(to_svg(report))
-    return json.dumps(report, indent=2) + "\n" if as_json else to_text(report)
+    return json.dumps(report, indent=2) + "\n" if format == "json" else to_text(report)

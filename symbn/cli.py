@@ -1,20 +1,63 @@
-"""``python -m symbn``: derive, show and prove normalization gradients from the command line."""
+"""``symbn`` (or ``python -m symbn``): derive, show and prove normalization gradients from the command line.
+
+Conventions every command keeps:
+
+* ``--format text|json`` on every command that prints results (``derive`` and ``explain`` also
+  ``latex``); ``generate`` and ``report`` write files, whose format the file names give, and print
+  the paths they wrote.
+* The program name in usage and error messages is the entry point that was called: ``symbn``
+  for the console script, ``python -m symbn`` for the module (:func:`program_name`).
+* A refusal is one line on standard error, ``PROG COMMAND: error: message``, with exit status 2:
+  bad usage, every :class:`~symbn.errors.SymbnError` (a compiler's own output follows that line,
+  indented), an output file that cannot be written. Never a traceback. Exit status 1 means a
+  check found a mismatch; 141 that standard output's reader went away (``symbn list | head -1``).
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
 from .build import BACKENDS
 from .derive import MODES, derive, transforms_for
+from .errors import CompilerError, SymbnError
 from .explain import FORMATS as EXPLAIN_FORMATS
 from .prove import prove
 from .render import FORMATS, FORMS, to_document, to_json, to_latex, to_text
 from .spec import BUILTINS
 
+MODULE_PROG = "python -m symbn"
+"""The program name when run as ``python -m symbn``."""
+
+
+def program_name(argv: list[str] | None = None) -> str:
+    """The entry point that was called: ``python -m symbn`` when Python runs the package as a
+    module, the script's own name (``symbn``) when its console script runs ``main()``, and
+    ``symbn`` when ``main(argv)`` is called as a function."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name in ("symbn", "symbn.__main__"):
+        return MODULE_PROG
+    if argv is None and sys.argv and sys.argv[0] not in ("", "-c", "-m"):
+        name = os.path.basename(sys.argv[0])
+        name = name[:-4] if name.lower().endswith(".exe") else name
+        if name and not name.endswith(".py"):
+            return name
+    return "symbn"
+
+
+class _Refused(Exception):
+    """A request the command refuses: printed as ``PROG COMMAND: error: message``, exit status 2."""
+
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line on stderr and exit status 2, never a traceback."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}
+        """The top-level parser's subcommands, by name."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message}\n")
@@ -28,40 +71,55 @@ def _builtin(name: str) -> str:
     return name
 
 
-def parser() -> argparse.ArgumentParser:
-    top = _Parser(prog="python -m symbn", description="Normalization-layer gradients, derived symbolically and proven.")
+def parser(prog: str = "symbn") -> argparse.ArgumentParser:
+    top = _Parser(prog=prog, description="Normalization-layer gradients, derived symbolically and proven.",
+                  epilog="Commands that print results take --format text|json (derive and explain also latex); "
+                         "generate and report write files and print their paths. Errors are one line on standard "
+                         "error with exit status 2; check exits 1 on a mismatch.")
     commands = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
+    top.commands = commands.choices
 
     derive_cmd = commands.add_parser("derive", help="derive the backward pass of a normalization and show it",
                                      description="Derive the backward pass from the forward definition, for symbolic m.")
     derive_cmd.add_argument("norm", nargs="?", default="batchnorm", choices=list(BUILTINS), metavar="NORM",
                             help=f"one of: {', '.join(BUILTINS)} (default: batchnorm)")
     derive_cmd.add_argument("--mode", choices=MODES,
-                            help="train (default): batch statistics (functions of x); eval: population statistics (constants)")
-    derive_cmd.add_argument("--form", choices=FORMS, help="paper (staged), compact, or both (default)")
+                            help="train (default): batch statistics (functions of x); eval: population statistics (constants); "
+                                 "not with --document, which writes both")
+    derive_cmd.add_argument("--form", choices=FORMS,
+                            help="paper (staged), compact, or both (default); not with --document, which writes both")
     derive_cmd.add_argument("--order", type=_positive, default=1, metavar="N",
                             help="derivative order in reverse mode: 1 the backward pass (default), 2 the double backward, ...")
     derive_cmd.add_argument("--transforms", type=_chain, metavar="CHAIN",
                             help="another chain of transforms, innermost first: e.g. vjp,jvp for jvp(vjp(f)) "
                                  "(forward over reverse, a Hessian-vector product), jvp,jvp, vjp,vjp,vjp")
-    derive_cmd.add_argument("--format", choices=FORMATS, default="text", help="text (default), latex or json")
+    derive_cmd.add_argument("--format", choices=FORMATS,
+                            help="text (default), latex (the equations; with --document the article) or json")
     derive_cmd.add_argument("--proofs", action="store_true",
-                            help="also prove every identity (symbolic m, and brute force at explicit m: 1..6 at order 1, 1..4 at order 2, 1..3 at order 3); takes seconds to a minute")
+                            help="also prove every identity (symbolic m, and brute force at explicit m: 1..6 at order 1, 1..4 at order 2, "
+                                 "1..3 at order 3); takes seconds to a minute; with --format text or json (--document always has them)")
     derive_cmd.add_argument("--document", action="store_true",
-                            help="with --format latex: a complete article (both modes, both forms, every proof)")
+                            help="a complete LaTeX article (implies --format latex): both modes, both forms, every proof, "
+                                 "at the --order or --transforms given")
     derive_cmd.add_argument("-o", "--output", type=Path, metavar="FILE", help="write to FILE instead of standard output")
 
-    commands.add_parser("list", help="list the built-in normalizations", description="List the built-in normalizations.")
+    list_cmd = commands.add_parser("list", help="list the built-in normalizations", description="List the built-in normalizations.")
+    list_cmd.add_argument("--format", choices=("text", "json"), default="text",
+                          help="text (default): one line each; json: name, description, layout, affine, statistics")
 
     explain_cmd = commands.add_parser("explain", help="why the moments get gradients: paths, numbers, the paper's argument",
-                                      description="Answer 'why do the mean and variance get gradients?' with the derivation and measurements.")
+                                      description="Answer 'why do the mean and variance get gradients?' with the derivation "
+                                                  "and measurements.")
     explain_cmd.add_argument("norm", nargs="?", default="batchnorm", choices=list(BUILTINS), metavar="NORM",
                              help=f"one of: {', '.join(BUILTINS)} (default: batchnorm)")
-    explain_cmd.add_argument("--format", choices=EXPLAIN_FORMATS, default="text", help="text (default), json or latex (the report's source)")
+    explain_cmd.add_argument("--format", choices=EXPLAIN_FORMATS, default="text",
+                             help="text (default), json or latex (the report's source)")
     explain_cmd.add_argument("-o", "--output", type=Path, metavar="FILE", help="write to FILE instead of standard output")
 
     report_cmd = commands.add_parser("report", help="the explanation as a PDF (or .tex) document",
-                                     description="Write the report: FILE.pdf compiles with pdflatex (the .tex is kept beside it); FILE.tex writes the source only.")
+                                     description="Write the report: FILE.pdf compiles with pdflatex (the .tex is kept beside it); "
+                                                 "FILE.tex writes the source only. It prints the path written. FILE's suffix "
+                                                 "is the format (no --format); the explanation as JSON: explain --format json.")
     report_cmd.add_argument("norm", nargs="?", default="batchnorm", choices=list(BUILTINS), metavar="NORM",
                             help=f"one of: {', '.join(BUILTINS)} (default: batchnorm)")
     report_cmd.add_argument("-o", "--output", type=Path, metavar="FILE", required=True, help="FILE.pdf or FILE.tex")
@@ -70,12 +128,14 @@ def parser() -> argparse.ArgumentParser:
                                     description="Time C, NumPy, PyTorch and the paper's staged NumPy in one process; report ms, GB/s, "
                                                 "fraction of the measured triad bandwidth and the ratio to PyTorch.")
     bench_cmd.add_argument("--quick", action="store_true", help="three batch-norm cases, fewer repeats (under a minute)")
-    bench_cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    bench_cmd.add_argument("--threads", type=int, default=2, help="threads for the C kernels and PyTorch (default 2)")
+    bench_cmd.add_argument("--format", choices=("text", "json"), default="text",
+                           help="text (default): a table; json: every number (the progress lines go to standard error either way)")
+    bench_cmd.add_argument("--threads", type=_positive, default=2, metavar="N", help="threads for the C kernels and PyTorch (default 2)")
     bench_cmd.add_argument("--plot", type=Path, metavar="FILE.svg", help="also draw the ratios to PyTorch as an SVG bar chart")
 
     generate_cmd = commands.add_parser("generate", help="regenerate the kernels under generated/",
-                                       description="Write the NumPy and C kernels of every built-in norm, deterministically.")
+                                       description="Write the NumPy and C kernels of every built-in norm, deterministically, "
+                                                   "and print each path written.")
     generate_cmd.add_argument("-o", "--output", type=Path, metavar="DIR", help="write into DIR instead of generated/")
 
     check_cmd = commands.add_parser(
@@ -98,14 +158,72 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run one command; the exit status. ``argv``: the arguments (default ``sys.argv[1:]``);
+    ``prog``: the program name in messages (default :func:`program_name`)."""
+    prog = prog or program_name(argv)
+    top = parser(prog)
+    try:
+        args, unknown = top.parse_known_args(argv)
+        if unknown:  # named by the command they were given to: "PROG derive: error: unrecognized arguments: ..."
+            top.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    except SystemExit as stop:  # --help, or a usage error argparse has printed
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
     handlers = {"list": _list, "derive": _derive, "explain": _explain, "report": _report,
                 "generate": _generate, "check": _check, "bench": _bench}
-    return handlers[args.command](args)
+    try:
+        status = handlers[args.command](args)
+        sys.stdout.flush()
+        return status
+    except (_Refused, SymbnError) as err:
+        first, *rest = str(err).strip().splitlines() or [type(err).__name__]
+        sys.stdout.flush()
+        sys.stderr.write(f"{prog} {args.command}: error: {first}\n" + "".join(f"    {line}\n" for line in rest))
+        return 2
+    except BrokenPipeError:  # the reader stopped (symbn list | head -1): quietly, with a shell's status for SIGPIPE
+        _silence_stdout()
+        return BROKEN_PIPE
+
+
+BROKEN_PIPE = 141
+"""The exit status when standard output's reader has gone: 128 + SIGPIPE, as a shell reports a program that signal ended."""
+
+
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null, so that Python's final flush at exit cannot fail again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # no file descriptor (a stream replaced in tests)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _fail(message: str) -> None:
+    raise _Refused(message)
+
+
+def _writable(target: Path) -> None:
+    """Refuse an output file that cannot be written before the work starts (proofs and the bench take a minute)."""
+    if target.is_dir():
+        _fail(f"cannot write {target}: it is a directory")
+    if not target.parent.is_dir():
+        _fail(f"cannot write {target}: no directory {target.parent}")
+    if not os.access(target if target.exists() else target.parent, os.W_OK):
+        _fail(f"cannot write {target}: permission denied")
 
 
 def _list(args: argparse.Namespace) -> int:
+    if args.format == "json":
+        norms = [{"name": name, "description": norm.description,
+                  "layout": {"name": norm.layout.name, "description": norm.layout.description},
+                  "affine": norm.affine, "statistics": dict(norm.stats), "normalized": norm.normalized}
+                 for name, norm in BUILTINS.items()]
+        print(json.dumps({"norms": norms}, indent=2, ensure_ascii=False))
+        return 0
     width = max(map(len, BUILTINS))
     for name, norm in BUILTINS.items():
         print(f"{name:<{width}}  {norm.description}; layout {norm.layout.name}: {norm.layout.description}")
@@ -113,15 +231,26 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _derive(args: argparse.Namespace) -> int:
-    if args.document and args.format != "latex":
-        _fail("derive", "--document needs --format latex")
-    if args.document and (args.mode or args.form or args.proofs):
-        _fail("derive", "--document writes both modes, both forms and every proof: drop --mode, --form and --proofs")
     if args.transforms and args.order != 1:
-        _fail("derive", "give --order or --transforms, not both")
+        _fail("give --order or --transforms, not both")
+    if args.document:
+        if args.format not in (None, "latex"):
+            _fail(f"--format {args.format} cannot be combined with --document (the article is LaTeX): "
+                  "give --format latex or leave --format out")
+        if args.mode:
+            _fail("--mode cannot be combined with --document (the article shows both modes): drop one of them")
+        if args.form:
+            _fail("--form cannot be combined with --document (the article shows both forms): drop one of them")
+        args.format = "latex"  # --proofs: the article proves every identity anyway
+    elif args.proofs and args.format == "latex":
+        _fail("--proofs cannot be combined with --format latex (the equations only): for the proofs give "
+              "--document (the article) or --format text or json")
+    args.format = args.format or "text"
     args.transforms = args.transforms or ("vjp",) * args.order
     args.mode, args.form = args.mode or "train", args.form or "both"
-    _emit(_derive_output(args), args.output, "derive")
+    if args.output is not None:
+        _writable(args.output)
+    _emit(_derive_output(args), args.output)
     return 0
 
 
@@ -141,13 +270,18 @@ def _chain(text: str) -> tuple[str, ...]:
 def _bench(args: argparse.Namespace) -> int:
     from .bench import main as bench
 
-    if args.threads < 1:
-        _fail("bench", f"--threads must be at least 1, got {args.threads}")
-    sys.stdout.write(bench(args.quick, args.json, args.threads, args.plot))
+    if args.plot is not None:
+        _writable(args.plot)
+    try:
+        sys.stdout.write(bench(args.quick, args.format, args.threads, args.plot))
+    except OSError as err:
+        if args.plot is None or err.filename != str(args.plot):
+            raise
+        _fail(f"cannot write {args.plot}: {err.strerror}")
     return 0
 
 
-def _emit(output: str, target: Path | None, command: str) -> None:
+def _emit(output: str, target: Path | None) -> None:
     """Standard output, or the file named by -o."""
     if target is None:
         sys.stdout.write(output)
@@ -155,7 +289,7 @@ def _emit(output: str, target: Path | None, command: str) -> None:
     try:
         target.write_text(output, encoding="utf-8")
     except OSError as err:
-        _fail(command, f"cannot write {target}: {err.strerror}")
+        _fail(f"cannot write {target}: {err.strerror}")
 
 
 def _derive_output(args: argparse.Namespace) -> str:
@@ -174,28 +308,33 @@ def _explain(args: argparse.Namespace) -> int:
     from .explain import explain, to_json, to_latex, to_text
 
     render = {"text": to_text, "json": to_json, "latex": to_latex}[args.format]
-    _emit(render(explain(args.norm)), args.output, "explain")
+    if args.output is not None:
+        _writable(args.output)
+    _emit(render(explain(args.norm)), args.output)
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .explain import LatexError, explain, write_report
+    from .explain import explain, write_report
 
     if args.output.suffix not in (".pdf", ".tex"):
-        _fail("report", f"-o must name a .pdf or .tex file, got {args.output}")
+        _fail(f"-o must name a .pdf or .tex file, got {args.output}")
+    _writable(args.output)
     try:
-        print(write_report(explain(args.norm), args.output))
-    except LatexError as err:
-        _fail("report", str(err))
+        print(write_report(explain(args.norm), args.output))  # a LatexError is reported by main
     except OSError as err:
-        _fail("report", f"cannot write {args.output}: {err.strerror}")
+        _fail(f"cannot write {args.output}: {err.strerror}")
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
     from .emit import generate
 
-    for path in generate(args.output):
+    try:
+        written = generate(args.output)
+    except OSError as err:
+        _fail(f"cannot write {err.filename or args.output}: {err.strerror}")
+    for path in written:
         print(path)
     return 0
 
@@ -214,9 +353,6 @@ def _orders(text: str) -> tuple[int, ...]:
 
 
 def _check(args: argparse.Namespace) -> int:
-    import json
-
-    from .build import CompilerError
     from .check import check, format_row, header, to_json
 
     text = args.format == "text"
@@ -227,14 +363,10 @@ def _check(args: argparse.Namespace) -> int:
                      progress=(lambda row: print(format_row(row), flush=True)) if text else None,
                      orders=args.orders, quick=args.quick)
     except CompilerError as err:
-        _fail("check", f"{err} (check the NumPy backend alone with --backend numpy)")
+        first, _, rest = str(err).partition("\n")
+        raise CompilerError(f"{first} (check the NumPy backend alone with --backend numpy)\n{rest}".strip()) from None
     bad = sum(not row.ok for row in rows)
     if not text:
         print(json.dumps(to_json(rows), indent=1, ensure_ascii=False), flush=True)
     print(f"check: {len(rows)} combinations, {bad} mismatches", file=sys.stdout if text else sys.stderr)
     return 1 if bad else 0
-
-
-def _fail(command: str, message: str) -> None:
-    sys.stderr.write(f"python -m symbn {command}: error: {message}\n")
-    raise SystemExit(2)
