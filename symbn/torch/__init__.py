@@ -1,0 +1,9 @@
+"""symbn's normalizations in PyTorch: ``torch.nn.functional``'s functions and ``torch.nn``'s
+modules on symbn's kernels, exact at every derivative order (reverse and forward mode), as
+registered custom ops (``torch.ops.symbn.*``) that ``torch.compile`` traces.
+
+Needs the ``torch`` extra (``pip install 'symbn[torch]'``, pinned).
+"""
+from .functional import batch_norm, group_norm, instance_norm, layer_norm, normalize, rms_norm
+
+__all__ = ["batch_norm", "group_norm", "instance_norm", "layer_norm", "normalize", "rms_norm"]

@@ -1,0 +1,136 @@
+"""``torch.nn.functional``'s normalizations on symbn's kernels, same signatures and defaults, and
+:func:`normalize` for any norm (a built-in or a spec).
+
+Exact at every derivative order, in reverse and forward mode (see :mod:`symbn.torch.ops`); the
+semantics of PyTorch's functionals, corners included: an empty batch gives an empty result,
+``rms_norm``'s ``eps=None`` is the dtype's machine epsilon, eval mode needs running statistics.
+Bad input is refused as PyTorch refuses it, naming the argument (``RuntimeError``, ``ValueError``,
+``TypeError``); tensors on other devices than the CPU are refused (symbn has no CUDA kernels yet).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ..spec import Norm, resolve
+from .ops import DTYPES, Level, level
+
+__all__ = ["batch_norm", "group_norm", "instance_norm", "layer_norm", "normalize", "rms_norm"]
+
+
+def _check(name: str, t: torch.Tensor | None, like: torch.Tensor | None = None) -> None:
+    """Refuse what the kernels cannot take, naming the argument."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise RuntimeError(f"{name} is on {t.device}: symbn's kernels run on the CPU only (no CUDA kernels yet); "
+                           "move the model and data to the CPU or use torch.nn's layers there")
+    if t.dtype not in DTYPES:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+    if like is not None and t.dtype != like.dtype and name not in ("running_mean", "running_var") and \
+            not name.startswith("running_"):
+        raise RuntimeError(f"{name} has dtype {t.dtype}, but input has {like.dtype}")
+
+
+def _guard(call):
+    """The kernels' ValueError and TypeError as PyTorch raises them: RuntimeError for bad values."""
+    try:
+        return call()
+    except ValueError as err:
+        raise RuntimeError(f"symbn: {err}") from None
+
+
+def normalize(norm: str | Norm, input: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+              *, training: bool = True, running: Sequence[torch.Tensor | None] | None = None, momentum: float = 0.1,
+              eps: float = 1e-5, normalized_shape: Sequence[int] | None = None, num_groups: int | None = None) -> torch.Tensor:
+    """``norm``'s forward on ``input``, differentiable to every order.
+
+    training: the statistics from ``input`` (every path of the gradient); ``running`` (one tensor
+        per statistic, in the spec's order, or None) is then updated in place with PyTorch's rule
+        (``momentum``; Bessel's correction for the spec's ``unbiased`` statistics).
+    not training: ``running`` are the statistics, constants (the eval mode).
+    """
+    norm = resolve(norm)
+    _check("input", input)
+    _check("weight", weight, input)
+    _check("bias", bias, input)
+    names = [f"running_{s}" for s in norm.stat_names]
+    given = list(running) if running is not None else [None] * len(names)
+    if len(given) != len(names):
+        raise ValueError(f"running must hold {len(names)} tensors ({', '.join(names)}), got {len(given)}")
+    for name, t in zip(names, given):
+        _check(name, t, input)
+    if not training and any(t is None for t in given):
+        raise RuntimeError(f"{' and '.join(names)} must be defined in evaluation mode")
+    if input.numel() == 0:
+        return input.clone()
+    mode = "train" if training else "eval"
+    spec = level(norm, (), mode)
+    values = {"x": input, "gamma": weight, "beta": bias, "eps": float(eps),
+              **({} if training else dict(zip(norm.stat_names, given)))}
+    outputs = _guard(lambda: Level.call(spec, [values[name] for name in spec.inputs], normalized_shape, num_groups))
+    if training and any(t is not None for t in given):
+        _update(spec, input, weight, outputs, given, momentum, normalized_shape, num_groups)
+    return outputs[spec.outputs.index("y")]
+
+
+@torch.no_grad()
+def _update(spec, input, weight, outputs, running, momentum, normalized_shape, num_groups) -> None:
+    """PyTorch's running update, by the rule the kernels were generated with (``RUNNING``):
+    this batch's statistics averaged over the groups that share a running value."""
+    if momentum is None or not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+    geo = spec.geometry(input, [input, weight], normalized_shape, num_groups)
+    count = geo.outer * geo.l * geo.s
+    if spec.part.UNBIASED and count < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.shape}")
+    stats = [o.reshape(geo.q, geo.p).mean(0) for name, o in zip(spec.outputs, outputs) if name in spec.stats]
+    olds = [r.to(torch.float64).reshape(geo.p) for r in running]
+    for r, new in zip(running, spec.part.RUNNING(float(count), float(momentum), *stats, *olds)):
+        if r is not None:
+            r.copy_(new.reshape(r.shape))
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+    """``torch.nn.functional.batch_norm`` on symbn's kernels."""
+    if training:
+        size = input.shape[0] * math.prod(input.shape[2:]) if input.dim() > 1 else 0
+        if size == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.shape}")
+    return normalize("batchnorm", input, weight, bias, training=training, running=(running_mean, running_var),
+                     momentum=momentum, eps=eps)
+
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                  momentum=0.1, eps=1e-5):
+    """``torch.nn.functional.instance_norm`` on symbn's kernels."""
+    if use_input_stats and input.dim() > 2 and math.prod(input.shape[2:]) == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.shape}")
+    return normalize("instancenorm", input, weight, bias, training=use_input_stats,
+                     running=(running_mean, running_var), momentum=momentum, eps=eps)
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """``torch.nn.functional.layer_norm`` on symbn's kernels."""
+    return normalize("layernorm", input, weight, bias, eps=eps, normalized_shape=_ints(normalized_shape))
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+    """``torch.nn.functional.group_norm`` on symbn's kernels."""
+    return normalize("groupnorm", input, weight, bias, eps=eps, num_groups=num_groups)
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None):
+    """``torch.nn.functional.rms_norm`` on symbn's kernels; ``eps=None`` is the machine epsilon
+    of input's dtype, as in PyTorch."""
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    return normalize("rmsnorm", input, weight, None, eps=eps, normalized_shape=_ints(normalized_shape))
+
+
+def _ints(shape) -> tuple[int, ...]:
+    return (shape,) if isinstance(shape, int) else tuple(shape)
