@@ -24,6 +24,7 @@ memory format, as PyTorch's norms return them. Statistics are float64, one per g
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -82,12 +83,12 @@ class Spec:
         self.scalars = {name for name, _, role, _ in self.table.inputs if role == "scalar"}
         self.stats = set(self.table.stats)  # outputs that are statistics: not differentiable
         self.name = f"{op_stem(norm)}_{unit_name(chain)}_{mode}"
+        self.layout = sys.modules[type(self.part).__module__].geometry  # shapes -> Geometry
 
     def geometry(self, x: torch.Tensor, params: Sequence[torch.Tensor | None], normalized_shape, num_groups):
         param_shape = next((tuple(p.shape) for p, (_, kind, role, _) in zip(params, self.table.inputs)
                             if p is not None and kind == "element" and role == "param"), None)
-        module = __import__(type(self.part).__module__, fromlist=["geometry"])
-        return module.geometry(tuple(x.shape), param_shape, _shape(normalized_shape), num_groups)
+        return self.layout(tuple(x.shape), param_shape, _shape(normalized_shape), num_groups)
 
 
 def _shape(normalized_shape):
@@ -276,6 +277,8 @@ class Level(torch.autograd.Function):
         return Level.apply(spec, _shape(normalized_shape), num_groups, *args)
 
 
+@torch.compiler.assume_constant_result
 def level(norm: str | Norm, chain: tuple[str, ...] = (), mode: str = "train") -> Spec:
-    """The :class:`Spec` of one level (its op registered on first use)."""
+    """The :class:`Spec` of one level, its op registered on first use (a constant to
+    ``torch.compile``, which calls it while tracing)."""
     return operator(resolve(norm), tuple(chain), mode)[0]
