@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from ..spec import Norm, resolve
-from .ops import DTYPES, Level, level
+from .ops import DTYPES, Level, level, traced_level
 
 __all__ = ["batch_norm", "group_norm", "instance_norm", "layer_norm", "normalize", "rms_norm"]
 
@@ -69,11 +69,12 @@ def normalize(norm: str | Norm, input: torch.Tensor, weight: torch.Tensor | None
     if input.numel() == 0:
         return input.clone()
     mode = "train" if training else "eval"
-    spec = level(norm, (), mode)
+    compiling = torch.compiler.is_compiling()
+    spec = (traced_level if compiling else level)(norm, (), mode)
     values = {"x": input, "gamma": weight, "beta": bias, "eps": float(eps),
               **({} if training else dict(zip(norm.stat_names, given)))}
     args = [values[name] for name in spec.inputs]
-    if torch.compiler.is_compiling():  # the registered op: traced through its fake, reverse mode by its autograd
+    if compiling:  # the registered op: traced through its fake, reverse mode by its autograd
         outputs = getattr(torch.ops.symbn, spec.name)(*args, normalized_shape, num_groups)
     else:
         outputs = _guard(lambda: Level.call(spec, args, normalized_shape, num_groups))

@@ -239,8 +239,8 @@ class Level(torch.autograd.Function):
 
     @staticmethod
     def forward(spec, normalized_shape, num_groups, *inputs):
-        _, op = operator(spec.norm, spec.chain, spec.mode)
-        return tuple(op(*inputs, normalized_shape, num_groups))
+        # the op's own CPU kernel, without a second trip through the dispatcher's autograd
+        return tuple(_run(spec, inputs, normalized_shape, num_groups))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -277,8 +277,23 @@ class Level(torch.autograd.Function):
         return Level.apply(spec, _shape(normalized_shape), num_groups, *args)
 
 
-@torch.compiler.assume_constant_result
+_LEVELS: dict[tuple, tuple[str | Norm, Spec]] = {}
+
+
 def level(norm: str | Norm, chain: tuple[str, ...] = (), mode: str = "train") -> Spec:
-    """The :class:`Spec` of one level, its op registered on first use (a constant to
-    ``torch.compile``, which calls it while tracing)."""
-    return operator(resolve(norm), tuple(chain), mode)[0]
+    """The :class:`Spec` of one level, its op registered on first use; looked up per call by the
+    norm's name or identity (a spec is hashed once, not on every call)."""
+    key = (norm if isinstance(norm, str) else id(norm), chain, mode)
+    found = _LEVELS.get(key)
+    if found is None or (found[0] is not norm and not isinstance(norm, str)):
+        found = _LEVELS[key] = (norm, operator(resolve(norm), tuple(chain), mode)[0])
+    return found[1]
+
+
+@torch.compiler.assume_constant_result
+def traced_level(norm: str | Norm, chain: tuple[str, ...] = (), mode: str = "train") -> Spec:
+    """:func:`level` for ``torch.compile``: called while tracing, its result a constant. The level
+    above in reverse mode is registered too: a compiled backward (from inductor's cache, perhaps,
+    with no tracing in this process) calls its op by name."""
+    level(norm, (*chain, "vjp"), mode)
+    return level(norm, chain, mode)
