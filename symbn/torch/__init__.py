@@ -5,5 +5,9 @@ registered custom ops (``torch.ops.symbn.*``) that ``torch.compile`` traces.
 Needs the ``torch`` extra (``pip install 'symbn[torch]'``, pinned).
 """
 from .functional import batch_norm, group_norm, instance_norm, layer_norm, normalize, rms_norm
+from .nn import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
+                 LayerNorm, Norm, RMSNorm, convert)
 
-__all__ = ["batch_norm", "group_norm", "instance_norm", "layer_norm", "normalize", "rms_norm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+           "LayerNorm", "Norm", "RMSNorm", "batch_norm", "convert", "group_norm", "instance_norm", "layer_norm", "normalize",
+           "rms_norm"]
