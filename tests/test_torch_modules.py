@@ -19,16 +19,6 @@ CLASSES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm"
            "InstanceNorm3d", "RMSNorm")
 QUARTIC = Spec("quartic", stats={"mean": "x", "m4": "(x - mean)**4"}, normalized="(x - mean) / (m4 + eps)**(1/4)",
                affine="group", layout=CHANNEL)
-NO_GRAD_WITHOUT_AFFINE = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="symbn/torch/ops.py: backward with weight or bias None (affine=False, bias=False, and RMSNorm always) "
-           "returns a gradient for the missing input ('LevelBackward returned a gradient different than None at "
-           "position 5/6, but the corresponding forward input was not a Variable')")
-
-
-def rms(*values):
-    """A case of RMSNorm, whose backward the bug above blocks (F.rms_norm passes no bias)."""
-    return pytest.param(*values, marks=NO_GRAD_WITHOUT_AFFINE)
 
 
 def close(actual, expected, tol=1e-10):
@@ -144,8 +134,8 @@ CASES = [
     ("InstanceNorm3d", (3,), {"affine": True, "track_running_stats": True, "momentum": None}, (2, 3, 2, 2, 3)),
     ("LayerNorm", ((3, 5),), {}, (4, 3, 5)),
     ("GroupNorm", (2, 6), {"eps": 1e-3}, (3, 6, 4)),
-    rms("RMSNorm", (5,), {}, (4, 2, 5)),
-    rms("RMSNorm", ((2, 5),), {"eps": 1e-4}, (3, 2, 5)),
+    ("RMSNorm", (5,), {}, (4, 2, 5)),
+    ("RMSNorm", ((2, 5),), {"eps": 1e-4}, (3, 2, 5)),
 ]
 IDS = [f"{n}-{'-'.join(k) or 'default'}-{len(s)}d" for n, _, k, s in (c.values if hasattr(c, "values") else c for c in CASES)]
 
@@ -178,7 +168,6 @@ def test_without_weight_or_bias_forward(name, args, kwargs, shape):
     steps(ref, sym, shape, n=1, grad=False)
 
 
-@NO_GRAD_WITHOUT_AFFINE
 @pytest.mark.parametrize("name, args, kwargs, shape", [
     ("BatchNorm2d", (4,), {"affine": False}, (3, 4, 2, 2)),
     ("LayerNorm", (5,), {"bias": False}, (4, 5)),
@@ -226,7 +215,7 @@ def test_half_a_running_mean_is_refused_in_eval_as_torch_refuses():
     ("InstanceNorm2d", (3,), (3, 2, 4)),
     ("InstanceNorm3d", (2,), (2, 2, 2, 3)),
     ("LayerNorm", (5,), (5,)),
-    rms("RMSNorm", ((2, 5),), (2, 5)),
+    ("RMSNorm", ((2, 5),), (2, 5)),
     ("GroupNorm", (2, 4), (3, 4)),
     ("BatchNorm1d", (4,), (5, 4)),
 ])
@@ -282,7 +271,7 @@ def test_channels_last_batch_norm_2d():
     ("InstanceNorm1d", (3,), {"affine": True, "track_running_stats": True}, (2, 3, 8)),
     ("LayerNorm", (6,), {}, (5, 6)),
     ("GroupNorm", (2, 4), {}, (3, 4, 5)),
-    rms("RMSNorm", (6,), {}, (5, 6)),
+    ("RMSNorm", (6,), {}, (5, 6)),
 ], ids=["bn2d", "in1d", "ln", "gn", "rms"])
 def test_lower_precision_matches_torch_nn(dtype, tol, name, args, kwargs, shape):
     ref, sym = pair(name, *args, dtype=dtype, **kwargs)

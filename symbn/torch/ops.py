@@ -209,7 +209,7 @@ def reverse(spec: Spec, inputs: Sequence, outputs: Sequence, grads: Sequence, no
         else:
             args.append(given[name])
     outs = dict(zip(above.outputs, Level.call(above, args, normalized_shape, num_groups)))
-    return [None if name in spec.scalars or name in spec.stats else outs.get(adjoint_name(name, level))
+    return [None if name in spec.scalars or name in spec.stats or given[name] is None else outs.get(adjoint_name(name, level))
             for name in spec.inputs]
 
 
