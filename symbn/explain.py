@@ -142,8 +142,11 @@ def explain(norm: str | Norm = "batchnorm", m: int = 16, seed: int = 0, steps: i
         "rel_err_paths_vs_full": relative_error(sum(terms.values()), full),
         "eval": {"population": {s: POPULATION.get(s, 1.0) for s in norm.stat_names}, "frozen": evaluated.tolist(), "fd": eval_fd.tolist()},
         "rel_err_eval_frozen_vs_fd": relative_error(evaluated, eval_fd),
-        "findings": [{"mode": mode, "key": p.key, "claim": p.claim, "status": p.status,
-                      "residual": text(p.residual, d.notation), "residual_latex": latex(p.residual, d.notation)}
+        "findings": [{"mode": mode, "key": p.key, "claim": p.claim, "outcome": p.outcome, "status": p.status,
+                      "reason": p.reason, "budget_s": p.budget_s, "residual_note": p.residual_note,
+                      "counterexample": None if p.counterexample is None else p.counterexample.as_json(),
+                      "residual": None if p.residual is None else text(p.residual, d.notation),
+                      "residual_latex": None if p.residual is None else latex(p.residual, d.notation)}
                      for d, mode in ((train, "train"), (inference, "eval")) for p in findings(d)],
         "bias_drift": bias_drift(norm, steps=steps, seed=seed),
     }
@@ -589,10 +592,10 @@ def to_text(e: Explanation) -> str:
                   "mode with constant statistics: PyTorch computes the same statistics in training and inference, so the",
                   "gradient flows through them in both. symbn's \"eval\" mode here is a frozen-statistics variant (constants",
                   "given in place of the statistics), not PyTorch's inference; for such constants the frozen formula is exact."]
-    lines += ["", "Proven by the engine for symbolic m:"]
+    budgets = " or ".join(f"{b:g} s" for b in sorted({f["budget_s"] for f in n["findings"] if f["budget_s"] is not None}))
+    lines += ["", "Decided by the engine for symbolic m" + (f" (each claim within a budget of {budgets} of CPU time):" if budgets else ":")]
     for f in n["findings"]:
-        residual = "" if f["status"] == "proven" else f"  (differs by {f['residual']})"
-        lines.append(f"  [{f['status']}] {_mode_label(e, f['mode'])}: {f['claim']}{residual}")
+        lines.append(f"  [{f['outcome']}] {_mode_label(e, f['mode'])}: {f['claim']}{_finding_detail(f)}")
     lines += _higher_order_text(e)
     drift = n["bias_drift"]
     lines += ["", "The paper's own argument (Section 2), run with the generated kernels: x = a·u + b before normalization,",
@@ -605,6 +608,19 @@ def to_text(e: Explanation) -> str:
     lines.append("Under the frozen gradient the parameters that normalization cancels drift while the loss does not notice;")
     lines.append("under the true gradient they stay put.")
     return "\n".join(lines) + "\n"
+
+
+def _finding_detail(f: dict) -> str:
+    """After a finding's claim: nothing when proven; the residual (else the counterexample's value)
+    when refuted; the reason when undecided."""
+    if f["outcome"] == "refuted":
+        if f["residual"] is not None:
+            return f"  (differs by {f['residual']})"
+        point = f["counterexample"]
+        return f"  (differs: {f['reason']}" + ("" if point is None else f", lhs - rhs = {point['value']:.6g} at m = {point['m']}") + ")"
+    if f["outcome"] == "undecided":
+        return f"  (undecided: {f['reason']})"
+    return ""
 
 
 def to_latex(e: Explanation) -> str:

@@ -6,8 +6,8 @@ adjoints (each a list of per-path terms), the compact forms and, when asked, the
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import sympy as sp
 
@@ -89,6 +89,15 @@ def _right(eq: Equation, show: Callable[[sp.Basic], str]) -> str:
     return out
 
 
+def mode_title(d: Derivation) -> str:
+    """What a derivation's mode is for its norm: training; inference (population statistics) for
+    the norms PyTorch keeps running statistics for; for the others "eval" is a frozen-statistics
+    variant, since PyTorch's inference computes their per-sample statistics from x as in training."""
+    if d.mode == "train":
+        return "training"
+    return "inference" if d.norm.layout.running else "frozen-statistics"
+
+
 def paths(d: Derivation) -> str:
     """One sentence: along which paths the loss reaches x_i, and why (higher orders: what is
     differentiated, and what the statistics are there)."""
@@ -101,26 +110,50 @@ def paths(d: Derivation) -> str:
     if d.mode == "train":
         return (f"The statistics are functions of every x_k, so the loss reaches x_i along {len(via)} paths: "
                 f"through {shown}.")
-    return f"The statistics are population constants (inputs, like ε), so the loss reaches x_i along {len(via)} path: through {shown}."
+    what = ("population constants (inputs, like ε)" if d.norm.layout.running else
+            "given constants (inputs, like ε; PyTorch's inference computes them from x, as training does)")
+    return f"The statistics are {what}, so the loss reaches x_i along {len(via)} path: through {shown}."
 
 
 def to_text(d: Derivation, form: str = "both", proofs: list[Proof] | None = None) -> str:
     show = lambda e: text(e, d.notation)  # noqa: E731
-    lines = [f"{d.norm.name}, {'training' if d.mode == 'train' else 'inference'} mode: {d.norm.description}",
+    lines = [f"{d.norm.name}, {mode_title(d)} mode: {d.norm.description}",
              "Sums run over the m elements of one group (k = 1..m); i is any one element.", paths(d)]
     heads = titles(d)
     for key, equations in sections(d, form).items():
         lines += ["", heads[key]]
         lines += [f"  {show(eq.lhs)} = {_right(eq, show)}" for eq in equations]
     if proofs is not None:
-        lines += ["", "Proofs (each checked by the engine; symbolic m unless it says otherwise)"]
+        lines += ["", f"Proofs (each checked by the engine{budget_phrase(proofs)}; symbolic m unless it says otherwise)"]
         for p in proofs:
-            lines.append(f"  [{p.status}] {p.key}: {p.claim}")
+            lines.append(f"  [{p.outcome}] {p.key}: {p.claim}")
             if p.equation is not None:
                 lines.append(f"      {show(p.equation)}")
-            if not p.holds:
-                lines.append(f"      lhs - rhs = {'(not simplified)' if p.residual is None else show(p.residual)}")
+            lines += [f"      {line}" for line in proof_details(p, show)]
     return "\n".join(lines) + "\n"
+
+
+def budget_phrase(proofs: list[Proof]) -> str:
+    """", within a budget of 30 s of CPU time per claim" (the budget of ``proofs``), or ", with no time budget"."""
+    budgets = sorted({p.budget_s for p in proofs}, key=lambda b: (b is None, b or 0))
+    if not budgets:
+        return ""
+    if budgets == [None]:
+        return ", with no time budget"
+    return f", within a budget of {' or '.join(f'{b:g} s' for b in budgets if b is not None)} of CPU time per claim"
+
+
+def proof_details(p: Proof, show: Callable[[sp.Basic], str]) -> list[str]:
+    """What a proof's outcome rests on, in lines: a refuted claim's residual (or why it is not
+    shown) and its counterexample (or the witness); an undecided claim's reason and budget."""
+    if p.outcome == "refuted":
+        residual = show(p.residual) if p.residual is not None else f"({p.residual_note or 'not simplified'})"
+        witness = f"counterexample: {p.counterexample.text()}" if p.counterexample is not None else f"witness: {p.reason}"
+        return [f"lhs - rhs = {residual}", witness]
+    if p.outcome == "undecided":
+        budget = "no time budget" if p.budget_s is None else f"budget {p.budget_s:g} s"
+        return [f"undecided after {p.seconds or 0:.1f} s ({budget}): {p.reason}"]
+    return []
 
 
 def to_latex(d: Derivation, form: str = "both") -> str:
@@ -163,9 +196,11 @@ def to_json(d: Derivation, form: str = "both", proofs: list[Proof] | None = None
         doc["compact"] = {eq.key: {"lhs": _expr_json(eq.lhs, d), "rhs": _expr_json(eq.rhs, d)} for eq in shown["compact"]}
     if proofs is not None:
         doc["proofs"] = [
-            {"key": p.key, "claim": p.claim, "status": p.status, "method": p.method,
+            {"key": p.key, "claim": p.claim, "outcome": p.outcome, "status": p.status, "reason": p.reason,
+             "budget_s": p.budget_s, "seconds": None if p.seconds is None else round(p.seconds, 3), "method": p.method,
              "equation": None if p.equation is None else _expr_json(p.equation, d),
-             "residual": None if p.residual is None else _expr_json(p.residual, d)}
+             "residual": None if p.residual is None else _expr_json(p.residual, d), "residual_note": p.residual_note,
+             "counterexample": None if p.counterexample is None else p.counterexample.as_json()}
             for p in proofs
         ]
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
@@ -180,6 +215,7 @@ def document_context(norm, transforms: tuple[str, ...] = ("vjp",)) -> dict:
         show = lambda e, d=d: latex(e, d.notation)  # noqa: E731
         block = {
             "mode": mode,
+            "title": mode_title(d),
             "derivation": d,
             "paths": [show(d.value(t.via)) for t in d.terms["x"]],
             "sections": {key: [(show(eq.lhs), _right(eq, show)) for eq in equations] for key, equations in sections(d).items()},
@@ -204,7 +240,8 @@ def document_context(norm, transforms: tuple[str, ...] = ("vjp",)) -> dict:
 
 
 def _shown_proofs(d: Derivation, show: Callable[[sp.Basic], str]) -> list[dict]:
-    return [{"p": p, "equation": None if p.equation is None else show(p.equation), "residual": None if p.residual is None else show(p.residual)}
+    return [{"p": p, "equation": None if p.equation is None else show(p.equation),
+             "residual": None if p.residual is None else show(p.residual)}
             for p in prove(d)]
 
 
