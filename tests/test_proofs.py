@@ -135,7 +135,7 @@ def test_a_spent_budget_is_undecided_with_the_budget_in_the_output(derivations):
                 else "time budget of 0.001 s spent") in p.reason for p in undecided)
     assert all(p.residual is None and p.counterexample is None for p in undecided)
     shown = to_text(d, "compact", proofs)
-    assert "within a budget of 0.001 s per claim" in shown and "[undecided] sum_dx_xhat_zero:" in shown
+    assert "within a budget of 0.001 s of CPU time per claim" in shown and "[undecided] sum_dx_xhat_zero:" in shown
     assert "(budget 0.001 s): time budget of 0.001 s spent" in shown
     doc = json.loads(to_json(d, "compact", proofs))
     entry = next(p for p in doc["proofs"] if p["key"] == "sum_dx_xhat_zero")
@@ -167,7 +167,7 @@ def test_json_and_text_show_each_outcome(derivations, symbolic):
     assert by_key["paper_equals_direct[x]"]["outcome"] == "proven" and by_key["paper_equals_direct[x]"]["reason"] is None
     assert all(p["budget_s"] == BUDGET for p in doc["proofs"])
     shown = to_text(d, "compact", proofs)
-    assert f"within a budget of {BUDGET:g} s per claim" in shown and "[refuted] sum_dx_zero:" in shown
+    assert f"within a budget of {BUDGET:g} s of CPU time per claim" in shown and "[refuted] sum_dx_zero:" in shown
 
 
 def test_three_statistics_finish_within_their_budget():
@@ -188,7 +188,7 @@ def test_three_statistics_finish_within_their_budget():
         assert p.outcome == "refuted" and p.counterexample is not None and p.counterexample.m == 5
         assert p.residual is not None or p.residual_note == "not simplified: the budget of 3 s was spent"
     shown = to_text(d, "compact", list(proofs.values()))
-    assert "within a budget of 3 s per claim" in shown and "counterexample: m = 5" in shown
+    assert "within a budget of 3 s of CPU time per claim" in shown and "counterexample: m = 5" in shown
 
 
 def corrupted(d, name="x", keep=2):
