@@ -187,6 +187,21 @@ def working(geo, dtype, **values):
     return {name: per_group(value, geo).astype(dtype, copy=False) for name, value in values.items()}
 
 
+def scratch(out, block, dtype):
+    """Where an element output's block is computed in the working precision ``dtype``: the block
+    itself when the output has that dtype, else a new array in it (float64 for a float32 output
+    above order 1), which :func:`store` writes into the output, rounded once."""
+    view = out[block]
+    return view if view.dtype == dtype else numpy.empty(view.shape, dtype)
+
+
+def store(out, block, value):
+    """Write a block computed by :func:`scratch` into the output (nothing to do when it was the
+    output's own block)."""
+    if value.dtype != out.dtype:
+        out[block] = value
+
+
 BLOCK = 1 << 16
 """Elements per block: the temporaries of a block stay in cache."""
 

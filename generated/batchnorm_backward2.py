@@ -115,7 +115,7 @@ def _backward2_train(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, 
         x_v = _x[_block] - _shift
         t1_0 = numpy.add(x_v, _c_0)
         numpy.multiply(t1_0, _c_1, out=t1_0)
-        d2_x_v = _d2_x[_block]
+        d2_x_v = _runtime.scratch(_d2_x, _block, _w)
         numpy.multiply(dy_v, _c_2, out=d2_x_v)
         d2_x_v_0 = numpy.multiply(t1_0, _c_3)
         numpy.add(d2_x_v, d2_x_v_0, out=d2_x_v)
@@ -131,7 +131,8 @@ def _backward2_train(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, 
         numpy.add(d2_x_v, d2_x_v_5, out=d2_x_v)
         numpy.add(d2_x_v, _c_9, out=d2_x_v)
         numpy.multiply(d2_x_v, _c_10, out=d2_x_v)
-        d2_dy_v = _d2_dy[_block]
+        _runtime.store(_d2_x, _block, d2_x_v)
+        d2_dy_v = _runtime.scratch(_d2_dy, _block, _w)
         numpy.multiply(d2_dx_v, _c_11, out=d2_dy_v)
         d2_dy_v_0 = numpy.multiply(t1_0, _c_12)
         numpy.add(d2_dy_v, d2_dy_v_0, out=d2_dy_v)
@@ -139,6 +140,7 @@ def _backward2_train(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, 
         numpy.add(d2_dy_v, d2_dy_v_1, out=d2_dy_v)
         numpy.add(d2_dy_v, _c_14, out=d2_dy_v)
         numpy.multiply(d2_dy_v, _c_15, out=d2_dy_v)
+        _runtime.store(_d2_dy, _block, d2_dy_v)
     d2_gamma += _runtime.param_total((m*red_4 - red_0*red_2 - red_1*red_3)/(m*numpy.sqrt(eps_g + var_g)), geo)
 
 
@@ -181,13 +183,14 @@ def _backward2_eval(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, d
         red_0[_part] += _runtime.total(_s0)
         d2_x_v = _d2_x[_block]
         numpy.multiply(dy_v, _c_2, out=d2_x_v)
-        d2_dy_v = _d2_dy[_block]
+        d2_dy_v = _runtime.scratch(_d2_dy, _block, _w)
         numpy.multiply(d2_dx_v, _gamma_g, out=d2_dy_v)
         d2_dy_v_0 = numpy.add(x_v, _c_0)
         numpy.multiply(d2_dy_v_0, _c_1*_c_3, out=d2_dy_v_0)
         numpy.add(d2_dy_v, d2_dy_v_0, out=d2_dy_v)
         numpy.add(d2_dy_v, _c_4, out=d2_dy_v)
         numpy.multiply(d2_dy_v, _c_1, out=d2_dy_v)
+        _runtime.store(_d2_dy, _block, d2_dy_v)
     d2_gamma += _runtime.param_total(red_0/numpy.sqrt(eps_g + var_g), geo)
 
 

@@ -126,7 +126,7 @@ def _backward2_train(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, 
         numpy.multiply(_p0, dy_v, out=_p0)
         numpy.multiply(_p0, _c_11, out=_p0)
         d2_gamma += _runtime.param_sum(_p0, _x[_block].shape)
-        d2_x_v = _d2_x[_block]
+        d2_x_v = _runtime.scratch(_d2_x, _block, _w)
         numpy.multiply(t1_0, _c_2, out=d2_x_v)
         d2_x_v_0 = numpy.multiply(d2_dx_v, _c_3)
         numpy.add(d2_x_v, d2_x_v_0, out=d2_x_v)
@@ -144,7 +144,8 @@ def _backward2_train(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, 
         numpy.add(d2_x_v, d2_x_v_5, out=d2_x_v)
         numpy.add(d2_x_v, _c_9, out=d2_x_v)
         numpy.multiply(d2_x_v, _c_10, out=d2_x_v)
-        d2_dy_v = _d2_dy[_block]
+        _runtime.store(_d2_x, _block, d2_x_v)
+        d2_dy_v = _runtime.scratch(_d2_dy, _block, _w)
         numpy.multiply(d2_dbeta_v, _c_12, out=d2_dy_v)
         d2_dy_v_0 = numpy.multiply(gamma_v, -_red_3)
         numpy.add(d2_dy_v, d2_dy_v_0, out=d2_dy_v)
@@ -158,6 +159,7 @@ def _backward2_train(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, 
         numpy.multiply(d2_dy_v_3, m, out=d2_dy_v_3)
         numpy.add(d2_dy_v, d2_dy_v_3, out=d2_dy_v)
         numpy.multiply(d2_dy_v, _c_11, out=d2_dy_v)
+        _runtime.store(_d2_dy, _block, d2_dy_v)
 
 
 def _backward2_eval(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, d2_gamma, d2_beta, d2_dy, geo, eps):
@@ -194,7 +196,7 @@ def _backward2_eval(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, d
         d2_gamma += _runtime.param_sum(_p0, _x[_block].shape)
         d2_x_v = _d2_x[_block]
         numpy.multiply(d2_dgamma_v, t0_0, out=d2_x_v)
-        d2_dy_v = _d2_dy[_block]
+        d2_dy_v = _runtime.scratch(_d2_dy, _block, _w)
         numpy.multiply(d2_dbeta_v, _c_2, out=d2_dy_v)
         d2_dy_v_0 = numpy.multiply(d2_dx_v, gamma_v)
         numpy.add(d2_dy_v, d2_dy_v_0, out=d2_dy_v)
@@ -203,6 +205,7 @@ def _backward2_eval(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, d
         numpy.multiply(d2_dy_v_1, _c_1*_c_2, out=d2_dy_v_1)
         numpy.add(d2_dy_v, d2_dy_v_1, out=d2_dy_v)
         numpy.multiply(d2_dy_v, _c_1, out=d2_dy_v)
+        _runtime.store(_d2_dy, _block, d2_dy_v)
 
 
 KERNELS = {

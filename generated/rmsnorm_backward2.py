@@ -91,7 +91,7 @@ def _backward2_train(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, ms, d2_x, d2_gamm
         _p0_0 = numpy.multiply(dy_v, t1_2)
         numpy.add(_p0, _p0_0, out=_p0)
         d2_gamma += _runtime.param_sum(_p0, _x[_block].shape)
-        d2_x_v = _d2_x[_block]
+        d2_x_v = _runtime.scratch(_d2_x, _block, _w)
         numpy.multiply(d2_dx_v, _c_1, out=d2_x_v)
         d2_x_v_0 = numpy.multiply(t1_0, _c_3)
         numpy.add(d2_x_v, d2_x_v_0, out=d2_x_v)
@@ -100,7 +100,8 @@ def _backward2_train(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, ms, d2_x, d2_gamm
         d2_x_v_2 = numpy.multiply(dy_v, gamma_v)
         numpy.multiply(d2_x_v_2, _c_2, out=d2_x_v_2)
         numpy.add(d2_x_v, d2_x_v_2, out=d2_x_v)
-        d2_dy_v = _d2_dy[_block]
+        _runtime.store(_d2_x, _block, d2_x_v)
+        d2_dy_v = _runtime.scratch(_d2_dy, _block, _w)
         numpy.multiply(d2_dgamma_v, t1_0, out=d2_dy_v)
         d2_dy_v_0 = numpy.multiply(gamma_v, t1_2)
         numpy.add(d2_dy_v, d2_dy_v_0, out=d2_dy_v)
@@ -108,6 +109,7 @@ def _backward2_train(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, ms, d2_x, d2_gamm
         numpy.multiply(d2_dy_v_1, _c_0, out=d2_dy_v_1)
         numpy.add(d2_dy_v, d2_dy_v_1, out=d2_dy_v)
         numpy.add(d2_dy_v, d2_dbeta_v, out=d2_dy_v)
+        _runtime.store(_d2_dy, _block, d2_dy_v)
 
 
 def _backward2_eval(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, ms, d2_x, d2_gamma, d2_beta, d2_dy, geo, eps):
@@ -137,13 +139,14 @@ def _backward2_eval(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, ms, d2_x, d2_gamma
         d2_gamma += _runtime.param_sum(_p0, _x[_block].shape)
         d2_x_v = _d2_x[_block]
         numpy.multiply(d2_dgamma_v, t0_0, out=d2_x_v)
-        d2_dy_v = _d2_dy[_block]
+        d2_dy_v = _runtime.scratch(_d2_dy, _block, _w)
         numpy.multiply(d2_dgamma_v, x_v, out=d2_dy_v)
         numpy.multiply(d2_dy_v, _c_0, out=d2_dy_v)
         d2_dy_v_0 = numpy.multiply(d2_dx_v, gamma_v)
         numpy.multiply(d2_dy_v_0, _c_0, out=d2_dy_v_0)
         numpy.add(d2_dy_v, d2_dy_v_0, out=d2_dy_v)
         numpy.add(d2_dy_v, d2_dbeta_v, out=d2_dy_v)
+        _runtime.store(_d2_dy, _block, d2_dy_v)
 
 
 KERNELS = {

@@ -12,7 +12,9 @@ block stay in cache): per block, the element inputs it reads (x measured from th
 framed pass), the element temporaries, the summands of the reductions (accumulated per group
 in float64), the parameter outputs' contributions and the element outputs, written in place.
 Inside the loop a per-group value ``c_0`` is read as ``_c_0``: the block's part of it, in the
-working precision (x's dtype at order 1, float64 above).
+working precision (x's dtype at order 1, float64 above). Above order 1 an element output whose
+dtype is narrower than float64 is computed in a float64 block (``_runtime.scratch``) and stored
+into the output once (``_runtime.store``): every partial sum of its terms stays in float64.
 """
 from __future__ import annotations
 
@@ -263,8 +265,15 @@ def _kernel(plan: KernelPlan, kernel: Kernel) -> dict:
         stores = []
         for a in p.stores:
             target = f"{a.name}_v"
-            stores.append({"name": a.name, "load": f"{target} = _{a.name}[_block]",
-                           "lines": printer.statements(a.expr, target, varying, new=False)})
+            body = printer.statements(a.expr, target, varying, new=False)
+            if exact and len(body) > 1:
+                # float64 throughout: a float32 output is built in a float64 block and rounded once (in
+                # the output itself, every partial sum would be rounded to float32). One ufunc call
+                # computes in float64 and rounds once already.
+                load, store = f"{target} = _runtime.scratch(_{a.name}, _block, _w)", [f"_runtime.store(_{a.name}, _block, {target})"]
+            else:  # the working precision is the output's (order 1), or one call: computed in the output itself
+                load, store = f"{target} = _{a.name}[_block]", []
+            stores.append({"name": a.name, "load": load, "store": store, "lines": body})
         passes.append({"number": number, "framed": framed_x, "dtype": "numpy.float64" if raw else "_w",
                        "group": group_lines, "whole": whole,
                        "loop": bool(p.sums or p.params or p.stores), "work": [str(v) for v in per_group],
