@@ -14,7 +14,7 @@ import sympy as sp
 from .derive import Derivation, derive
 from .jinja import environment
 from .notation import latex, text
-from .prove import Proof, prove
+from .prove import BUDGET, Proof, prove
 
 FORMS = ("paper", "compact", "both")
 FORMATS = ("text", "latex", "json")
@@ -206,9 +206,10 @@ def to_json(d: Derivation, form: str = "both", proofs: list[Proof] | None = None
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
-def document_context(norm, transforms: tuple[str, ...] = ("vjp",)) -> dict:
+def document_context(norm, transforms: tuple[str, ...] = ("vjp",), budget: float | None = BUDGET) -> dict:
     """What the LaTeX templates need for ``norm``: both modes, the backward in both forms with
-    every proof, and, for a longer chain of ``transforms``, that derivation and its proofs too."""
+    every proof (each within ``budget`` CPU seconds), and, for a longer chain of ``transforms``,
+    that derivation and its proofs too."""
     modes = []
     for mode in ("train", "eval"):
         d = derive(norm, mode)
@@ -220,7 +221,7 @@ def document_context(norm, transforms: tuple[str, ...] = ("vjp",)) -> dict:
             "paths": [show(d.value(t.via)) for t in d.terms["x"]],
             "sections": {key: [(show(eq.lhs), _right(eq, show)) for eq in equations] for key, equations in sections(d).items()},
             "x_terms": [(show(d.value(t.via)), show(t.expr)) for t in d.terms["x"]],
-            "proofs": _shown_proofs(d, show),
+            "proofs": _shown_proofs(d, show, budget),
             "stats": [(show(d.symbols[s]), s) for s in d.stats],
             "higher": None,
         }
@@ -231,7 +232,7 @@ def document_context(norm, transforms: tuple[str, ...] = ("vjp",)) -> dict:
                 "derivation": h, "chain": "(".join(reversed(h.transforms)) + "(f" + ")" * h.order,
                 "sections": [(titles(h, latex=True)[key], [(show_h(eq.lhs), _right(eq, show_h)) for eq in equations])
                              for key, equations in sections(h).items() if key != "forward"],
-                "proofs": _shown_proofs(h, show_h),
+                "proofs": _shown_proofs(h, show_h, budget),
             }
         modes.append(block)
     train = modes[0]["derivation"]
@@ -239,13 +240,13 @@ def document_context(norm, transforms: tuple[str, ...] = ("vjp",)) -> dict:
             "symbols": {name: latex(train.value(name), train.notation) for name in ("x", "xhat", "y")}}
 
 
-def _shown_proofs(d: Derivation, show: Callable[[sp.Basic], str]) -> list[dict]:
+def _shown_proofs(d: Derivation, show: Callable[[sp.Basic], str], budget: float | None = BUDGET) -> list[dict]:
     return [{"p": p, "equation": None if p.equation is None else show(p.equation),
              "residual": None if p.residual is None else show(p.residual)}
-            for p in prove(d)]
+            for p in prove(d, budget=budget)]
 
 
-def to_document(norm, transforms: tuple[str, ...] = ("vjp",)) -> str:
+def to_document(norm, transforms: tuple[str, ...] = ("vjp",), budget: float | None = BUDGET) -> str:
     """A complete LaTeX article for ``norm``: both modes, both forms, every proof's outcome; for
     a longer chain of ``transforms`` (order 2: ("vjp", "vjp")), that derivation too."""
-    return environment("latex").get_template("derivation.tex.j2").render(**document_context(norm, transforms))
+    return environment("latex").get_template("derivation.tex.j2").render(**document_context(norm, transforms, budget))
