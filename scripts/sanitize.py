@@ -3,9 +3,10 @@
 
 What: the C sources of every built-in norm at orders 1 and 2 (the committed files under
 ``generated/``) and of one user spec (the README's quartic norm, emitted on the fly) are
-compiled with ``gcc -fsanitize=address,undefined -fno-sanitize-recover=all`` (otherwise
-build.py's flags: ``-std=c99 -Wall -Wextra -Werror -pedantic -march=native -fopenmp``, at
-``-O1 -g``) into a temporary folder, never into the kernel cache. A child Python process, with
+compiled by ``build.compile_library`` with gcc, its flags (``-std=c99 -Wall -Wextra -Werror
+-pedantic -march=native -fopenmp``) followed by ``-fsanitize=address,undefined
+-fno-sanitize-recover=all -g -O1`` (``-O1`` overrides its ``-O3``), into a temporary folder,
+never into the kernel cache. A child Python process, with
 the ASan and UBSan runtimes preloaded, then makes a seeded random sequence of calls through the ordinary
 Python wrappers (``Kernels(library)`` of each generated module, as ``symbn.load`` makes them):
 every kernel, train and eval, float32 and float64, random shapes per layout (a group of one,
@@ -39,7 +40,6 @@ import argparse
 import ctypes
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -145,17 +145,12 @@ def units(norms: list[str], orders: tuple[int, ...]) -> list[Unit]:
 
 
 def compile_sanitized(source: Path, folder: Path) -> Path:
-    """``source`` compiled with build.py's flags (-O1 in place of -O3) and the sanitizers, into ``folder``."""
-    flags = [flag for flag in build.FLAGS if not flag.startswith("-O")]
-    target = folder / f"lib{source.stem}.so"
-    failure = ""
-    for extra in (variant for variant in build.VARIANTS if "-fopenmp" in variant):
-        command = [CC, *flags, *SANITIZE, *extra, "-I", str(source.parent), str(source), "-o", str(target), *build.LIBS]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=build.TIMEOUT, check=False)
-        if done.returncode == 0:
-            return target
-        failure = f"{shlex.join(command)}\n{done.stdout}{done.stderr}"
-    raise build.CompilerError(f"compiling {source.name} with the sanitizers failed:\n{failure}")
+    """``source`` compiled by build.py (its flags and variants, with OpenMP always: the threads are
+    under test) with the sanitizers after them (their -O1 over its -O3), into ``folder``."""
+    try:
+        return build.compile_library(source, extra=(*SANITIZE, "-fopenmp"), directory=folder)
+    except build.CompilerError as err:
+        raise build.CompilerError(f"with the sanitizers: {err}") from None
 
 
 def compile_all(found: list[Unit], folder: Path) -> dict[Unit, Path]:
@@ -243,6 +238,7 @@ def parent(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="symbn-sanitize-") as scratch:
         folder = Path(scratch)
         os.environ["SYMBN_CACHE_DIR"] = str(folder / "cache")  # a spec's sources go here, never into the user's cache
+        os.environ["CC"] = CC  # build.py compiles with the compiler whose runtimes the child preloads
         try:
             libraries = build_libraries(args, folder)
             child_environment()  # the runtimes exist, before any call

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import types
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -123,28 +124,36 @@ def _intact(library: Path) -> bool:
     return ok
 
 
-def compile_library(source: Path) -> Path:
+def compile_library(source: Path, extra: Sequence[str] = (), directory: Path | None = None) -> Path:
     """The shared library built from ``source`` (its header beside it), from the cache if there and intact.
 
     Built for this CPU's vector units and with OpenMP where the compiler can, else plainer
-    (the same source: without OpenMP its pragmas are off and it runs serially)."""
+    (the same source: without OpenMP its pragmas are off and it runs serially). ``extra``: flags
+    appended after :data:`FLAGS` and the variant's, so that they win (``-O1`` over ``-O3``); a
+    library's key hashes them with the others. ``directory``: where the library and its record
+    go, in place of the cache's ``lib/`` folder."""
+    if isinstance(extra, str):
+        raise TypeError(f"extra must be a sequence of flags, not the string {extra!r}")
     command = compiler()
     version = _version(command)
     header = source.with_suffix(".h")
+    folder = cache_dir() / "lib" if directory is None else Path(directory)
     failure = ""
-    for extra in VARIANTS:
-        flags = FLAGS + extra
+    for variant in VARIANTS:
+        flags = (*FLAGS, *variant, *extra)
         key = hashlib.sha256()
         for part in (source.read_bytes(), header.read_bytes() if header.exists() else b"", " ".join(flags + LIBS).encode(),
                      version.encode(), " ".join(command).encode(), _cpu().encode()):
             key.update(part)
-        target = cache_dir() / "lib" / f"lib{source.stem}-{key.hexdigest()[:20]}.so"
+        target = folder / f"lib{source.stem}-{key.hexdigest()[:20]}.so"
         if _intact(target):
             return target
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             scratch = tempfile.mkdtemp(dir=target.parent)
         except OSError as err:
+            if directory is not None:
+                raise CompilerError(f"cannot write the library into {target.parent}: {err}") from None
             raise CompilerError(f"cannot write the kernel cache {target.parent}: {err}; set SYMBN_CACHE_DIR "
                                 "to a writable folder (the NumPy backend needs none)") from None
         try:
