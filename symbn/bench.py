@@ -81,7 +81,8 @@ def _triad(threads: int):
     directory = cache_dir() / "sources" / "triad"
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "triad.c").write_text(TRIAD)
-    (directory / "triad.h").write_text("#include <stddef.h>\nvoid triad(float *a, const float *b, const float *c, ptrdiff_t n, int threads);\n")
+    (directory / "triad.h").write_text("#include <stddef.h>\n"
+                                       "void triad(float *a, const float *b, const float *c, ptrdiff_t n, int threads);\n")
     function = ctypes.CDLL(str(compile_library(directory / "triad.c"))).triad
     function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_ssize_t, ctypes.c_int]
     return lambda a, b, c: function(a.ctypes.data, b.ctypes.data, c.ctypes.data, a.nbytes // 4, threads)
@@ -206,7 +207,8 @@ def bench(quick: bool = False, threads: int = 2, progress=None) -> dict:
         if progress:
             progress(f"[double {number}/{len(DOUBLE)}] batchnorm double backward {'x'.join(map(str, shape))} {dtype}, {threads} threads")
         double.append(_double_case(100 + number, shape, np.dtype(dtype), threads, repeats))
-    return {"cases": results, "double_backward": double, "quick": quick, "repeats": repeats,
+    return {"cases": results, "double_backward": double, "torch": _torch_section(threads, repeats, quick, progress),
+            "quick": quick, "repeats": repeats,
             "allocation": "symbn: outputs preallocated (out=), reused every call; PyTorch: fresh outputs from its "
                           "allocator every call, NumPy by hand (compact, staged): fresh temporaries, " + (
                               "both on memory freed by the call before (glibc told to keep it: no page faults; ratios "
@@ -280,6 +282,15 @@ def _double_case(seed: int, shape: tuple, dtype: np.dtype, threads: int, repeats
             "double_vs_own_backward": mine / ms["symbn backward"]}
 
 
+def _torch_section(threads: int, repeats: int, quick: bool, progress) -> dict | None:
+    """symbn.torch against torch.nn (see :mod:`symbn.torch.bench`); None without PyTorch."""
+    try:
+        from .torch.bench import section
+    except ImportError:
+        return None
+    return section(median_ms, threads, repeats, quick, progress)
+
+
 def _row(fwd: float | None, bwd: float, nbytes: int, bandwidth: float, torch: list | None) -> dict:
     """Times, bandwidths (bytes counted as in the report), fraction of the triad, ratio to PyTorch."""
     row = {"forward_ms": fwd, "backward_ms": bwd,
@@ -295,7 +306,8 @@ def to_text(report: dict) -> str:
     lines = [(f"median of {report['repeats']} samples after warm-up, taken round-robin across implementations (fast calls "
               f"timed in batches of about {SAMPLE_S * 1e3:.0f} ms); {report['allocation']}"),
              f"bytes counted: {report['bytes']}", ""]
-    header = f"{'case':<42}{'impl':<15}{'fwd ms':>9}{'bwd ms':>9}{'fwd GB/s':>10}{'bwd GB/s':>10}{'fwd %triad':>11}{'bwd %triad':>11}{'fwd/torch':>10}{'bwd/torch':>10}"
+    header = (f"{'case':<42}{'impl':<15}{'fwd ms':>9}{'bwd ms':>9}{'fwd GB/s':>10}{'bwd GB/s':>10}{'fwd %triad':>11}"
+              f"{'bwd %triad':>11}{'fwd/torch':>10}{'bwd/torch':>10}")
     lines.append(header)
     for case in report["cases"]:
         label = f"{case['norm']} {'x'.join(map(str, case['shape']))} {case['dtype']} ({case['triad_gbs']:.0f} GB/s)"
@@ -305,7 +317,15 @@ def to_text(report: dict) -> str:
                      _cell(r["forward_vs_torch"], ".2f"), _cell(r["backward_vs_torch"], ".2f")]
             lines.append(f"{label:<42}{name:<15}" + "".join(f"{c:>{w}}" for c, w in zip(cells, (9, 9, 10, 10, 11, 11, 10, 10))))
             label = ""
-    return "\n".join(lines + _double_text(report)) + "\n"
+    return "\n".join(lines + _double_text(report) + _torch_text(report)) + "\n"
+
+
+def _torch_text(report: dict) -> list[str]:
+    if not report.get("torch"):
+        return []
+    from .torch.bench import to_text as torch_text
+
+    return torch_text(report["torch"])
 
 
 def _double_text(report: dict) -> list[str]:

@@ -1,0 +1,157 @@
+"""The PyTorch section of ``python -m symbn bench``: symbn's layers against ``torch.nn``'s, through
+the Python calls a user makes, in the same process and rounds.
+
+- ops: each functional (``symbn.torch.functional`` against ``torch.nn.functional``) at the bench's
+  shapes, forward (inputs requiring grad, so the autograd graph is built as in training) and
+  backward (``torch.autograd.grad`` of y with a given cotangent); at (256, 64) the whole call is
+  what it costs, the per-call overhead;
+- the training step of a small CNN (convolutions with batch norm, a group-norm block, a layer-norm
+  head; batch 64, 32x32 inputs): SGD step with ``torch.nn`` layers and with ``convert``'s;
+- a WGAN-GP gradient-penalty step through the same CNN as a critic: ``autograd.grad`` with
+  ``create_graph=True``, the penalty, its backward (PyTorch's double backward through batch norm is
+  known to be slow: pytorch#3076).
+
+Targets (issue: PyTorch custom ops): training step <= 1.0x native, gradient-penalty step <= 0.5x,
+op path at (256, 64) <= 1.5x native's whole call. Reported, never asserted.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from . import convert
+from . import functional as S
+
+OPS = [  # norm, shape, options
+    ("batchnorm", (8192, 1024), {}),
+    ("batchnorm", (32, 64, 56, 56), {}),
+    ("batchnorm", (256, 64), {}),
+    ("layernorm", (8192, 1024), {}),
+    ("rmsnorm", (8192, 1024), {}),
+    ("groupnorm", (32, 64, 56, 56), {"num_groups": 8}),
+]
+TARGETS = {"train_step": 1.0, "gradient_penalty": 0.5, "overhead_256x64": 1.5}
+
+
+def _functionals(norm: str, options: dict):
+    """(symbn's call, torch's call), each taking x, weight, bias."""
+    if norm == "batchnorm":
+        return (lambda x, w, b: S.batch_norm(x, None, None, w, b, True),
+                lambda x, w, b: nn.functional.batch_norm(x, None, None, w, b, True))
+    if norm == "groupnorm":
+        g = options["num_groups"]
+        return (lambda x, w, b: S.group_norm(x, g, w, b), lambda x, w, b: nn.functional.group_norm(x, g, w, b))
+    if norm == "layernorm":
+        return (lambda x, w, b: S.layer_norm(x, x.shape[-1:], w, b),
+                lambda x, w, b: nn.functional.layer_norm(x, x.shape[-1:], w, b))
+    return (lambda x, w, b: S.rms_norm(x, x.shape[-1:], w, 1e-5),
+            lambda x, w, b: nn.functional.rms_norm(x, x.shape[-1:], w, 1e-5))
+
+
+def _op_case(median_ms, seed: int, norm: str, shape: tuple, options: dict, repeats: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen).requires_grad_()
+    channels = shape[-1] if norm in ("layernorm", "rmsnorm") else shape[1]
+    w, b = torch.randn(channels, generator=gen).requires_grad_(), torch.randn(channels, generator=gen).requires_grad_()
+    dy = torch.randn(shape, generator=gen)
+    calls = {}
+    for name, f in zip(("symbn", "torch"), _functionals(norm, options)):
+        y = f(x, w, b)
+        calls[name, "forward"] = lambda f=f: f(x, w, b)
+        calls[name, "backward"] = lambda y=y: torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)
+    ms = median_ms(calls, repeats)
+    return {"norm": norm, "shape": list(shape), "dtype": "float32", "ms": {f"{n} {k}": v for (n, k), v in ms.items()},
+            "forward_vs_torch": ms["symbn", "forward"] / ms["torch", "forward"],
+            "backward_vs_torch": ms["symbn", "backward"] / ms["torch", "backward"]}
+
+
+class CNN(nn.Module):
+    """Convolutions with batch norm, a group-norm block, a layer-norm head: every kind of layer
+    ``convert`` swaps, in a network small enough to train on a CPU."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.GroupNorm(8, 64), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _models(seed: int) -> dict:
+    torch.manual_seed(seed)
+    native = CNN()
+    return {"torch": native, "symbn": convert(copy.deepcopy(native))}
+
+
+def _train_step(model, optimizer, x, target):
+    optimizer.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(x), target)
+    loss.backward()
+    optimizer.step()
+
+
+def _penalty_step(model, optimizer, x):
+    """WGAN-GP's critic penalty: (||d critic / d x̂|| - 1)^2 at interpolates x̂, backward to the critic."""
+    optimizer.zero_grad(set_to_none=True)
+    xhat = x.detach().requires_grad_()
+    (grad,) = torch.autograd.grad(model(xhat).sum(), xhat, create_graph=True)
+    penalty = ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+    penalty.backward()
+    optimizer.step()
+
+
+def _steps(median_ms, seed: int, repeats: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    x, target = torch.randn(64, 3, 32, 32, generator=gen), torch.randint(0, 10, (64,), generator=gen)
+    calls = {}
+    for name, model in _models(seed).items():
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+        calls[name, "train_step"] = lambda m=model, o=optimizer: _train_step(m, o, x, target)
+        calls[name, "gradient_penalty"] = lambda m=model, o=optimizer: _penalty_step(m, o, x)
+    ms = median_ms(calls, repeats)
+    return {key: {"symbn_ms": ms["symbn", key], "torch_ms": ms["torch", key], "vs_torch": ms["symbn", key] / ms["torch", key]}
+            for key in ("train_step", "gradient_penalty")}
+
+
+def section(median_ms, threads: int, repeats: int, quick: bool, progress=None) -> dict:
+    """Every op case, then the CNN steps; ``median_ms`` is the bench's timer."""
+    torch.set_num_threads(threads)
+    cases = OPS[2:3] if quick else OPS
+    ops = []
+    for number, (norm, shape, options) in enumerate(cases, 1):
+        if progress:
+            progress(f"[torch {number}/{len(cases)}] symbn.torch {norm} {'x'.join(map(str, shape))} float32, {threads} threads")
+        ops.append(_op_case(median_ms, 200 + number, norm, shape, options, repeats))
+    if progress:
+        progress("[torch] CNN training step and gradient-penalty step, batch 64, 32x32")
+    steps = _steps(median_ms, 300, repeats)
+    small = next((c for c in ops if c["shape"] == [256, 64]), None)
+    status = {"train_step": steps["train_step"]["vs_torch"], "gradient_penalty": steps["gradient_penalty"]["vs_torch"],
+              "overhead_256x64": None if small is None else max(small["forward_vs_torch"], small["backward_vs_torch"])}
+    return {"ops": ops, "steps": steps, "targets": {k: {"target": TARGETS[k], "measured": v,
+                                                        "met": None if v is None else v <= TARGETS[k]} for k, v in status.items()}}
+
+
+def to_text(section: dict) -> list[str]:
+    lines = ["", "PyTorch path (symbn.torch against torch.nn, float32, through autograd as a user calls them)",
+             f"{'case':<34}{'symbn fwd ms':>13}{'torch fwd ms':>13}{'symbn bwd ms':>13}{'torch bwd ms':>13}"
+             f"{'fwd/torch':>10}{'bwd/torch':>10}"]
+    for c in section["ops"]:
+        ms = c["ms"]
+        lines.append(f"{c['norm'] + ' ' + 'x'.join(map(str, c['shape'])):<34}{ms['symbn forward']:>13.3f}"
+                     f"{ms['torch forward']:>13.3f}{ms['symbn backward']:>13.3f}{ms['torch backward']:>13.3f}"
+                     f"{c['forward_vs_torch']:>10.2f}{c['backward_vs_torch']:>10.2f}")
+    lines.append(f"{'CNN step, batch 64, 32x32':<34}{'symbn ms':>13}{'torch ms':>13}{'ratio':>10}")
+    for key, s in section["steps"].items():
+        lines.append(f"{key.replace('_', ' '):<34}{s['symbn_ms']:>13.2f}{s['torch_ms']:>13.2f}{s['vs_torch']:>10.2f}")
+    lines.append("targets: " + "; ".join(
+        f"{k.replace('_', ' ')} <= {t['target']}x: {'-' if t['measured'] is None else format(t['measured'], '.2f')}"
+        f" ({'met' if t['met'] else 'not met' if t['met'] is not None else 'not measured'})" for k, t in section["targets"].items()))
+    return lines
