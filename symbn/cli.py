@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from .build import BACKENDS
 from .derive import MODES, derive, transforms_for
 from .errors import CompilerError, SymbnError
 from .explain import FORMATS as EXPLAIN_FORMATS
-from .prove import prove
+from .prove import BUDGET, prove
 from .render import FORMATS, FORMS, to_document, to_json, to_latex, to_text
 from .spec import BUILTINS
 
@@ -98,6 +99,8 @@ def parser(prog: str = "symbn") -> argparse.ArgumentParser:
     derive_cmd.add_argument("--proofs", action="store_true",
                             help="also prove every identity (symbolic m, and brute force at explicit m: 1..6 at order 1, 1..4 at order 2, "
                                  "1..3 at order 3); takes seconds to a minute; with --format text or json (--document always has them)")
+    derive_cmd.add_argument("--proof-budget", type=_seconds, default=BUDGET, metavar="SECONDS",
+                            help=f"CPU seconds each claim may take before it is reported undecided (default {BUDGET:g}; 0: no limit)")
     derive_cmd.add_argument("--document", action="store_true",
                             help="a complete LaTeX article (implies --format latex): both modes, both forms, every proof, "
                                  "at the --order or --transforms given")
@@ -254,6 +257,17 @@ def _derive(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float | None:
+    """``--proof-budget``: seconds >= 0; 0 is no limit (None)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0 (0: no limit), got {text!r}")
+    return value or None
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
@@ -294,9 +308,9 @@ def _emit(output: str, target: Path | None) -> None:
 
 def _derive_output(args: argparse.Namespace) -> str:
     if args.document:
-        return to_document(args.norm, args.transforms)
+        return to_document(args.norm, args.transforms, budget=args.proof_budget)
     d = derive(args.norm, args.mode, transforms=args.transforms)
-    proofs = prove(d) if args.proofs else None
+    proofs = prove(d, budget=args.proof_budget) if args.proofs else None
     if args.format == "latex":
         return to_latex(d, args.form)
     if args.format == "json":

@@ -344,7 +344,8 @@ def test_document_honours_format_proofs_and_order(cli, monkeypatch):
     """--document implies --format latex; --proofs asks for what the article always has; the
     order or chain picks the article's higher-order part (to_document stubbed: the article is built elsewhere)."""
     calls = []
-    monkeypatch.setattr("symbn.cli.to_document", lambda norm, transforms: calls.append((norm, transforms)) or "\\documentclass{article}\n")
+    monkeypatch.setattr("symbn.cli.to_document",
+                        lambda norm, transforms, budget=None: calls.append((norm, transforms)) or "\\documentclass{article}\n")
     for args in ([], ["--format", "latex"], ["--proofs"], ["--format", "latex", "--proofs"]):
         out = cli("derive", "layernorm", "--document", *args)
         assert out.returncode == 0 and out.stdout == "\\documentclass{article}\n", (args, out.stderr)
@@ -386,3 +387,12 @@ def test_main_names_the_program_as_asked(cli, capsys):
     assert capsys.readouterr().out.startswith("usage: mytool bench [-h] ")
     assert main(["derive", "--document", "--form", "paper"], prog="mytool") == 2
     assert capsys.readouterr().err.startswith("mytool derive: error: --form cannot be combined")
+
+
+def test_proof_budget_reaches_the_proofs(capsys):
+    """--proof-budget is each claim's CPU budget: a tiny one leaves claims undecided, saying why."""
+    assert main(["derive", "rmsnorm", "--proofs", "--proof-budget", "0.001"]) == 0
+    out = capsys.readouterr().out
+    assert "[undecided]" in out and "budget" in out
+    assert main(["derive", "--proof-budget", "-1"]) == 2
+    assert "--proof-budget" in capsys.readouterr().err
