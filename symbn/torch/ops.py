@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fw
 
 from ..build import load
 from ..derive import adjoint_name, tangent_name
@@ -84,6 +86,9 @@ class Spec:
         self.stats = set(self.table.stats)  # outputs that are statistics: not differentiable
         self.name = f"{op_stem(norm)}_{unit_name(chain)}_{mode}"
         self.layout = sys.modules[type(self.part).__module__].geometry  # shapes -> Geometry
+        # the statistics whose running update corrects with Bessel's m/(m-1) (plain data, which
+        # torch.compile reads from a traced constant)
+        self.unbiased = tuple(self.part.UNBIASED)
 
     def geometry(self, x: torch.Tensor, params: Sequence[torch.Tensor | None], normalized_shape, num_groups):
         param_shape = next((tuple(p.shape) for p, (_, kind, role, _) in zip(params, self.table.inputs)
@@ -116,16 +121,55 @@ def _run(spec: Spec, args: tuple, normalized_shape, num_groups) -> list[torch.Te
     values = [float(a) if name in spec.scalars else _array(a) for name, a in zip(spec.inputs, args)]
     outputs = spec.part._call(spec.kernel, values, _shape(normalized_shape), num_groups, None)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    layout, param_dtype = _memory_format(spec, x), _param_dtype(spec, args)
     results = []
     for (_, kind, role, double), value in zip(spec.table.outputs, outputs):
-        t = torch.from_numpy(np.asarray(value))
+        t = torch.from_numpy(np.asarray(value))  # the kernel's buffer, C-contiguous: no copy
         if kind == "element" and role != "param":
-            if t.dtype != x.dtype or not x.is_contiguous():
-                t = torch.empty_like(x).copy_(t)
+            if t.dtype != x.dtype or layout != torch.contiguous_format:
+                t = torch.empty_like(x, memory_format=layout).copy_(t)
+        elif role == "param":
+            t = t.to(param_dtype)
         elif not double:
             t = t.to(x.dtype)
         results.append(t)
     return results
+
+
+KEEPS_CHANNELS_LAST = {"batchnorm": True, "groupnorm": True, "rmsnorm": True, "layernorm": False, "instancenorm": False}
+"""Whether PyTorch's norm returns a channels-last x's result channels-last (else contiguous); a
+spec's layout does as the built-in of that layout does (channel, groups: kept)."""
+
+
+def _memory_format(spec: Spec, x: torch.Tensor) -> torch.memory_format:
+    """The memory format of the element outputs, as PyTorch's norms return them: channels-last
+    (2d or 3d) kept where the norm keeps it, contiguous otherwise (also for other strides)."""
+    keeps = (KEEPS_CHANNELS_LAST[spec.norm.name] if BUILTINS.get(spec.norm.name) == spec.norm
+             else spec.norm.layout.kind in ("channel", "groups"))
+    if keeps and not x.is_contiguous():
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _param_dtype(spec: Spec, args: Sequence) -> torch.dtype:
+    """The dtype of the parameter outputs (dgamma, dbeta...): the parameters', which may be float32
+    for float16 or bfloat16 x, as in PyTorch; x's when no parameter is given."""
+    x = args[spec.inputs.index("x")]
+    return next((a.dtype for a, (name, _, role, _) in zip(args, spec.table.inputs)
+                 if role == "param" and name not in spec.norm.stat_names and isinstance(a, torch.Tensor)), x.dtype)
+
+
+def _plain(inputs: Sequence) -> bool:
+    """Whether the kernel can run on ``inputs`` as they are: real CPU tensors (no subclass such as
+    the fake and functional tensors of tracing) and no dispatch mode recording the call."""
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    return (not is_in_torch_dispatch_mode() and
+            all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+                for t in inputs if isinstance(t, torch.Tensor)))
 
 
 def _fake(spec: Spec, args: tuple, normalized_shape, num_groups) -> list[torch.Tensor]:
@@ -133,11 +177,12 @@ def _fake(spec: Spec, args: tuple, normalized_shape, num_groups) -> list[torch.T
     x = args[spec.inputs.index("x")]
     geo = spec.geometry(x, args, normalized_shape, num_groups)
     results = []
+    layout, param_dtype = _memory_format(spec, x), _param_dtype(spec, args)
     for _, kind, role, double in spec.table.outputs:
         if kind == "element" and role != "param":
-            results.append(torch.empty_like(x))
+            results.append(torch.empty_like(x, memory_format=layout))
         elif role == "param":
-            results.append(x.new_empty(geo.param_shape if kind == "element" else (geo.p,)))
+            results.append(x.new_empty(geo.param_shape if kind == "element" else (geo.p,), dtype=param_dtype))
         else:
             results.append(x.new_empty(geo.group_shape, dtype=torch.float64 if double else x.dtype))
     return results
@@ -177,12 +222,47 @@ def _register(spec: Spec):
         return (*reverse(spec, inputs, ctx.output, list(grads), normalized_shape, num_groups), None, None)
 
     op.register_autograd(backward, setup_context=setup_context)
+    _refuse_forward_mode(op, spec)
     return spec, op
+
+
+def _refuse_forward_mode(op, spec: Spec) -> None:
+    """Forward mode through the bare op raises instead of returning a zero tangent: a custom op has
+    no forward-mode formula, and PyTorch would run it below autograd and return a tangent of zeros
+    (``torch.func.jvp``) or none (dual tensors), silently. The op's autograd kernel (the one
+    ``register_autograd`` made) is wrapped with the check; :class:`Level`, which the functionals
+    call, has the exact forward mode (the level above)."""
+    from torch._library.autograd import make_autograd_impl
+
+    autograd = make_autograd_impl(op._opoverload, op)
+
+    def checked(keyset, *args):
+        if fw._current_level >= 0 and any(isinstance(a, torch.Tensor) and fw.unpack_dual(a).tangent is not None
+                                          for a in args):
+            raise RuntimeError(f"symbn::{spec.name} has no forward-mode derivative as a bare op (it would be a silent "
+                               "zero): call it through symbn.torch.ops.Level.call or symbn.torch.functional, whose "
+                               "forward mode is the level above")
+        return autograd(keyset, *args)
+
+    with warnings.catch_warnings():  # the kernel register_autograd installed is replaced on purpose
+        warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
+        op._lib.impl(op._name, checked, "Autograd", with_keyset=True)
 
 
 def _zeros_like_output(spec: Spec, name: str, inputs, normalized_shape, num_groups) -> torch.Tensor:
     out = _fake(spec, tuple(inputs), normalized_shape, num_groups)[spec.outputs.index(name)]
     return torch.zeros_like(out)
+
+
+def _zeros_input(above: Spec, name: str, spec: Spec, inputs, normalized_shape, num_groups) -> torch.Tensor:
+    """Zeros of the shape level ``above`` takes for its input ``name``, in x's dtype (``inputs``
+    are level ``spec``'s, which give the geometry)."""
+    x = inputs[spec.inputs.index("x")]
+    geo = spec.geometry(x, inputs, normalized_shape, num_groups)
+    _, kind, role, _ = above.table.inputs[above.inputs.index(name)]
+    shape = ((tuple(x.shape) if role != "param" else geo.param_shape) if kind == "element"
+             else (geo.p,) if role == "param" else geo.group_shape)
+    return x.new_zeros(shape)
 
 
 def _given(spec: Spec, inputs: Sequence, outputs: Sequence) -> dict:
@@ -225,7 +305,10 @@ def forward_mode(spec: Spec, inputs: Sequence, outputs: Sequence, tangents: Sequ
         if name in tangent:
             t = tangent[name]
             base = given[name[len(tangent_name("", level)):]]
-            args.append(t if t is not None else (None if base is None else torch.zeros_like(base)))
+            # no tangent: zeros, also for an input given as None (weight or bias absent: the
+            # kernels take None for gamma and beta, never for a tangent)
+            args.append(t if t is not None else torch.zeros_like(base) if base is not None else
+                        _zeros_input(above, name, spec, inputs, normalized_shape, num_groups))
         else:
             args.append(given[name])
     outs = dict(zip(above.outputs, Level.call(above, args, normalized_shape, num_groups)))
@@ -239,8 +322,11 @@ class Level(torch.autograd.Function):
 
     @staticmethod
     def forward(spec, normalized_shape, num_groups, *inputs):
-        # the op's own CPU kernel, without a second trip through the dispatcher's autograd
-        return tuple(_run(spec, inputs, normalized_shape, num_groups))
+        if _plain(inputs):  # the op's own CPU kernel, without a second trip through the dispatcher's autograd
+            return tuple(_run(spec, inputs, normalized_shape, num_groups))
+        # traced (fake, functional or meta tensors, a dispatch mode): the registered op, through its fake
+        _, op = operator(spec.norm, spec.chain, spec.mode)
+        return tuple(op(*inputs, normalized_shape, num_groups))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
