@@ -285,6 +285,27 @@ def test_higher_orders_exact(name, mode):
         close(transformed(transform, f, primals), transformed(transform, oracle, primals), 1e-10, f"{name} {mode} {transform}")
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_vmap_jacobians_and_hessian(name):
+    """torch.func.vmap and what is built on it (jacrev, jacfwd, hessian; a kernel has no batch
+    dimension of its own: Level's vmap rule calls it per slice): exact against the plain-ops forward."""
+    f, oracle, (x, w, *rest) = setup(name, "train")
+    for transform in (torch.func.jacrev, torch.func.jacfwd):
+        close(transform(lambda x: f(x, w, *rest))(x), transform(lambda x: oracle(x, w, *rest))(x), 1e-10, transform.__name__)
+
+    def hessian(g):
+        return torch.func.hessian(lambda x, w: (g(x, w, *rest) ** 3).sum(), argnums=(0, 1))(x, w)
+
+    for i, (got, want) in enumerate(zip(hessian(f), hessian(oracle))):
+        for j, (a, b) in enumerate(zip(got, want)):
+            close(a, b, 1e-10, f"hessian block {i}{j}")
+    batch = torch.stack([x, 2 * x + 1, x.flip(0)])
+    close(torch.func.vmap(lambda x: f(x, w, *rest))(batch), torch.stack([oracle(b, w, *rest) for b in batch]), 1e-12, "vmap")
+    weights = torch.stack([w, w + 1])
+    close(torch.func.vmap(lambda w: f(x, w, *rest))(weights), torch.stack([oracle(x, v, *rest) for v in weights]), 1e-12,
+          "vmap over the weight")
+
+
 @pytest.mark.parametrize("name", ["batchnorm", "layernorm"])
 def test_native_pytorch_is_wrong_beyond_second_order(name):
     """PyTorch's native batch and layer norm save their statistics without history: right at

@@ -3,7 +3,8 @@
 
 Exact at every derivative order, in reverse and forward mode (see :mod:`symbn.torch.ops`); the
 semantics of PyTorch's functionals, corners included: an empty batch gives an empty result,
-``rms_norm``'s ``eps=None`` is the dtype's machine epsilon, eval mode needs running statistics.
+``rms_norm``'s ``eps=None`` is the machine epsilon of the dtype it computes in (float32 for
+float16 and bfloat16), eval mode needs running statistics.
 Bad input is refused as PyTorch refuses it, naming the argument (``RuntimeError``, ``ValueError``,
 ``TypeError``); tensors on other devices than the CPU are refused (symbn has no CUDA kernels yet).
 """

@@ -12,14 +12,17 @@ order:
   autograd registered as the next level (reverse mode is exact to any order);
 - :class:`Level` wraps a level in a ``torch.autograd.Function`` whose ``backward`` applies the level
   above in reverse mode and whose ``jvp`` applies the level above in forward mode, so
-  ``torch.func.jvp`` (nested, and over ``vjp``) is exact too: a custom op alone would get a silent
-  zero tangent under forward mode;
+  ``torch.func.jvp`` (nested, and over ``vjp``) is exact too, and whose ``vmap`` calls the kernel per
+  slice (``torch.func.vmap``, ``jacrev``, ``jacfwd``, ``hessian``). A custom op alone has no
+  forward mode: PyTorch would give it a silent zero tangent, so the bare ops raise instead;
 - arguments pass between levels by name, with the engine's own names (the cotangent of ``dx`` at
   level 2 is ``d2_dx``, the tangent of ``x`` at level 1 is ``t_x``): nothing here knows a norm.
 
-Tensors reach the kernels zero-copy (contiguous CPU float32 and float64); other strides are copied;
-float16 and bfloat16 are computed in float32 and returned in their dtype; element outputs take x's
-memory format, as PyTorch's norms return them. Statistics are float64, one per group.
+Tensors reach the kernels zero-copy (contiguous CPU float32 and float64) and the kernels' results
+come back without a copy; other strides are copied; float16 and bfloat16 are computed in float32 and
+returned in their dtype (parameter gradients in the parameters' dtype, float32 allowed, as in
+PyTorch); element outputs in the memory format PyTorch's norm returns (channels-last kept by batch,
+group and RMS norm, contiguous otherwise). Statistics are float64, one per group.
 """
 from __future__ import annotations
 
@@ -164,11 +167,12 @@ def _param_dtype(spec: Spec, args: Sequence) -> torch.dtype:
 
 def _plain(inputs: Sequence) -> bool:
     """Whether the kernel can run on ``inputs`` as they are: real CPU tensors (no subclass such as
-    the fake and functional tensors of tracing) and no dispatch mode recording the call."""
+    the fake and functional tensors of tracing, no batched tensor of the legacy vmap that
+    gradcheck's batched gradients use) and no dispatch mode recording the call."""
     from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
     return (not is_in_torch_dispatch_mode() and
-            all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+            all(type(t) in (torch.Tensor, torch.nn.Parameter) and torch._C._dispatch_keys(t).has(torch._C.DispatchKey.CPU)
                 for t in inputs if isinstance(t, torch.Tensor)))
 
 
@@ -357,6 +361,19 @@ class Level(torch.autograd.Function):
     def jvp(ctx, _spec, _normalized_shape, _num_groups, *tangents):
         inputs, outputs = Level._values(ctx)
         return tuple(forward_mode(ctx.spec, inputs, outputs, tangents, ctx.normalized_shape, ctx.num_groups))
+
+    @staticmethod
+    def vmap(info, in_dims, spec, normalized_shape, num_groups, *inputs):
+        """``torch.func.vmap`` (jacrev, jacfwd, hessian, batched gradients): one call per slice of
+        the batch, stacked (the kernels have no batch dimension of their own); each call is a
+        Level again, so the derivatives of the batched function stay exact."""
+        dims = in_dims[3:]
+        results = []
+        for i in range(info.batch_size):
+            args = [a.select(d, i) if d is not None else a for a, d in zip(inputs, dims)]
+            results.append(Level.apply(spec, normalized_shape, num_groups, *args))
+        outputs = tuple(torch.stack(column) for column in zip(*results))
+        return outputs, (0,) * len(outputs)
 
     @staticmethod
     def call(spec: Spec, args: Sequence, normalized_shape, num_groups) -> tuple[torch.Tensor, ...]:
