@@ -2,6 +2,10 @@
 and a numeric evaluator that walks the staged adjoints with plain SymPy substitution."""
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 import sympy as sp
@@ -9,6 +13,21 @@ import sympy as sp
 from symbn import derive
 from symbn.oracles import central_differences
 from symbn.sums import I, M
+
+
+def pytest_configure(config):
+    """One kernel cache for the whole session (C compiles once per plan), made by the process that
+    starts the session and removed by it at the end; pytest-xdist's workers inherit it."""
+    if os.environ.get("SYMBN_CACHE_DIR") or hasattr(config, "workerinput"):
+        return
+    os.environ["SYMBN_CACHE_DIR"] = config._symbn_cache = tempfile.mkdtemp(prefix="symbn-tests-")
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_symbn_cache", None):
+        shutil.rmtree(config._symbn_cache, ignore_errors=True)
+        del os.environ["SYMBN_CACHE_DIR"]
+
 
 NORMS = ("batchnorm", "layernorm", "rmsnorm")
 MODES = ("train", "eval")

@@ -2,14 +2,12 @@
 spec the templates were never written for yields correct kernels, the cache heals and never
 derives twice, and building fails clearly."""
 import ast
-import atexit
 import difflib
 import os
 import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +17,6 @@ import symbn
 from symbn.build import CompilerError
 from symbn.emit import generate
 from symbn.spec import CHANNEL, TRAILING
-
-if not os.environ.get("SYMBN_CACHE_DIR"):  # one kernel cache per test session
-    os.environ["SYMBN_CACHE_DIR"] = tempfile.mkdtemp(prefix="symbn-tests-")
-    atexit.register(shutil.rmtree, os.environ["SYMBN_CACHE_DIR"], True)
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "generated"

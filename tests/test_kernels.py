@@ -5,10 +5,8 @@ templates never saw, train and eval, NumPy and C, against the plain-ops PyTorch 
 symbn.oracles and against central differences of the order below.
 
 Tests that need PyTorch are marked and skipped without it; the others run everywhere."""
-import atexit
 import os
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -18,10 +16,6 @@ from conftest import finite_difference
 import symbn
 from symbn.build import compile_library, prefixes, sources_dir
 from symbn.spec import BUILTINS, CHANNEL, TRAILING
-
-if not os.environ.get("SYMBN_CACHE_DIR"):  # one kernel cache per test session: C compiles once per plan
-    os.environ["SYMBN_CACHE_DIR"] = tempfile.mkdtemp(prefix="symbn-tests-")
-    atexit.register(shutil.rmtree, os.environ["SYMBN_CACHE_DIR"], True)
 
 try:
     import torch
