@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import textwrap
+from itertools import pairwise
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def explain(norm: str | Norm = "batchnorm", m: int = 16, seed: int = 0, steps: i
     def forward_train(v):
         return kernels.forward_train(v.reshape(shape), gamma, beta, EPS, **options)
 
-    y, *saved = forward_train(x)
+    _, *saved = forward_train(x)
     full = kernels.backward_train(dy.reshape(shape), x.reshape(shape), gamma, *saved, **options)[0].ravel()
     batch_stats = [s.reshape(1) for s in kernels.batch_statistics(x.reshape(shape), EPS, **options)]
     frozen = kernels.backward_eval(dy.reshape(shape), x.reshape(shape), gamma, *batch_stats, EPS, **options)[0].ravel()
@@ -383,7 +384,7 @@ def higher_order(norm: Norm, batch: dict, m: int, seed: int) -> dict:
     as_derived_total = sum((_flat(exact.terms["x"][t.via], n_x) for t in as_derived), np.zeros(n_x))
     vanishing_part = frozen_as_derived - frozen_bare  # what the zero sums' frozen derivatives add
     native_error = None if torch["native"] is None else torch["native"][x_out] - torch["plain"][x_out]
-    against = (lambda a: None) if native_error is None else (lambda a: relative_error(a, native_error))  # noqa: E731
+    against = (lambda a: None) if native_error is None else (lambda a: relative_error(a, native_error))
     order3["dropped"] = {
         "output": x_out,
         "program": "vjp of the order-2 program without the sums the engine proves zero, as PyTorch's double backward is written",
@@ -483,6 +484,13 @@ def _mode_label(e: Explanation, mode: str) -> str:
     return "inference" if e.numbers["semantics"]["inference_has_constant_statistics"] else "frozen-statistics variant"
 
 
+def _error_of(output: str | None):
+    """A comparison's relative error over every output (``output`` None) or for one output."""
+    if output is None:
+        return lambda c: None if c is None else c["rel_err"]
+    return lambda c: None if c is None else c["per_output"][output]
+
+
 def _wrap(paragraph: str, indent: str = "") -> list[str]:
     return textwrap.wrap(paragraph, WIDTH, initial_indent=indent, subsequent_indent=indent + ("  " if indent else ""),
                          break_on_hyphens=False)
@@ -504,8 +512,9 @@ def _higher_order_text(e: Explanation) -> list[str]:
     rows = [(f"vjp³, all {len(o3['outputs'])} outputs", o3, None), (f"  {o3['outputs_text'][x_out]} alone", o3, x_out),
             ("jvp(jvp), " + ", ".join(nj["outputs_text"].values()), nj, None)]
     for name, block, only in rows:
-        pick = (lambda c: None if c is None else c["rel_err"]) if only is None else (lambda c: None if c is None else c["per_output"][only])  # noqa: E731
-        lines.append(f"  {name:<34}{fmt(pick(block['symbn_vs_fd'])):>20}{fmt(pick(block['symbn_vs_plain'])):>20}{fmt(pick(block['native_vs_plain'])):>21}")
+        pick = _error_of(only)
+        lines.append(f"  {name:<34}{fmt(pick(block['symbn_vs_fd'])):>20}{fmt(pick(block['symbn_vs_plain'])):>20}"
+                     f"{fmt(pick(block['native_vs_plain'])):>21}")
     if h["torch"] is None:
         lines.append(f"  ({h['note']}: no PyTorch columns.)")
     d = o3["dropped"]
@@ -517,8 +526,10 @@ def _higher_order_text(e: Explanation) -> list[str]:
                        f"from {o3['outputs_text'][x_out]}.")
     else:
         lines += _wrap((f"Native saves {stats} without history (the scale as its inverse), so its vjp³ is the vjp of the order-2 "
-                        if native else f"Freezing {stats}, as a framework that saves them without history does, takes the vjp of the order-2 ")
-                       + f"program with the statistics frozen. That drops exactly the terms of {o3['outputs_text'][x_out]} through the statistics:")
+                        if native else
+                        f"Freezing {stats}, as a framework that saves them without history does, takes the vjp of the order-2 ")
+                       + "program with the statistics frozen. That drops exactly the terms of "
+                       + f"{o3['outputs_text'][x_out]} through the statistics:")
         for t in d["terms"]:
             lines.append(f"  {t['name']:<16} {t['term']:<34} |term| = {t['norm']:.3g}   ({t['adjoint']} = {t['adjoint_value']:.3g})")
         if native:
@@ -567,7 +578,7 @@ def to_text(e: Explanation) -> str:
     for route in n["graph"]["routes"]:
         through = [label[r] for r in route]
         note = ""
-        for first, second in zip(route, route[1:]):
+        for first, second in pairwise(route):
             if f"vanishing_term[{first}<-{second}]" in vanishing:
                 note = f"   (contributes nothing: ∂{label[second]}/∂{label[first]} = 0, proven)"
         lines.append("  " + " → ".join(through) + note)
@@ -600,7 +611,8 @@ def to_text(e: Explanation) -> str:
     drift = n["bias_drift"]
     lines += ["", "The paper's own argument (Section 2), run with the generated kernels: x = a·u + b before normalization,",
               f"gradient descent ({drift['steps']} steps, lr {drift['lr']}) on a, b and on γ, β after it, shape {tuple(drift['shape'])}.",
-              f"  {'step':>5}  {'|b| true':>10} {'|b| frozen':>11}  {'|a| true':>10} {'|a| frozen':>11}  {'loss true':>10} {'loss frozen':>12}"]
+              f"  {'step':>5}  {'|b| true':>10} {'|b| frozen':>11}  {'|a| true':>10} {'|a| frozen':>11}  "
+              f"{'loss true':>10} {'loss frozen':>12}"]
     for step in sorted({0, drift["steps"] // 4, drift["steps"] // 2, 3 * drift["steps"] // 4, drift["steps"] - 1}):
         t, f = drift["true"], drift["frozen"]
         lines.append(f"  {step:>5}  {t['bias_norm'][step]:>10.3g} {f['bias_norm'][step]:>11.3g}  {t['scale_norm'][step]:>10.4g} "
@@ -627,13 +639,14 @@ def to_latex(e: Explanation) -> str:
     """The report as LaTeX source: the derivation, the graph, the measurements, the drift."""
     n, d = e.numbers, e.train
     vanishing = {f["key"] for f in n["findings"] if f["key"].startswith("vanishing_term") and f["status"] == "proven"}
-    edges = sorted({(a, b) for route in n["graph"]["routes"] for a, b in zip(route, route[1:])})
+    edges = sorted({(a, b) for route in n["graph"]["routes"] for a, b in pairwise(route)})
     stats = d.stats
     graph = {
         # statistics above and below the direct edge x -> xhat, so that every route stays visible
         "stats": [{"name": s, "label": latex(d.symbols[s], d.notation), "y": 1.4 if len(stats) == 1 else 1.4 - 2.8 * j / (len(stats) - 1)}
                   for j, s in enumerate(stats)],
-        "edges": [{"src": a, "dst": b, "bend": 45 if f"vanishing_term[{a}<-{b}]" in vanishing else 0, "vanishes": f"vanishing_term[{a}<-{b}]" in vanishing} for a, b in edges],
+        "edges": [{"src": a, "dst": b, "bend": 45 if f"vanishing_term[{a}<-{b}]" in vanishing else 0,
+                   "vanishes": f"vanishing_term[{a}<-{b}]" in vanishing} for a, b in edges],
     }
     h, rows, x_out = n.get("higher_order"), [], None
     if h:
@@ -643,7 +656,7 @@ def to_latex(e: Explanation) -> str:
         for name, block, only in ((rf"vjp$^3$, all {len(o3['outputs'])} outputs", o3, None),
                                   (rf"\quad ${x_out}$ alone", o3, o3["dropped"]["output"]),
                                   ("jvp(jvp), $" + ", ".join(nj["outputs_latex"].values()) + "$", nj, None)):
-            pick = (lambda c: None if c is None else c["rel_err"]) if only is None else (lambda c: None if c is None else c["per_output"][only])  # noqa: E731
+            pick = _error_of(only)
             rows.append({"name": name, **{k: fmt(pick(block[key])) for k, key in
                                           (("fd", "symbn_vs_fd"), ("plain", "symbn_vs_plain"), ("native", "native_vs_plain"))}})
     return environment("latex").get_template("report.tex.j2").render(
