@@ -14,6 +14,7 @@ from typing import Protocol
 
 import sympy as sp
 
+from .errors import SpecError
 from .sums import I, M, expand_sums
 
 
@@ -57,7 +58,9 @@ class XhatBasis:
         t, x_i = sp.Dummy("t"), d.symbols["x"][I]
         solutions = sp.solve(sp.Eq(t, step.definition), x_i)
         if len(solutions) != 1:
-            raise NotImplementedError(f"{d.norm.name}: the normalize step is not invertible in x (solutions: {solutions})")
+            raise SpecError(f"{d.norm.name}: normalized {d.norm.normalized!r} is not invertible in x (solutions: "
+                            f"{solutions}): the compact forms write x through x̂, so symbn supports only normalized "
+                            "values with one x for each x̂")
         return solutions[0].xreplace({t: d.symbols["xhat"][I]})
 
     def _to_xhat(self, expr: sp.Expr) -> sp.Expr:

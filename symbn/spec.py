@@ -75,9 +75,11 @@ _PYTHON_NAMES = frozenset(
 """The Python builtins and the imports of the generated module (and a few builtins a rewrite may use)."""
 _C_LIBRARY = frozenset(
     "sqrt exp log fabs pow abs isfinite isnan isinf fmax fmin malloc calloc realloc free memset memcpy "
-    "omp errno assert".split()
+    "omp errno assert math_errhandling fpclassify isnormal signbit isgreater isgreaterequal isless "
+    "islessequal islessgreater isunordered".split()
 )
-"""C library functions and macros the kernels call, or could, from a printed expression."""
+"""C library functions and macros the kernels call, or could, from a printed expression (with
+<math.h>'s lower-case macros: a statistic of such a name would be replaced by the preprocessor)."""
 
 RESERVED = frozenset(_ROLES | _KERNEL_NAMES | _PYTHON_NAMES | _C_LIBRARY | set(FUNCTIONS) | _C_KEYWORDS | set(keyword.kwlist))
 """Names a spec may not give to a statistic: the roles, every identifier of the generated code,
