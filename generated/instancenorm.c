@@ -692,7 +692,7 @@ SYMBN_INLINE void symbn_forward_train_load(const struct symbn_call *c, int singl
     gv[1 * gs] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
     gv[2 * gs] = a->beta ? symbn_load(a->beta, p, single) : 0.0; /* beta_g */
     gv[3 * gs] = a->eps; /* eps_g */
-    (void)a; (void)g; (void)p; (void)single;
+    (void)a; (void)g; (void)p; (void)single; (void)gs;
 }
 
 /* forward_train: group g's outputs, after the last pass, from its values gv[column * gs];
@@ -806,7 +806,7 @@ SYMBN_INLINE void symbn_backward_train_load(const struct symbn_call *c, int sing
     gv[2 * gs] = a->eps; /* eps_g */
     gv[3 * gs] = a->mean[g]; /* mean_g */
     gv[4 * gs] = a->var[g]; /* var_g */
-    (void)a; (void)g; (void)p; (void)single;
+    (void)a; (void)g; (void)p; (void)single; (void)gs;
 }
 
 /* backward_train: group g's outputs, after the last pass, from its values gv[column * gs];
@@ -919,7 +919,7 @@ SYMBN_INLINE void symbn_forward_eval_load(const struct symbn_call *c, int single
     gv[3 * gs] = a->eps; /* eps_g */
     gv[4 * gs] = a->mean[p]; /* mean_g */
     gv[5 * gs] = a->var[p]; /* var_g */
-    (void)a; (void)g; (void)p; (void)single;
+    (void)a; (void)g; (void)p; (void)single; (void)gs;
 }
 
 /* forward_eval: group g's outputs, after the last pass, from its values gv[column * gs] */
@@ -1005,7 +1005,7 @@ SYMBN_INLINE void symbn_backward_eval_load(const struct symbn_call *c, int singl
     gv[2 * gs] = a->eps; /* eps_g */
     gv[3 * gs] = a->mean[p]; /* mean_g */
     gv[4 * gs] = a->var[p]; /* var_g */
-    (void)a; (void)g; (void)p; (void)single;
+    (void)a; (void)g; (void)p; (void)single; (void)gs;
 }
 
 /* backward_eval: group g's outputs, after the last pass, from its values gv[column * gs] */

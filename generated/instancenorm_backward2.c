@@ -597,7 +597,7 @@ SYMBN_INLINE void symbn_backward2_train_load(const struct symbn_call *c, int sin
     gv[4 * gs] = a->eps; /* eps_g */
     gv[5 * gs] = a->mean[g]; /* mean_g */
     gv[6 * gs] = a->var[g]; /* var_g */
-    (void)a; (void)g; (void)p; (void)single;
+    (void)a; (void)g; (void)p; (void)single; (void)gs;
 }
 
 /* backward2_train: group g's outputs, after the last pass, from its values gv[column * gs];
@@ -715,7 +715,7 @@ SYMBN_INLINE void symbn_backward2_eval_load(const struct symbn_call *c, int sing
     gv[4 * gs] = a->eps; /* eps_g */
     gv[5 * gs] = a->mean[p]; /* mean_g */
     gv[6 * gs] = a->var[p]; /* var_g */
-    (void)a; (void)g; (void)p; (void)single;
+    (void)a; (void)g; (void)p; (void)single; (void)gs;
 }
 
 /* backward2_eval: group g's outputs, after the last pass, from its values gv[column * gs] */

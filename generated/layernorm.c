@@ -689,7 +689,7 @@ SYMBN_INLINE void symbn_forward_train_load(const struct symbn_call *c, int singl
     const struct symbn_forward_train_arrays *a = c->arrays;
     gv[0] = c->m;
     gv[1 * gs] = a->eps; /* eps_g */
-    (void)a; (void)g; (void)p; (void)single;
+    (void)a; (void)g; (void)p; (void)single; (void)gs;
 }
 
 /* forward_train: group g's outputs, after the last pass, from its values gv[column * gs];
@@ -802,7 +802,7 @@ SYMBN_INLINE void symbn_backward_train_load(const struct symbn_call *c, int sing
     gv[1 * gs] = a->eps; /* eps_g */
     gv[2 * gs] = a->mean[g]; /* mean_g */
     gv[3 * gs] = a->var[g]; /* var_g */
-    (void)a; (void)g; (void)p; (void)single;
+    (void)a; (void)g; (void)p; (void)single; (void)gs;
 }
 
 /* backward_train: group g's outputs, after the last pass, from its values gv[column * gs];
@@ -904,7 +904,7 @@ SYMBN_INLINE void symbn_forward_eval_load(const struct symbn_call *c, int single
     gv[1 * gs] = a->eps; /* eps_g */
     gv[2 * gs] = a->mean[p]; /* mean_g */
     gv[3 * gs] = a->var[p]; /* var_g */
-    (void)a; (void)g; (void)p; (void)single;
+    (void)a; (void)g; (void)p; (void)single; (void)gs;
 }
 
 /* forward_eval: group g's outputs, after the last pass, from its values gv[column * gs] */
@@ -989,7 +989,7 @@ SYMBN_INLINE void symbn_backward_eval_load(const struct symbn_call *c, int singl
     gv[1 * gs] = a->eps; /* eps_g */
     gv[2 * gs] = a->mean[p]; /* mean_g */
     gv[3 * gs] = a->var[p]; /* var_g */
-    (void)a; (void)g; (void)p; (void)single;
+    (void)a; (void)g; (void)p; (void)single; (void)gs;
 }
 
 /* backward_eval: group g's outputs, after the last pass, from its values gv[column * gs] */

@@ -577,7 +577,7 @@ SYMBN_INLINE void symbn_backward2_train_load(const struct symbn_call *c, int sin
     gv[0] = c->m;
     gv[1 * gs] = a->eps; /* eps_g */
     gv[2 * gs] = a->ms[g]; /* ms_g */
-    (void)a; (void)g; (void)p; (void)single;
+    (void)a; (void)g; (void)p; (void)single; (void)gs;
 }
 
 /* backward2_train: group g's outputs, after the last pass, from its values gv[column * gs];
@@ -678,7 +678,7 @@ SYMBN_INLINE void symbn_backward2_eval_load(const struct symbn_call *c, int sing
     gv[0] = c->m;
     gv[1 * gs] = a->eps; /* eps_g */
     gv[2 * gs] = a->ms[p]; /* ms_g */
-    (void)a; (void)g; (void)p; (void)single;
+    (void)a; (void)g; (void)p; (void)single; (void)gs;
 }
 
 /* backward2_eval: group g's outputs, after the last pass, from its values gv[column * gs] */

@@ -263,7 +263,7 @@ def _pass(k: Kernel, j: int, ps: Pass, index: dict[str, int], element_inputs: di
         stores.append(f"a->{s.name}[idx] = {code};" if out.double else f"symbn_store(a->{s.name}, idx, single, {code});")
     single = any(not a.double for _, a in loads) or any(not k.arg(s.name).double for s in ps.stores)
     used_params = {
-        "single": single, "gv": bool(reads), "gs": bool(reads),
+        "a": bool(loads) or bool(ps.stores), "single": single, "gv": bool(reads), "gs": bool(reads),
         "idx": any(a.role == DATA for _, a in loads) or bool(ps.stores),
         "pidx": any(a.role == PARAM for _, a in loads),
         "sum": bool(ps.sums), "ss": bool(ps.sums), "param": bool(ps.params), "ps": bool(ps.params),
