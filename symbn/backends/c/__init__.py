@@ -63,7 +63,17 @@ AUTO, GROUPS, LANES_SHAPE, ROWS = (SCHEDULES[k] for k in ("SYMBN_SCHEDULE_AUTO",
 
 
 class CKernelPrinter(C99CodePrinter):
-    """C99 in double precision: small integer powers as products, square roots as sqrt."""
+    """C99 in double precision: small integer powers as products, square roots as sqrt; constants
+    (e, log 2, ...) as numbers, never <math.h>'s M_E, M_LN2, which strict C99 does not define."""
+
+    def __init__(self, settings: dict | None = None):
+        super().__init__(settings)
+        self.math_macros = {}
+
+    def _print_NumberSymbol(self, expr: sp.NumberSymbol) -> str:
+        return self._print(sp.Float(expr.evalf(20), 20))
+
+    _print_Exp1 = _print_Pi = _print_NumberSymbol
 
     def _print_Pow(self, expr: sp.Pow) -> str:
         base, exp = expr.base, expr.exp
