@@ -30,7 +30,7 @@ from pathlib import Path
 
 from . import __version__
 from .backends import NAMES
-from .errors import CompilerError
+from .errors import CompilerError, SpecError, SymbnError
 from .jinja import resource_dir
 from .spec import BUILTINS, Norm, resolve
 
@@ -221,9 +221,21 @@ _IN_MEMORY: dict[str, dict[str, str]] = {}
 
 
 def _emit(norm: Norm, chain: tuple[str, ...], backend: str) -> dict[str, str]:
+    """The sources of one chain; a spec the derivation, simplification, lowering or emission cannot
+    carry through is a :class:`SpecError` naming the spec, the chain and what failed, never an
+    internal error from deep inside (the built-ins are emitted ahead of time, so a failure here is
+    a spec symbn does not support yet)."""
+    from sympy.polys.polyerrors import PolynomialError
+
     from .emit import shared_sources, sources
 
-    files = sources(norm, transforms=chain, backends=(backend,))
+    try:
+        files = sources(norm, transforms=chain, backends=(backend,))
+    except SymbnError:
+        raise
+    except (ArithmeticError, LookupError, NotImplementedError, TypeError, ValueError, PolynomialError) as err:
+        raise SpecError(f"{norm.name}: symbn cannot yet carry this spec through {'/'.join(chain)} for the {backend} "
+                        f"backend ({type(err).__name__}: {err})") from err
     files.update(shared_sources((backend,)))
     return files
 
