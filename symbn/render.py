@@ -15,6 +15,8 @@ from .derive import Derivation, derive
 from .jinja import environment
 from .notation import latex, text
 from .prove import BUDGET, Proof, prove
+from .split import COUNT, SHIFT, X, Split
+from .sums import M
 
 FORMS = ("paper", "compact", "both")
 FORMATS = ("text", "latex", "json")
@@ -250,3 +252,53 @@ def to_document(norm, transforms: tuple[str, ...] = ("vjp",), budget: float | No
     """A complete LaTeX article for ``norm``: both modes, both forms, every proof's outcome; for
     a longer chain of ``transforms`` (order 2: ("vjp", "vjp")), that derivation too."""
     return environment("latex").get_template("derivation.tex.j2").render(**document_context(norm, transforms, budget))
+
+
+# ----------------------------------------------------------------------------- the split across processes
+
+def split_sections(s: Split) -> list[tuple[str, list[tuple[sp.Basic, sp.Basic]]]]:
+    """The split of one training step across processes, as titled lists of (lhs, rhs): what a
+    process computes over its members, what the one exchange gives every process, the forward
+    per member; the backward's per-process sums, its one all-reduce, the gradients."""
+    k = sp.Symbol("k")
+    member = lambda e: e.xreplace({X: sp.Symbol("x", real=True)})  # noqa: E731
+    over_p = lambda e, name: (sp.Symbol(f"{name}_p"), sp.Sum(e, (k, 1, COUNT)))  # noqa: E731
+    local = [(SHIFT, sp.Sum(sp.Symbol("x", real=True), (k, 1, COUNT)) / COUNT)] if s.shifted else []
+    local += [(p.symbol, over_p(member(p.summand), p.name)[1]) for p in s.partials]
+    p = sp.Symbol("p", integer=True, positive=True)
+    processes = sp.Symbol("P", integer=True, positive=True)
+    merged = [(M, sp.Sum(COUNT, (p, 1, processes)))]
+    merged += [(m.symbol, sp.Sum(m.term, (p, 1, processes)) / M) for m in s.statistics]
+    elements = [(sp.Symbol(name, real=True), e) for name, e in s.elements.items()]
+    sums = [(r.symbol, sp.Sum(r.summand, (k, 1, COUNT))) for r in s.reductions]
+    data = [(sp.Symbol("dx", real=True), s.gradients["x"])]
+    params = [(sp.Symbol(f"d{name}", real=True), e) for name, e in s.gradients.items() if name != "x"]
+    return [
+        ("Forward, on each process p over its own m_p members (k = 1..m_p)", local),
+        (f"One exchange (all-gather: {s.values_gathered} numbers per process, C groups), then on every process",
+         merged),
+        ("Forward, per member i", elements),
+        ("Backward, on each process over its own members", sums),
+        (f"One all-reduce (sum over processes) of {', '.join(r.name for r in s.shared)}, then per member i", data),
+        ("Parameters' gradients: each process's own sums (a data-parallel wrapper adds them)", params),
+    ]
+
+
+def _split_lhs(s: Split, lhs: sp.Basic, show: Callable[[sp.Basic], str]) -> str:
+    names = {"dx": "∂l/∂x_i", "dgamma": "∂l/∂γ", "dbeta": "∂l/∂β"}
+    return names.get(str(lhs), show(lhs))
+
+
+def split_to_text(s: Split, proofs: list[Proof] | None = None) -> str:
+    lines = [f"{s.norm.name}, training mode, the batch split across processes: {s.norm.description}",
+             "Each process holds m_p of a group's m = Σ_p m_p members; one exchange in the forward and one in the "
+             "backward make every process's results those of the whole batch."]
+    for title, rows in split_sections(s):
+        index = "k" if "own" in title else "i"
+        show = lambda e, index=index: text(e, s.notation(index))  # noqa: E731
+        lines += ["", title] + [f"  {_split_lhs(s, lhs, show)} = {show(rhs)}" for lhs, rhs in rows]
+    if proofs is not None:
+        lines += ["", "Proofs (checked by the engine)"]
+        for p in proofs:
+            lines += [f"  [{p.outcome}] {p.key}: {p.claim}", f"      {p.method}"]
+    return "\n".join(lines) + "\n"
