@@ -26,7 +26,9 @@ from .derive import MODES, derive, transforms_for
 from .errors import CompilerError, SymbnError
 from .explain import FORMATS as EXPLAIN_FORMATS
 from .prove import BUDGET, prove
-from .render import FORMATS, FORMS, to_document, to_json, to_latex, to_text
+from .render import FORMATS, FORMS, split_to_json, split_to_latex, split_to_text, to_document, to_json, to_latex, to_text
+from .split import prove as prove_split
+from .split import split
 from .spec import BUILTINS
 
 MODULE_PROG = "python -m symbn"
@@ -98,9 +100,14 @@ def parser(prog: str = "symbn") -> argparse.ArgumentParser:
                             help="text (default), latex (the equations; with --document the article) or json")
     derive_cmd.add_argument("--proofs", action="store_true",
                             help="also prove every identity (symbolic m, and brute force at explicit m: 1..6 at order 1, 1..4 at order 2, "
-                                 "1..3 at order 3); takes seconds to a minute; with --format text or json (--document always has them)")
-    derive_cmd.add_argument("--proof-budget", type=_seconds, default=BUDGET, metavar="SECONDS",
+                                 "1..3 at order 3; with --distributed, the split's merge and gradient); takes seconds to a minute; "
+                                 "with --format text or json (--document always has them)")
+    derive_cmd.add_argument("--proof-budget", type=_seconds, default=argparse.SUPPRESS, metavar="SECONDS",
                             help=f"CPU seconds each claim may take before it is reported undecided (default {BUDGET:g}; 0: no limit)")
+    derive_cmd.add_argument("--distributed", action="store_true",
+                            help="the training step split across processes (synchronized statistics): what each process "
+                                 "sums, the forward's one exchange, the backward's one all-reduce; for a norm with "
+                                 "statistics over the batch (batchnorm); order 1")
     derive_cmd.add_argument("--document", action="store_true",
                             help="a complete LaTeX article (implies --format latex): both modes, both forms, every proof, "
                                  "at the --order or --transforms given")
@@ -236,6 +243,9 @@ def _list(args: argparse.Namespace) -> int:
 def _derive(args: argparse.Namespace) -> int:
     if args.transforms and args.order != 1:
         _fail("give --order or --transforms, not both")
+    if args.distributed:
+        _refuse_with_distributed(args)
+    args.proof_budget = getattr(args, "proof_budget", BUDGET)
     if args.document:
         if args.format not in (None, "latex"):
             _fail(f"--format {args.format} cannot be combined with --document (the article is LaTeX): "
@@ -247,7 +257,7 @@ def _derive(args: argparse.Namespace) -> int:
         args.format = "latex"  # --proofs: the article proves every identity anyway
     elif args.proofs and args.format == "latex":
         _fail("--proofs cannot be combined with --format latex (the equations only): for the proofs give "
-              "--document (the article) or --format text or json")
+              + ("--format text or json" if args.distributed else "--document (the article) or --format text or json"))
     args.format = args.format or "text"
     args.transforms = args.transforms or ("vjp",) * args.order
     args.mode, args.form = args.mode or "train", args.form or "both"
@@ -255,6 +265,27 @@ def _derive(args: argparse.Namespace) -> int:
         _writable(args.output)
     _emit(_derive_output(args), args.output)
     return 0
+
+
+def _refuse_with_distributed(args: argparse.Namespace) -> None:
+    """--distributed shows one thing, the first-order training step split across processes:
+    every option that asks for something else is refused, naming it."""
+    if args.document:
+        _fail("--distributed cannot be combined with --document (the article is of one process's derivation): "
+              "drop one of them")
+    if args.mode == "eval":
+        _fail("--distributed cannot be combined with --mode eval (eval mode's statistics are given constants: "
+              "there is nothing to exchange)")
+    if args.order != 1:
+        _fail(f"--distributed cannot be combined with --order {args.order} (the split is of the first-order backward "
+              "pass)")
+    if args.transforms and tuple(args.transforms) != ("vjp",):
+        _fail(f"--distributed cannot be combined with --transforms {','.join(args.transforms)} (the split is of the "
+              "first-order backward pass)")
+    if args.form:
+        _fail("--form cannot be combined with --distributed (the split has one form: the compact backward)")
+    if hasattr(args, "proof_budget"):
+        _fail("--proof-budget cannot be combined with --distributed (the split's proofs run without a time budget)")
 
 
 def _seconds(text: str) -> float | None:
@@ -307,6 +338,12 @@ def _emit(output: str, target: Path | None) -> None:
 
 
 def _derive_output(args: argparse.Namespace) -> str:
+    if args.distributed:
+        s = split(args.norm)  # a norm that cannot be split: a SpecError, reported by main
+        proofs = prove_split(s) if args.proofs else None
+        if args.format == "latex":
+            return split_to_latex(s)
+        return split_to_json(s, proofs) if args.format == "json" else split_to_text(s, proofs)
     if args.document:
         return to_document(args.norm, args.transforms, budget=args.proof_budget)
     d = derive(args.norm, args.mode, transforms=args.transforms)

@@ -284,6 +284,12 @@ def split_sections(s: Split) -> list[tuple[str, list[tuple[sp.Basic, sp.Basic]]]
     ]
 
 
+def _split_index(title: str) -> str:
+    """The element index a section's per-member symbols take: ``k`` inside a process's sums over
+    its own members, ``i`` for any one member."""
+    return "k" if title.startswith(("Forward, on each process", "Backward, on each process")) else "i"
+
+
 def _split_lhs(s: Split, lhs: sp.Basic, show: Callable[[sp.Basic], str]) -> str:
     names = {"dx": "∂l/∂x_i", "dgamma": "∂l/∂γ", "dbeta": "∂l/∂β"}
     return names.get(str(lhs), show(lhs))
@@ -294,11 +300,46 @@ def split_to_text(s: Split, proofs: list[Proof] | None = None) -> str:
              "Each process holds m_p of a group's m = Σ_p m_p members; one exchange in the forward and one in the "
              "backward make every process's results those of the whole batch."]
     for title, rows in split_sections(s):
-        index = "k" if "own" in title else "i"
-        show = lambda e, index=index: text(e, s.notation(index))  # noqa: E731
+        notation = s.notation(_split_index(title))
+        show = lambda e, notation=notation: text(e, notation)  # noqa: E731
         lines += ["", title] + [f"  {_split_lhs(s, lhs, show)} = {show(rhs)}" for lhs, rhs in rows]
     if proofs is not None:
         lines += ["", "Proofs (checked by the engine)"]
         for p in proofs:
             lines += [f"  [{p.outcome}] {p.key}: {p.claim}", f"      {p.method}"]
+            if p.reason:
+                lines.append(f"      {p.reason}")
     return "\n".join(lines) + "\n"
+
+
+def split_to_latex(s: Split) -> str:
+    """The split as LaTeX ``align*`` blocks, one per section of :func:`split_sections`, each
+    after a ``% title`` comment."""
+    blocks = []
+    for title, rows in split_sections(s):
+        notation = s.notation(_split_index(title))
+        show = lambda e, notation=notation: latex(e, notation)  # noqa: E731
+        body = " \\\\\n".join(f"  {show(lhs)} &= {show(rhs)}" for lhs, rhs in rows)
+        blocks.append(f"% {title}\n\\begin{{align*}}\n{body}\n\\end{{align*}}")
+    return "\n".join(blocks) + "\n"
+
+
+def split_to_json(s: Split, proofs: list[Proof] | None = None) -> str:
+    """The split under stable keys: norm, sections (title, equations of lhs and rhs, each as
+    text, latex and sympy), values_gathered, shared (the all-reduced sums' names) and, when
+    given, proofs."""
+    def side(expr: sp.Basic, notation: dict, shown: str) -> dict[str, str]:
+        return {"text": shown, "latex": latex(expr, notation), "sympy": str(expr)}
+
+    shown = []
+    for title, rows in split_sections(s):
+        notation = s.notation(_split_index(title))
+        show = lambda e, notation=notation: text(e, notation)  # noqa: E731
+        shown.append({"title": title, "equations": [{"lhs": side(lhs, notation, _split_lhs(s, lhs, show)),
+                                                     "rhs": side(rhs, notation, show(rhs))} for lhs, rhs in rows]})
+    doc = {"norm": s.norm.name, "sections": shown, "values_gathered": s.values_gathered,
+           "shared": [r.name for r in s.shared]}
+    if proofs is not None:
+        doc["proofs"] = [{"key": p.key, "claim": p.claim, "outcome": p.outcome, "method": p.method, "reason": p.reason}
+                         for p in proofs]
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"

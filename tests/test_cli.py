@@ -396,3 +396,57 @@ def test_proof_budget_reaches_the_proofs(capsys):
     assert "[undecided]" in out and "budget" in out
     assert main(["derive", "--proof-budget", "-1"]) == 2
     assert "--proof-budget" in capsys.readouterr().err
+
+
+def test_derive_distributed_shows_the_split_in_every_format(cli):
+    out = cli("derive", "--distributed")
+    assert out.returncode == 0, out.stderr
+    assert "One exchange" in out.stdout and "One all-reduce" in out.stdout and "∂l/∂x_i = " in out.stdout
+    assert "Proofs" not in out.stdout
+    doc = json.loads(cli("derive", "batchnorm", "--distributed", "--format", "json").stdout)
+    assert set(doc) == {"norm", "sections", "values_gathered", "shared"}
+    assert doc["norm"] == "batchnorm" and doc["values_gathered"] == "1 + 2C" and doc["shared"] == ["R0", "R1"]
+    for section in doc["sections"]:
+        assert set(section) == {"title", "equations"} and section["equations"]
+        for eq in section["equations"]:
+            assert set(eq) == {"lhs", "rhs"} and all(set(eq[side]) == {"text", "latex", "sympy"} for side in eq)
+    latex = cli("derive", "--distributed", "--format", "latex").stdout
+    assert latex.count(r"\begin{align*}") == len(doc["sections"]) and latex.startswith("% Forward, on each process")
+
+
+def test_derive_distributed_proofs(cli):
+    text = cli("derive", "--distributed", "--proofs").stdout
+    assert "[proven] split:var" in text and "[proven] split:dx:2,2" in text and "[refuted]" not in text
+    doc = json.loads(cli("derive", "--distributed", "--proofs", "--format", "json").stdout)
+    assert doc["proofs"] and all(set(p) == {"key", "claim", "outcome", "method", "reason"} for p in doc["proofs"])
+    assert {p["outcome"] for p in doc["proofs"]} == {"proven"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "eval"], "--distributed cannot be combined with --mode eval"),
+    (["--order", "2"], "--distributed cannot be combined with --order 2"),
+    (["--transforms", "vjp,jvp"], "--distributed cannot be combined with --transforms vjp,jvp"),
+    (["--document"], "--distributed cannot be combined with --document"),
+    (["--form", "compact"], "--form cannot be combined with --distributed"),
+    (["--form", "both"], "--form cannot be combined with --distributed"),
+    (["--proofs", "--proof-budget", "5"], "--proof-budget cannot be combined with --distributed"),
+    (["--proofs", "--format", "latex"], "--proofs cannot be combined with --format latex"),
+])
+def test_derive_distributed_refuses_what_makes_no_sense(cli, monkeypatch, args, message):
+    monkeypatch.setattr("symbn.cli.prove_split", lambda s: pytest.fail("proved for nothing"))
+    out = cli("derive", "--distributed", *args)
+    one_line_error(out, "derive", message)
+    assert out.stdout == ""
+
+
+def test_derive_distributed_takes_order_1_and_train_spelled_out(cli):
+    plain = cli("derive", "--distributed").stdout
+    assert cli("derive", "--distributed", "--mode", "train", "--order", "1").stdout == plain
+    assert cli("derive", "--distributed", "--transforms", "vjp").stdout == plain
+
+
+def test_a_norm_that_cannot_be_split_is_one_line_exit_2(cli, tmp_path):
+    target = tmp_path / "ln.txt"
+    out = cli("derive", "layernorm", "--distributed", "-o", str(target))
+    one_line_error(out, "derive", "layernorm: its statistics are per row")
+    assert "nothing to synchronize" in out.stderr and not target.exists()
