@@ -52,6 +52,9 @@ SHIFT = sp.Symbol("Cp", real=True)
 """c_p: the process's own mean of x over its members (0 when it has none)."""
 
 
+_SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
 @dataclass(frozen=True)
 class Partial:
     """One number per group that each process sums over its own members: Σ_{k∈p} ``summand``."""
@@ -130,7 +133,7 @@ class Split:
         table.update({COUNT: Notation("m_p", "m_p"), SHIFT: Notation("c_p", "c_p")})
         for part in self.partials:
             n = part.name[1:]
-            table[part.symbol] = (Notation(f"S⁽{n}⁾_p", rf"S^{{({n})}}_p") if part.name.startswith("S")
+            table[part.symbol] = (Notation(f"S⁽{n.translate(_SUPERSCRIPTS)}⁾_p", rf"S^{{({n})}}_p") if part.name.startswith("S")
                                   else Notation(f"A{n}_p", rf"A^{{({n})}}_p"))
         for r in self.reductions:
             table[r.symbol] = Notation(f"R{r.name[1:]}", rf"R_{{{r.name[1:]}}}")

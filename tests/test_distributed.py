@@ -96,3 +96,17 @@ def test_training_without_a_process_group_is_a_clear_error():
         layer(torch.randn(4, 3))
     layer.eval()
     assert layer(torch.randn(4, 3)).shape == (4, 3)  # eval mode needs no process group
+
+
+def test_the_readme_example_runs_under_torchrun(tmp_path):
+    """README's "Several machines" command, on one machine: two processes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_port()), str(root / "examples" / "sync_train.py")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes, step 10: loss" in done.stdout

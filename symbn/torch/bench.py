@@ -7,6 +7,9 @@ the Python calls a user makes, in the same process and rounds.
   what it costs, the per-call overhead;
 - the training step of a small CNN (convolutions with batch norm, a group-norm block, a layer-norm
   head; batch 64, 32x32 inputs): SGD step with ``torch.nn`` layers and with ``convert``'s;
+- a DDP training step of the same CNN over two processes (gloo, loopback) with its batch norms
+  synchronized (:func:`symbn.torch.convert_sync_batchnorm`) against per-process batch norm, and
+  the bytes each process sends per step;
 - a WGAN-GP gradient-penalty step through the same CNN as a critic: ``autograd.grad`` with
   ``create_graph=True``, the penalty, its backward (PyTorch's double backward through batch norm is
   known to be slow: pytorch#3076).
@@ -132,10 +135,13 @@ def section(median_ms, threads: int, repeats: int, quick: bool, progress=None) -
     if progress:
         progress("[torch] CNN training step and gradient-penalty step, batch 64, 32x32")
     steps = _steps(median_ms, 300, repeats)
+    if progress:
+        progress(f"[torch] DDP training step over {SYNC_PROCESSES} processes, synchronized batch norm against per-process")
+    sync = sync_case(max(5, repeats // 2))
     small = next((c for c in ops if c["shape"] == [256, 64]), None)
     status = {"train_step": steps["train_step"]["vs_torch"], "gradient_penalty": steps["gradient_penalty"]["vs_torch"],
               "overhead_256x64": None if small is None else max(small["forward_vs_torch"], small["backward_vs_torch"])}
-    return {"ops": ops, "steps": steps, "targets": {k: {"target": TARGETS[k], "measured": v,
+    return {"ops": ops, "steps": steps, "sync": sync, "targets": {k: {"target": TARGETS[k], "measured": v,
                                                         "met": None if v is None else v <= TARGETS[k]} for k, v in status.items()}}
 
 
@@ -151,7 +157,102 @@ def to_text(section: dict) -> list[str]:
     lines.append(f"{'CNN step, batch 64, 32x32':<34}{'symbn ms':>13}{'torch ms':>13}{'ratio':>10}")
     for key, s in section["steps"].items():
         lines.append(f"{key.replace('_', ' '):<34}{s['symbn_ms']:>13.2f}{s['torch_ms']:>13.2f}{s['vs_torch']:>10.2f}")
+    if section.get("sync"):
+        c = section["sync"]
+        lines.append(f"{'DDP step, ' + str(c['processes']) + ' processes x ' + str(c['batch_per_process']):<34}"
+                     f"{'sync ms':>13}{'plain ms':>13}{'ratio':>10}")
+        lines.append(f"{'synchronized batch norm (' + str(c['bn_layers']) + ' layers)':<34}{c['sync_ms']:>13.2f}"
+                     f"{c['plain_ms']:>13.2f}{c['vs_plain']:>10.2f}")
+        lines.append(f"bytes per process per step: symbn sends {c['symbn_forward_bytes']} (forward all-gather) + "
+                     f"{c['symbn_backward_bytes']} (backward all-reduce); PyTorch's SyncBatchNorm algorithm "
+                     f"{c['torch_forward_bytes']} + {c['torch_backward_bytes']}")
     lines.append("targets: " + "; ".join(
         f"{k.replace('_', ' ')} <= {t['target']}x: {'-' if t['measured'] is None else format(t['measured'], '.2f')}"
         f" ({'met' if t['met'] else 'not met' if t['met'] is not None else 'not measured'})" for k, t in section["targets"].items()))
     return lines
+
+
+# ----------------------------------------------------------------------------- synchronized batch norm
+
+SYNC_PROCESSES = 2
+SYNC_BATCH = 32
+"""Per process: the sync bench's batch (the CNN's, 32x32 inputs)."""
+
+
+def sync_case(rounds: int, quick: bool = False) -> dict:
+    """A DDP training step of the CNN over :data:`SYNC_PROCESSES` processes (gloo, loopback, one
+    thread each) with its batch norms synchronized (:func:`convert_sync_batchnorm`) against the same
+    step with ``torch.nn``'s per-process batch norm: what synchronizing costs. Both run in the same
+    processes, in alternating rounds; the same number of steps on every process (they exchange)."""
+    import json
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_sync_worker, args=(SYNC_PROCESSES, port, folder, rounds), nprocs=SYNC_PROCESSES, join=True)
+        times = json.loads(Path(folder, "times.json").read_text())
+    layers = [m for m in CNN().modules() if isinstance(m, nn.BatchNorm2d)]
+    return {"processes": SYNC_PROCESSES, "batch_per_process": SYNC_BATCH, "bn_layers": len(layers), **times,
+            "vs_plain": times["sync_ms"] / times["plain_ms"], **sync_bytes([m.num_features for m in layers], SYNC_PROCESSES)}
+
+
+def sync_bytes(channels: list[int], processes: int) -> dict:
+    """Bytes that cross the network per training step for batch norm layers of ``channels``:
+    symbn's (the derived split's float64 payloads) and PyTorch's SyncBatchNorm algorithm's (2C + 1
+    float32 values gathered from every rank, 2C all-reduced), per process sent in the forward's
+    all-gather and in the backward's all-reduce (a ring all-reduce sends about 2(P−1)/P times its size)."""
+    from .distributed import runtime
+
+    rt = runtime("batchnorm")
+    mine_fwd = sum(rt.payload_size(c) for c in channels) * 8
+    mine_bwd = sum(rt.backward_size(c) for c in channels) * 8
+    torch_fwd = sum(2 * c + 1 for c in channels) * 4
+    torch_bwd = sum(2 * c for c in channels) * 4
+    return {"symbn_forward_bytes": mine_fwd, "symbn_backward_bytes": mine_bwd,
+            "torch_forward_bytes": torch_fwd, "torch_backward_bytes": torch_bwd,
+            "received_per_process_forward": mine_fwd * processes}
+
+
+def _sync_worker(rank: int, world: int, port: int, folder: str, rounds: int) -> None:
+    import datetime
+    import json
+    import os
+    import statistics
+    import time
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from .distributed import convert_sync_batchnorm
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        plain = CNN()
+        synced = convert_sync_batchnorm(copy.deepcopy(plain))
+        models = {name: nn.parallel.DistributedDataParallel(m) for name, m in (("plain", plain), ("sync", synced))}
+        optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-3) for name, m in models.items()}
+        gen = torch.Generator().manual_seed(rank)
+        x, target = torch.randn(SYNC_BATCH, 3, 32, 32, generator=gen), torch.randint(0, 10, (SYNC_BATCH,), generator=gen)
+        samples: dict[str, list[float]] = {name: [] for name in models}
+        for number in range(rounds + 2):  # two warm-up rounds
+            for name, model in models.items():
+                dist.barrier()
+                start = time.perf_counter()
+                _train_step(model, optimizers[name], x, target)
+                elapsed = torch.tensor([time.perf_counter() - start])
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step takes as long as its slowest process
+                if number >= 2:
+                    samples[name].append(float(elapsed) * 1e3)
+        if rank == 0:
+            Path(folder, "times.json").write_text(json.dumps({f"{k}_ms": statistics.median(v) for k, v in samples.items()}))
+    finally:
+        dist.destroy_process_group()

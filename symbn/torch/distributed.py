@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from ..spec import Norm as Spec
 from ..spec import resolve
+from ..lower import hoist
 from ..split import Split, split
 from ..sums import M
 from . import functional as F
@@ -52,7 +53,7 @@ PROBLEMS = ("", "its weight or bias is not of the input's dtype (float32 for flo
 """Header ``problem`` codes: what a process found wrong with its own arguments."""
 
 
-class _Formula:
+class _Lambda:
     """One SymPy expression as a function of named tensors (SymPy's PyTorch printer)."""
 
     def __init__(self, expr: sp.Expr):
@@ -62,6 +63,28 @@ class _Formula:
 
     def __call__(self, values: dict) -> torch.Tensor:
         return self.function(*(values[n] for n in self.names))
+
+
+_ELEMENTS = frozenset(sp.Symbol(name, real=True) for name in ("x", "dy", "xhat"))
+"""The per-member symbols of the split's formulas: tensors over x's (N, C, L); the rest is per group."""
+
+
+class _Formula:
+    """A per-member formula with its per-group parts hoisted (:func:`symbn.lower.hoist`, as the
+    kernels do): computed once per channel, then what is left per member (∂l/∂x = c0·dy + c1·x̂ + c2)."""
+
+    def __init__(self, expr: sp.Expr):
+        coefficients: list = []
+        body = hoist(expr, set(_ELEMENTS), coefficients, set(_ELEMENTS) - {sp.Symbol("x", real=True)})
+        self.coefficients = [(a.name, _Lambda(a.expr)) for a in coefficients]
+        self.body = _Lambda(body)
+        self.names = sorted({n for _, f in self.coefficients for n in f.names} | set(self.body.names))
+
+    def __call__(self, values: dict) -> torch.Tensor:
+        values = dict(values)
+        for name, f in self.coefficients:
+            values[name] = f(values)
+        return self.body(values)
 
 
 class Runtime:
@@ -137,11 +160,9 @@ class _Sync(torch.autograd.Function):
         stats: dict[str, torch.Tensor] = {}
         for name, f in rt.statistics:
             stats[name] = torch.as_tensor(f({**per, **stats})).expand(gathered.shape[0], channels).sum(0) / total
-        values = {name: v.view(1, channels, 1) for name, v in stats.items()}
-        values.update(_affine(weight, bias, channels), epsilon=per["epsilon"], x=x3)
-        values["xhat"] = rt.xhat(values)
-        y = torch.as_tensor(rt.y(values)).expand(x3.shape).reshape(x.shape).to(x.dtype)
         saved = [stats[name] for name in rt.stat_names]
+        # y from the merged statistics: the norm's eval-mode kernel, which takes them as its inputs
+        y = F.normalize(rt.split.norm, x.detach(), weight, bias, training=False, running=saved, eps=eps)
         ctx.rt, ctx.eps, ctx.group, ctx.total = rt, eps, group, total
         ctx.save_for_backward(x, weight, bias, *saved)
         ctx.mark_non_differentiable(*saved)
@@ -174,9 +195,6 @@ class _Sync(torch.autograd.Function):
         return (dx, *grads, None, None, None, None)
 
 
-_ELEMENTS = {"x", "dy", "xhat"}
-
-
 def _view(t: torch.Tensor) -> torch.Tensor:
     """(N, C, *) as (N, C, L) in float64: a group's members along N and L."""
     return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:])).to(torch.float64)
@@ -187,7 +205,7 @@ def _param_grad(rt: Runtime, name: str, values: dict, local: dict, x3: torch.Ten
     summed over the members where it is a per-member formula."""
     formula = rt.gradients[name]
     value = formula({**values, **{k: v.view(1, -1, 1) for k, v in local.items()}})
-    if _ELEMENTS & set(formula.names):
+    if {e.name for e in _ELEMENTS} & set(formula.names):
         return _group_sum(value, x3)
     return torch.as_tensor(value, dtype=torch.float64).expand(1, x3.shape[1], 1).reshape(-1)
 
