@@ -28,4 +28,5 @@ for _ in range(steps):
     optimizer.step()
 if rank == 0:
     print(f"{world} processes, step {steps}: loss {loss.item():.4f}")
+dist.barrier()                                       # leave together: none tears down while another still talks
 dist.destroy_process_group()
