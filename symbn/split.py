@@ -306,7 +306,7 @@ def _merge_proofs(s: Split) -> list[Proof]:
         claim = (f"{merged.name} merged from two processes of m₁ and m₂ members equals {merged.name} over the "
                  "concatenated batch of m₁ + m₂")
         proofs.append(Proof(f"split:{merged.name}", claim, sp.Eq(symbols[merged.name], symbols[merged.name]), outcome,
-                            difference, "symbolic: m₁, m₂, each process's raw power sums and shift symbols", budget_s=None))
+                            difference, "symbolic in m₁, m₂ and each process's raw power sums (its shift c_p: its mean)", budget_s=None))
     return proofs
 
 

@@ -213,6 +213,20 @@ def _bad_inputs(rank: int, world: int) -> dict:
     return found
 
 
+def _second_order(rank: int, world: int) -> dict:
+    """Differentiating the layer's backward again (a gradient penalty) is refused, never wrong."""
+    from symbn.torch import SyncBatchNorm
+
+    layer = SyncBatchNorm(3).double()
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    try:
+        grad.sum().backward()
+    except RuntimeError as err:
+        return {"error_message": str(err)}
+    return {"error_message": "no error"}
+
+
 CASES = {
     "float64": lambda rank, world: _batchnorm([2 + 3 * r for r in range(world)], (3, 4, 4), torch.float64, rank),
     "float32": _float32,
@@ -221,4 +235,5 @@ CASES = {
     "collectives": _collectives,
     "ddp": _ddp,
     "bad": _bad_inputs,
+    "second_order": _second_order,
 }

@@ -110,3 +110,9 @@ def test_the_readme_example_runs_under_torchrun(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes, step 10: loss" in done.stdout
+
+
+
+def test_a_second_derivative_through_the_sync_layer_is_an_error(results):
+    for found in _ok(results["second_order"]):
+        assert "once_differentiable" in found["error_message"], found

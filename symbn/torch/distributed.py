@@ -11,7 +11,8 @@ included):
   process (the derived formulas, identically on each), then y per member;
 * backward: each process sums the backward's reductions over its members, **one all-reduce**
   adds those ∂l/∂x needs, then ∂l/∂x per member; the parameters' gradients stay per process, for
-  DistributedDataParallel to average.
+  DistributedDataParallel to average. First order only: differentiating the backward again
+  (``create_graph=True``) is an error, not a silent wrong derivative.
 
 The first training forward of each layer also exchanges a fixed-size handshake (the channels and
 the spec's digest), so that layers that disagree across processes fail with a clear error on
@@ -32,6 +33,7 @@ import math
 import sympy as sp
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from ..spec import Norm as Spec
 from ..spec import resolve
@@ -169,6 +171,7 @@ class _Sync(torch.autograd.Function):
         return (y, torch.tensor(total, dtype=torch.float64), *saved)
 
     @staticmethod
+    @once_differentiable  # a derivative of this backward is an error, never a silent wrong one
     def backward(ctx, dy, *_):
         rt = ctx.rt
         x, weight, bias, *saved = ctx.saved_tensors
