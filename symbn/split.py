@@ -256,7 +256,7 @@ def prove(s: Split, sizes: tuple[tuple[int, int], ...] = ((1, 2), (2, 2))) -> li
     batch, for symbolic per-process counts m₁ and m₂ (data as each process's raw power sums and
     sums of the other coefficients, the shifts their means); the distributed ∂l/∂x equals SymPy's
     derivative of the concatenated batch's forward at each explicit (m₁, m₂) in ``sizes``."""
-    return [*_merge_proofs(s), *(_gradient_proof(s, m1, m2) for m1, m2 in sizes)]
+    return [*_merge_proofs(s), _sums_proof(s), *(_gradient_proof(s, m1, m2) for m1, m2 in sizes)]
 
 
 def _merge_proofs(s: Split) -> list[Proof]:
@@ -308,6 +308,30 @@ def _merge_proofs(s: Split) -> list[Proof]:
         proofs.append(Proof(f"split:{merged.name}", claim, sp.Eq(symbols[merged.name], symbols[merged.name]), outcome,
                             difference, "symbolic in m₁, m₂ and each process's raw power sums (its shift c_p: its mean)", budget_s=None))
     return proofs
+
+
+def _sums_proof(s: Split) -> Proof:
+    """For symbolic m₁, m₂: the split's ∂l/∂x_i, each all-reduced total written as the two
+    processes' sums over their members, equals the concatenated batch's compact ∂l/∂x_i at
+    m = m₁ + m₂. SymPy combines the adjacent sums; that the compact form is the derivative of the
+    forward, for symbolic m, is what ``derive --proofs`` proves."""
+    m1, m2 = sp.symbols("m1 m2", integer=True, positive=True)
+    compact = derive(s.norm, "train").compact["x"]
+    bases = {str(b): b for b in compact.atoms(sp.Indexed) for b in (b.base,)}
+
+    def at(expr: sp.Expr, index: sp.Symbol) -> sp.Expr:
+        return expr.xreplace({sp.Symbol(name, real=True): base[index] for name, base in bases.items()})
+
+    totals = {r.symbol: sp.simplify(sp.Sum(at(r.summand, K), (K, 1, m1)) + sp.Sum(at(r.summand, K), (K, m1 + 1, m1 + m2)))
+              for r in s.shared}
+    split_dx = at(s.gradients["x"], I).xreplace(totals).xreplace({M: m1 + m2})
+    batch_dx = compact.xreplace({M: m1 + m2})
+    difference = sp.cancel(sp.together(split_dx - batch_dx))
+    claim = ("∂l/∂x_i from two processes of m₁ and m₂ members (the all-reduced sums, m = m₁ + m₂) equals the "
+             "concatenated batch's ∂l/∂x_i")
+    return Proof("split:dx", claim, None, "proven" if difference == 0 else "refuted", difference,
+                 "symbolic in m₁, m₂: adjacent sums combined by SymPy; the compact form against the forward's "
+                 "derivative: derive --proofs", budget_s=None)
 
 
 def _gradient_proof(s: Split, m1: int, m2: int) -> Proof:
