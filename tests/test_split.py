@@ -60,7 +60,7 @@ def test_an_rms_statistic_on_the_channel_layout_merges():
     (merged,) = s.statistics
     assert merged.name == "ms"
     proofs = prove(s, sizes=())
-    assert [p.outcome for p in proofs] == ["proven"]
+    assert [(p.key, p.outcome) for p in proofs] == [("split:ms", "proven"), ("split:dx", "proven")]
 
 
 def test_a_coefficient_not_polynomial_in_x_is_summed_as_it_is():
