@@ -327,7 +327,7 @@ class SyncNorm(_Synced, Norm):
         runtime(self.spec)  # a spec that cannot be split is refused here, not at the first step
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self.training and any(r is not None for r in self.running):
+        if not self.training:  # as torch.nn.SyncBatchNorm: eval mode never synchronizes
             return super().forward(input)
         factor = self._factor()
         running = self.running if self.training and self.track_running_stats else [None] * len(self.running)
@@ -338,7 +338,7 @@ class SyncBatchNorm(_Synced, torch.nn.modules.batchnorm._BatchNorm):
     """:class:`torch.nn.SyncBatchNorm`'s constructor, parameters, buffers and semantics, on the
     split derived by symbn: any input (N, C, *), any torch.distributed backend (gloo on CPU), inside
     DistributedDataParallel (it is not a subclass of ``torch.nn.SyncBatchNorm``, which DDP on CPU
-    refuses). Eval mode with running statistics is the plain batch norm (no exchange)."""
+    refuses). Eval mode is the plain batch norm, never synchronized (as torch.nn.SyncBatchNorm)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None) -> None:
@@ -356,8 +356,10 @@ class SyncBatchNorm(_Synced, torch.nn.modules.batchnorm._BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         factor = self._factor()
-        if not self.training and self.running_mean is not None and self.running_var is not None:
-            return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, factor, self.eps)
+        if not self.training:  # as torch.nn.SyncBatchNorm: eval mode never synchronizes
+            bn_training = self.running_mean is None and self.running_var is None
+            return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, bn_training, factor,
+                                self.eps)
         running = self.running if self.training and self.track_running_stats else [None, None]
         return self._sync(input, resolve("batchnorm"), running, factor)
 
