@@ -142,6 +142,9 @@ def parser(prog: str = "symbn") -> argparse.ArgumentParser:
                            help="text (default): a table; json: every number (the progress lines go to standard error either way)")
     bench_cmd.add_argument("--threads", type=_positive, default=2, metavar="N", help="threads for the C kernels and PyTorch (default 2)")
     bench_cmd.add_argument("--plot", type=Path, metavar="FILE.svg", help="also draw the ratios to PyTorch as an SVG bar chart")
+    bench_cmd.add_argument("--against", metavar="REV",
+                           help="instead: time the working tree's C kernels against those committed in generated/ at git "
+                                "revision REV, interleaved in one process; report both times and working tree / REV")
 
     generate_cmd = commands.add_parser("generate", help="regenerate the kernels under generated/",
                                        description="Write the NumPy and C kernels of every built-in norm, deterministically, "
@@ -315,6 +318,13 @@ def _chain(text: str) -> tuple[str, ...]:
 def _bench(args: argparse.Namespace) -> int:
     from .bench import main as bench
 
+    if args.against is not None:
+        if args.plot is not None:
+            _fail("--against cannot be combined with --plot (the chart is of the ratios to PyTorch): drop one of them")
+        from .compare import main as compare
+
+        sys.stdout.write(compare(args.against, args.quick, args.format, args.threads))
+        return 0
     if args.plot is not None:
         _writable(args.plot)
     try:
