@@ -201,6 +201,10 @@ class _Budget:
             signal.setitimer(signal.ITIMER_PROF, 0)
             self._armed = False
             signal.signal(signal.SIGPROF, signal.SIG_DFL if self._previous is None else self._previous)
+        if exc[0] is None and self.clock() >= self.end:
+            # the work ran past its budget: the alarm was swallowed (by a bare except in SymPy, or in a
+            # garbage-collector callback, where Python ignores exceptions): out of time all the same
+            raise _OutOfTime
         return False
 
     def _alarm(self, signum, frame) -> None:

@@ -2,6 +2,7 @@
 claims (checked numerically here), negative controls (the decision procedure says no, with a
 counterexample), undecided claims (a spent budget, an expression the procedure cannot decide)
 and the time budget."""
+import contextlib
 import json
 import signal
 import threading
@@ -245,3 +246,15 @@ def test_a_spec_the_engine_never_saw():
     env.update({s["dy"][j + 1]: dy[j] for j in range(5)})
     env.update({s["xhat"][j + 1]: c[j] / ((c**4).mean() + eps) ** 0.25 for j in range(5)})
     np.testing.assert_allclose(numeric(d, d.compact["x"], env, 5), finite_difference(loss, x), rtol=1e-6)
+
+
+def test_work_past_its_budget_is_out_of_time_even_when_the_alarm_is_swallowed():
+    """An alarm swallowed where Python ignores exceptions (a garbage-collector callback, a bare
+    except in SymPy) must not let a claim finish past its budget as if within it."""
+    from symbn.prove import _Budget, _OutOfTime
+
+    with pytest.raises(_OutOfTime), _Budget(0.01):
+        end = time.process_time() + 0.1
+        while time.process_time() < end:
+            with contextlib.suppress(BaseException):  # what a gc callback does with the alarm
+                sum(range(1000))
