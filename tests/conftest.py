@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import sympy as sp
 
 from symbn import derive
+from symbn.cli import main
 from symbn.oracles import central_differences
 from symbn.sums import I, M
 
@@ -123,3 +125,13 @@ def staged(d, batch: Batch) -> dict[str, np.ndarray]:
 def derivations():
     """Every built-in in both modes, derived once per test session."""
     return {(norm, mode): derive(norm, mode) for norm in NORMS for mode in MODES}
+
+
+@pytest.fixture
+def cli(capsys):
+    """``symbn ARGS`` in this process: returncode, stdout, stderr (the program name is ``symbn``)."""
+    def call(*args):
+        code = main(list(args))
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+    return call

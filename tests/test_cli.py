@@ -10,7 +10,6 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -23,16 +22,6 @@ from symbn.errors import CompilerError, LatexError, SpecError, TorchMissing
 def run(*args, cwd=None):
     """``python -m symbn ARGS`` in a subprocess."""
     return subprocess.run([sys.executable, "-m", "symbn", *args], capture_output=True, text=True, cwd=cwd)
-
-
-@pytest.fixture
-def cli(capsys):
-    """``symbn ARGS`` in this process: returncode, stdout, stderr (the program name is ``symbn``)."""
-    def call(*args):
-        code = main(list(args))
-        out = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-    return call
 
 
 def one_line_error(out, command, message, status=2):

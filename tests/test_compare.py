@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ import pytest
 import symbn.bench
 import symbn.compare
 from symbn import load
-from symbn.cli import main
 from symbn.compare import CompareError, repository, resolve_revision, revision_files, revision_kernels, to_text
 
 CC = os.environ.get("CC") or "cc"
@@ -33,15 +31,6 @@ def _in_git_checkout() -> bool:
 needs_checkout = pytest.mark.skipif(shutil.which("git") is None or not _in_git_checkout(),
                                     reason="needs git and symbn run from its git checkout")
 needs_cc = pytest.mark.skipif(shutil.which(CC.split()[0]) is None, reason=f"no C compiler ({CC})")
-
-
-@pytest.fixture
-def cli(capsys):
-    def call(*args):
-        code = main(list(args))
-        out = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-    return call
 
 
 @pytest.fixture
