@@ -175,8 +175,7 @@ def plan(norm: str | Norm, transforms: tuple[str, ...] | str | None = None, orde
     every digit the mean carries beyond float32 (1e4 + noise: a relative error of 1e-3 in x̂)."""
     norm = resolve(norm)
     chain = transforms_for(order, transforms)
-    mean = next((name for name, text in norm.stats if text.replace(" ", "") == "x"), None)
-    shift = mean if frame else None
+    shift = mean_statistic(norm) if frame else None
     kernels = []
     for mode in ("train", "eval"):
         d = derive(norm, mode, transforms=chain)
@@ -185,6 +184,11 @@ def plan(norm: str | Norm, transforms: tuple[str, ...] | str | None = None, orde
         kernels.append(_derived_kernel(d, shift))
     running = tuple(_running(name, name in norm.unbiased) for name in norm.stat_names)
     return KernelPlan(norm, chain, tuple(kernels), running, shift)
+
+
+def mean_statistic(norm: Norm) -> str | None:
+    """The statistic that is the plain mean of x, if the norm has one: the frame's shift."""
+    return next((name for name, text in norm.stats if text.replace(" ", "") == "x"), None)
 
 
 def _forward_kernel(p: Program, mode: str, shift: str | None) -> Kernel:

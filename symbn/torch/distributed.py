@@ -8,7 +8,8 @@ included):
 
 * forward: each process sums its members' partials (count, its mean c_p, the central power sums
   about it; in float64), **one all-gather** of them (and a small header), the merge on every
-  process (the derived formulas, identically on each), then y per member;
+  process (the derived formulas, identically on each), then y per member (the norm's eval-mode
+  kernel, fed the merged statistics);
 * backward: each process sums the backward's reductions over its members, **one all-reduce**
   adds those ∂l/∂x needs, then ∂l/∂x per member; the parameters' gradients stay per process, for
   DistributedDataParallel to average. First order only: differentiating the backward again
@@ -17,12 +18,12 @@ included):
 Without a ``process_group`` the layers exchange on a group of every process of their own (made at
 the first synchronized step), not on the default group that DistributedDataParallel's gradient
 all-reduces keep busy during the backward. The first training forward of each layer also
-exchanges a fixed-size handshake (the channels and
-the spec's digest), so that layers that disagree across processes fail with a clear error on
-every process, instead of an exchange of mismatched sizes (which gloo answers by aborting the
-process). Every later call makes exactly one collective in the forward and one in the backward.
-Each call's header carries every process's dtype, element count and input channels: a
-mismatch is a clear error on every process. A process that calls the layer must reach its
+exchanges a fixed-size handshake (the channels and the spec's digest), so that layers that
+disagree across processes fail with a clear error on every process, instead of an exchange of
+mismatched sizes (which gloo answers by aborting the process). Every later call makes exactly one
+collective in the forward and one in the backward. Each call's header carries every process's
+dtype, element count, input channels and what it found wrong with its own arguments: a mismatch
+or a problem is a clear error on every process. A process that calls the layer must reach its
 backward whenever the others do (as for PyTorch's SyncBatchNorm): one that skips it leaves the
 others waiting until the process group's timeout.
 
@@ -33,14 +34,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+
 import sympy as sp
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from ..lower import hoist, mean_statistic
 from ..spec import Norm as Spec
 from ..spec import resolve
-from ..lower import hoist
 from ..split import Split, split
 from ..sums import M
 from . import functional as F
@@ -72,6 +74,7 @@ class _Lambda:
 
 _ELEMENTS = frozenset(sp.Symbol(name, real=True) for name in ("x", "dy", "xhat"))
 """The per-member symbols of the split's formulas: tensors over x's (N, C, L); the rest is per group."""
+_NAMES = frozenset(e.name for e in _ELEMENTS)
 
 
 FRAME = sp.Symbol("Fshift", real=True)
@@ -106,9 +109,6 @@ class _Formula:
                           for name in self.body.names})
 
 
-_NAMES = frozenset(e.name for e in _ELEMENTS)
-
-
 class Runtime:
     """A spec's split, compiled to functions of tensors (x viewed as (N, C, L), a group's values (1, C, 1))."""
 
@@ -118,7 +118,7 @@ class Runtime:
         self.partials = [(p.name, _Formula(p.summand)) for p in s.partials]
         self.statistics = [(m.name, _Formula(m.term)) for m in s.statistics]
         # the backward runs in x's precision, measured from the rounded mean where the spec has one
-        self.frame = next((name for name, text in s.norm.stats if text.replace(" ", "") == "x"), None)
+        self.frame = mean_statistic(s.norm)
         framed = self.frame is not None
         self.framed_xhat = _Formula(s.elements["xhat"], framed)
         self.reductions = [(r.name, _Formula(r.summand, framed)) for r in s.reductions]
