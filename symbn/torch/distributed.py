@@ -237,10 +237,10 @@ def _param_grad(rt: Runtime, name: str, values: dict, local: dict, x3: torch.Ten
     """A parameter's gradient from this process's own members: its formula with the local sums,
     summed over the members where it is a per-member formula."""
     formula = rt.gradients[name]
-    if not _NAMES & set(formula.names):  # a per-group formula: in float64, from the float64 sums
-        dtype = torch.float64
-    value = formula({**values, **{k: v.view(1, -1, 1) for k, v in local.items()}}, dtype)
-    if _NAMES & set(formula.names):
+    per_member = bool(_NAMES & set(formula.names))
+    # a per-group formula runs in float64, from the float64 sums
+    value = formula({**values, **{k: v.view(1, -1, 1) for k, v in local.items()}}, dtype if per_member else torch.float64)
+    if per_member:
         return _group_sum(value, x3)
     return torch.as_tensor(value, dtype=torch.float64).expand(1, x3.shape[1], 1).reshape(-1)
 
