@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import traceback
 from pathlib import Path
 
@@ -20,9 +19,10 @@ FOURTH = dict(stats={"mu": "x", "mfour": "(x - mu)**4"}, normalized="(x - mu) / 
 """A user spec whose merge needs central power sums up to the fourth (its oracle: :func:`_fourth`)."""
 
 
-def main(rank: int, world: int, port: int, folder: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+def main(rank: int, world: int, folder: str) -> None:
+    # a file rendezvous: no port to pick (a free port picked beforehand can be taken before it is bound)
+    dist.init_process_group("gloo", init_method=f"file://{Path(folder, 'rendezvous')}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     try:
         for name, case in CASES.items():

@@ -7,7 +7,6 @@ concatenated batch (torch.nn's batch norm in float64, or a plain-ops forward of 
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
@@ -19,18 +18,12 @@ import distributed_workers as workers  # noqa: E402
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5}
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}-processes")
 def results(request, tmp_path_factory):
     """Every case's results, per process: {case: [rank 0's, rank 1's, ...]}."""
     world = request.param
     folder = tmp_path_factory.mktemp(f"world{world}")
-    mp.spawn(workers.main, args=(world, _port(), str(folder)), nprocs=world, join=True)
+    mp.spawn(workers.main, args=(world, str(folder)), nprocs=world, join=True)
     out = {}
     for case in workers.CASES:
         out[case] = [json.loads((folder / f"{case}-{rank}.json").read_text()) for rank in range(world)]
@@ -105,8 +98,8 @@ def test_the_readme_example_runs_under_torchrun(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_port()), str(root / "examples" / "sync_train.py")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port of its own
+               str(root / "examples" / "sync_train.py")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes, step 10: loss" in done.stdout
