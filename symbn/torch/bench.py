@@ -185,17 +185,13 @@ def sync_case(rounds: int, quick: bool = False) -> dict:
     step with ``torch.nn``'s per-process batch norm: what synchronizing costs. Both run in the same
     processes, in alternating rounds; the same number of steps on every process (they exchange)."""
     import json
-    import socket
     import tempfile
     from pathlib import Path
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(_sync_worker, args=(SYNC_PROCESSES, port, folder, rounds), nprocs=SYNC_PROCESSES, join=True)
+        mp.spawn(_sync_worker, args=(SYNC_PROCESSES, folder, rounds), nprocs=SYNC_PROCESSES, join=True)
         times = json.loads(Path(folder, "times.json").read_text())
     layers = [m for m in CNN().modules() if isinstance(m, nn.BatchNorm2d)]
     return {"processes": SYNC_PROCESSES, "batch_per_process": SYNC_BATCH, "bn_layers": len(layers), **times,
@@ -219,10 +215,9 @@ def sync_bytes(channels: list[int], processes: int) -> dict:
             "received_per_process_forward": mine_fwd * processes}
 
 
-def _sync_worker(rank: int, world: int, port: int, folder: str, rounds: int) -> None:
+def _sync_worker(rank: int, world: int, folder: str, rounds: int) -> None:
     import datetime
     import json
-    import os
     import statistics
     import time
     from pathlib import Path
@@ -231,8 +226,9 @@ def _sync_worker(rank: int, world: int, port: int, folder: str, rounds: int) -> 
 
     from .distributed import convert_sync_batchnorm
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    # a file rendezvous: no port to pick beforehand (another process could take it before it is bound)
+    dist.init_process_group("gloo", init_method=f"file://{Path(folder, 'rendezvous')}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
