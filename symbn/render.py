@@ -261,10 +261,9 @@ def split_sections(s: Split) -> list[tuple[str, list[tuple[sp.Basic, sp.Basic]]]
     process computes over its members, what the one exchange gives every process, the forward
     per member; the backward's per-process sums, its one all-reduce, the gradients."""
     k = sp.Symbol("k")
-    member = lambda e: e.xreplace({X: sp.Symbol("x", real=True)})  # noqa: E731
-    over_p = lambda e, name: (sp.Symbol(f"{name}_p"), sp.Sum(e, (k, 1, COUNT)))  # noqa: E731
-    local = [(SHIFT, sp.Sum(sp.Symbol("x", real=True), (k, 1, COUNT)) / COUNT)] if s.shifted else []
-    local += [(p.symbol, over_p(member(p.summand), p.name)[1]) for p in s.partials]
+    x = sp.Symbol("x", real=True)  # a member's x, written x_k in these sections
+    local = [(SHIFT, sp.Sum(x, (k, 1, COUNT)) / COUNT)] if s.shifted else []
+    local += [(p.symbol, sp.Sum(p.summand.xreplace({X: x}), (k, 1, COUNT))) for p in s.partials]
     p = sp.Symbol("p", integer=True, positive=True)
     processes = sp.Symbol("P", integer=True, positive=True)
     merged = [(M, sp.Sum(COUNT, (p, 1, processes)))]
@@ -290,11 +289,6 @@ def _split_index(title: str) -> str:
     return "k" if title.startswith(("Forward, on each process", "Backward, on each process")) else "i"
 
 
-def _split_lhs(s: Split, lhs: sp.Basic, show: Callable[[sp.Basic], str]) -> str:
-    names = {"dx": "∂l/∂x_i", "dgamma": "∂l/∂γ", "dbeta": "∂l/∂β"}
-    return names.get(str(lhs), show(lhs))
-
-
 def split_to_text(s: Split, proofs: list[Proof] | None = None) -> str:
     lines = [f"{s.norm.name}, training mode, the batch split across processes: {s.norm.description}",
              "Each process holds m_p of a group's m = Σ_p m_p members; one exchange in the forward and one in the "
@@ -302,7 +296,7 @@ def split_to_text(s: Split, proofs: list[Proof] | None = None) -> str:
     for title, rows in split_sections(s):
         notation = s.notation(_split_index(title))
         show = lambda e, notation=notation: text(e, notation)  # noqa: E731
-        lines += ["", title] + [f"  {_split_lhs(s, lhs, show)} = {show(rhs)}" for lhs, rhs in rows]
+        lines += ["", title] + [f"  {show(lhs)} = {show(rhs)}" for lhs, rhs in rows]
     if proofs is not None:
         lines += ["", "Proofs (checked by the engine)"]
         for p in proofs:
@@ -328,15 +322,14 @@ def split_to_json(s: Split, proofs: list[Proof] | None = None) -> str:
     """The split under stable keys: norm, sections (title, equations of lhs and rhs, each as
     text, latex and sympy), values_gathered, shared (the all-reduced sums' names) and, when
     given, proofs."""
-    def side(expr: sp.Basic, notation: dict, shown: str) -> dict[str, str]:
-        return {"text": shown, "latex": latex(expr, notation), "sympy": str(expr)}
+    def side(expr: sp.Basic, notation: dict) -> dict[str, str]:
+        return {"text": text(expr, notation), "latex": latex(expr, notation), "sympy": str(expr)}
 
     shown = []
     for title, rows in split_sections(s):
         notation = s.notation(_split_index(title))
-        show = lambda e, notation=notation: text(e, notation)  # noqa: E731
-        shown.append({"title": title, "equations": [{"lhs": side(lhs, notation, _split_lhs(s, lhs, show)),
-                                                     "rhs": side(rhs, notation, show(rhs))} for lhs, rhs in rows]})
+        shown.append({"title": title, "equations": [{"lhs": side(lhs, notation), "rhs": side(rhs, notation)}
+                                                    for lhs, rhs in rows]})
     doc = {"norm": s.norm.name, "sections": shown, "values_gathered": s.values_gathered,
            "shared": [r.name for r in s.shared]}
     if proofs is not None:
