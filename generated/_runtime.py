@@ -31,12 +31,13 @@ Geometry = namedtuple("Geometry", "outer q p l s group_shape param_shape")
 Geometry.__doc__ = """x viewed as (outer, q, p, l, s): a group is one (q, p), its members run over (outer, l, s);
 an element parameter is indexed [p, l] (param_shape), a group parameter [p], a per-group value [q, p] (group_shape)."""
 
-Table = namedtuple("Table", "name mode inputs labels outputs checked parameters symbols stats numpy")
+Table = namedtuple("Table", "name mode inputs labels outputs checked parameters symbols stats keyed numpy")
 Table.__doc__ = """One kernel: ``inputs`` and ``outputs`` as (name, kind, role, double) in the order the
 function takes and returns them, ``labels`` the Python names of the inputs, ``checked`` the element
 inputs whose NaN the kernel's sums reveal, ``parameters`` its C parameters as (name, kind),
-``symbols`` its C function per dtype, ``stats`` the statistics among its outputs, ``numpy`` its
-NumPy function."""
+``symbols`` its C function per dtype, ``stats`` the statistics among its outputs, ``keyed`` the
+positions of the inputs whose dtype and shape decide the geometry (x, the element parameters),
+``numpy`` its NumPy function."""
 
 
 def dims(name, value):
@@ -170,6 +171,12 @@ def element_param(a, geo, dtype):
     return a.reshape(1, 1, geo.p, geo.l, 1).astype(dtype, copy=False)
 
 
+def anchor(x):
+    """Each group's first member (x viewed as (outer, q, p, l, s)), in float64, (1, q, p, 1, 1):
+    what an anchored kernel sums the powers of x about."""
+    return x[:1, :, :, :1, :1].astype(numpy.float64)
+
+
 def rounded(value, dtype):
     """``value`` rounded to ``dtype`` (the shift of a framed pass), held in float64."""
     return numpy.asarray(value).astype(dtype).astype(numpy.float64)
@@ -250,16 +257,43 @@ def pointer(a):
 
 def bind(library, tables):
     """The C functions of ``library`` for every kernel in ``tables``, their argument types set
-    once from the kernels' parameter kinds: {(kernel, dtype): function}."""
+    once from the kernels' parameter kinds: {(kernel, dtype): function}; and the addresses of
+    their packed forms (for a compiled entry point): {(kernel, dtype): address}."""
     lib = ctypes.CDLL(str(library))
-    functions = {}
+    functions, packed = {}, {}
     for table in tables.values():
         argtypes = [CTYPES[kind] for _, kind in table.parameters]
         for dtype, symbol in table.symbols.items():
             function = getattr(lib, symbol)
             function.argtypes, function.restype = argtypes, ctypes.c_int
             functions[table.name, numpy.dtype(dtype)] = function
-    return lib, functions
+            packed[table.name, numpy.dtype(dtype)] = ctypes.cast(getattr(lib, f"{symbol}_packed"), ctypes.c_void_p).value
+    return lib, functions, packed
+
+
+class Finish:
+    """What a compiled entry point's call returns for one output buffer: it as the Python path
+    returns it (a parameter's float64 sums in x's dtype, a per-group output in its group shape)."""
+
+    def __init__(self, dtype, shape):
+        self.dtype, self.shape = dtype, shape
+
+    def __call__(self, value):
+        return (value if self.dtype is None else value.astype(self.dtype)).reshape(self.shape)
+
+
+class Make:
+    """A new output buffer, as the Python path makes it: ``numpy.empty`` or ``numpy.zeros``."""
+
+    def __init__(self, function, shape, dtype):
+        self.function, self.shape, self.dtype = function, shape, dtype
+
+    def __call__(self):
+        return self.function(self.shape, self.dtype)
+
+
+ENTRY_PLANS = 64
+"""Call shapes an entry point remembers per kernels object (the oldest is forgotten first)."""
 def schedule(outer, q, p, l, s, threads):
     """The loop shape (SYMBN_SCHEDULE_AUTO=0, SYMBN_SCHEDULE_GROUPS=1, SYMBN_SCHEDULE_LANES=2, SYMBN_SCHEDULE_ROWS=3) the C kernels take on
     ``threads`` threads with SYMBN_SCHEDULE_AUTO, for x viewed as (outer, q, p, l, s): whole groups
@@ -289,9 +323,13 @@ class Kernels:
     schedule = 0
     """The C kernels' loop shape (symbn.interface.SCHEDULES): 0 lets the C choose per problem."""
 
-    def __init__(self, library=None, threads=None):
+    def __init__(self, library=None, threads=None, entry=None):
+        """``entry``: a compiled entry point (symbn's, built by ``symbn.build``; C only) that takes
+        the common calls with none of the Python around ctypes; this module works without it."""
         self.backend = "numpy" if library is None else "c"
-        self.library, self._c = (None, None) if library is None else bind(library, self.KERNELS)
+        self.library, self._c, self._packed = (None, None, None) if library is None else bind(library, self.KERNELS)
+        self.entry = entry if library is not None else None
+        self._plans = {}
         if threads is not None:
             self.set_threads(threads)
 
@@ -411,15 +449,78 @@ class Kernels:
 
     def _call(self, name, values, normalized_shape, num_groups, out):
         """Kernel ``name`` on ``values`` (its inputs, in plan order): its outputs, in plan order."""
+        if self.entry is not None and normalized_shape is None and num_groups is None:
+            done = self._entered(name, values, out)
+            if done is not None:
+                return done
         table = self.KERNELS[name]
         x, geo, arrays, scalars, named = self._prepare(table, values, normalized_shape, num_groups)
         buffers = self._outputs(table, x, geo, arrays, out)
         self._run(table, x, geo, arrays, scalars, named, buffers)
         return self._results(table, x, geo, buffers)
 
+    def _entered(self, name, values, out):
+        """The call through the compiled entry point, or None where it does not take it (then
+        the Python path does, with its checks and errors). It takes training kernels (whose C
+        checks what it reads for NaN) on arrays of the shapes and dtypes of a plan made here once
+        per kernel, x's dtype and shape, the element parameters' shapes and the schedule; it
+        checks every array against the plan, and gives up, returning None, at the first thing
+        that differs or when the kernel reports anything but success."""
+        table = self.KERNELS[name]
+        key = (name, self.schedule, *((getattr(values[i], "dtype", None), getattr(values[i], "shape", None)) for i in table.keyed))
+        plan = self._plans.get(key, False)
+        if plan is False:
+            if len(self._plans) >= ENTRY_PLANS:
+                del self._plans[next(iter(self._plans))]
+            plan = self._plans[key] = self._plan(table, values)
+        return None if plan is None else self.entry.call(plan, values if type(values) is tuple else tuple(values), out)
+
+    def _plan(self, table, values):
+        """What the entry point checks and passes for calls like this one (see its C source), or
+        None where it takes none of them: an evaluation kernel (the Python path checks its inputs
+        for NaN), an x that is no float32 or float64 array, a shape the layout refuses."""
+        x = values[[name for name, *_ in table.inputs].index("x")]
+        if table.mode != "train" or not isinstance(x, numpy.ndarray) or x.dtype not in DTYPES or x.size == 0:
+            return None
+        param_shape = next((v.shape for (_, kind, role, _), v in zip(table.inputs, values)
+                            if kind == "element" and role == "param" and isinstance(v, numpy.ndarray)), None)
+        try:
+            geo = GEOMETRY[self.LAYOUT](x.shape, param_shape, None, None)
+        except (TypeError, ValueError):
+            return None
+        inputs, reals, where = [], [], {}
+        for index, ((name, kind, role, double), value) in enumerate(zip(table.inputs, values)):
+            if role == "scalar":
+                reals.append(index)
+                continue
+            shape = ((x.shape if role != "param" else geo.param_shape) if kind == "element"
+                     else (geo.p,) if role == "param" else geo.group_shape)
+            where[name] = len(inputs)
+            inputs.append((index, "d" if double else x.dtype.char, tuple(shape), kind == "group" and name in self.NONNEGATIVE,
+                           name in OPTIONAL))
+        outputs = []
+        for name, kind, role, double in table.outputs:
+            if kind == "element" and role != "param":
+                outputs.append((0, x.dtype.char, x.shape, Make(numpy.empty, x.shape, x.dtype), None))
+            elif role == "param":
+                count = geo.p * geo.l if kind == "element" else geo.p
+                outputs.append((1, "d", (count,), Make(numpy.zeros, count, numpy.float64),
+                                Finish(x.dtype, geo.param_shape if kind == "element" else (geo.p,))))
+            else:
+                dtype = numpy.dtype(numpy.float64 if double else x.dtype)
+                outputs.append((1, dtype.char, (geo.q, geo.p), Make(numpy.empty, (geo.q, geo.p), dtype), Finish(None, geo.group_shape)))
+            where[name] = -len(outputs)
+        pointers = tuple(where[name] for name, kind in table.parameters if kind == "pointer")
+        sizes = tuple(getattr(geo, SIZES[name]) for name, kind in table.parameters if kind == "size")
+        return (self._packed[table.name, x.dtype], tuple(inputs), tuple(reals), tuple(outputs), pointers, sizes, self.schedule)
+
     def _train_step(self, values, running, momentum, normalized_shape, num_groups, out):
         """forward_train, and PyTorch's update of the running statistics when they are given
         (checked before any work, so that an error leaves them untouched)."""
+        if self.entry is not None and normalized_shape is None and num_groups is None and all(r is None for r in running):
+            done = self._entered("forward_train", values, out)
+            if done is not None:
+                return done
         table = self.KERNELS["forward_train"]
         x, geo, arrays, scalars, named = self._prepare(table, values, normalized_shape, num_groups)
         update = any(r is not None for r in running)

@@ -812,6 +812,11 @@ int symbn_batchnorm_backward2_train_f32(const float *d2_dx, const float *d2_dgam
     return symbn_backward2_train_end(&symbn_c, 1);
 }
 
+int symbn_batchnorm_backward2_train_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
+{
+    return symbn_batchnorm_backward2_train_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_p[7], symbn_p[8], symbn_p[9], symbn_p[10], symbn_p[11], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
+}
+
 int symbn_batchnorm_backward2_eval_f32(const float *d2_dx, const float *d2_dgamma, const float *d2_dbeta, const float *dy, const float *x, const float *gamma, const double *mean, const double *var, float *d2_x, double *d2_gamma, double *d2_beta, float *d2_dy, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps, int schedule)
 {
     const struct symbn_backward2_eval_arrays symbn_a = {d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, d2_gamma, d2_beta, d2_dy, eps};
@@ -820,6 +825,11 @@ int symbn_batchnorm_backward2_eval_f32(const float *d2_dx, const float *d2_dgamm
     if (symbn_status != SYMBN_OK) return symbn_status;
     SYMBN_ON_TEAM(symbn_c.team, symbn_backward2_eval_run_f32(&symbn_c));
     return symbn_backward2_eval_end(&symbn_c, 1);
+}
+
+int symbn_batchnorm_backward2_eval_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
+{
+    return symbn_batchnorm_backward2_eval_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_p[7], symbn_p[8], symbn_p[9], symbn_p[10], symbn_p[11], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
 int symbn_batchnorm_backward2_train_f64(const double *d2_dx, const double *d2_dgamma, const double *d2_dbeta, const double *dy, const double *x, const double *gamma, const double *mean, const double *var, double *d2_x, double *d2_gamma, double *d2_beta, double *d2_dy, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps, int schedule)
@@ -832,6 +842,11 @@ int symbn_batchnorm_backward2_train_f64(const double *d2_dx, const double *d2_dg
     return symbn_backward2_train_end(&symbn_c, 0);
 }
 
+int symbn_batchnorm_backward2_train_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
+{
+    return symbn_batchnorm_backward2_train_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_p[7], symbn_p[8], symbn_p[9], symbn_p[10], symbn_p[11], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
+}
+
 int symbn_batchnorm_backward2_eval_f64(const double *d2_dx, const double *d2_dgamma, const double *d2_dbeta, const double *dy, const double *x, const double *gamma, const double *mean, const double *var, double *d2_x, double *d2_gamma, double *d2_beta, double *d2_dy, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps, int schedule)
 {
     const struct symbn_backward2_eval_arrays symbn_a = {d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, d2_gamma, d2_beta, d2_dy, eps};
@@ -840,4 +855,9 @@ int symbn_batchnorm_backward2_eval_f64(const double *d2_dx, const double *d2_dga
     if (symbn_status != SYMBN_OK) return symbn_status;
     SYMBN_ON_TEAM(symbn_c.team, symbn_backward2_eval_run_f64(&symbn_c));
     return symbn_backward2_eval_end(&symbn_c, 0);
+}
+
+int symbn_batchnorm_backward2_eval_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
+{
+    return symbn_batchnorm_backward2_eval_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_p[7], symbn_p[8], symbn_p[9], symbn_p[10], symbn_p[11], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }

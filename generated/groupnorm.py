@@ -47,23 +47,24 @@ def _forward_train(x, gamma, beta, y, mean, var, geo, eps):
     beta_v = _runtime.element_param(beta, geo, _w)
     eps_g = eps
     _y = _runtime.view(y, geo)
+    anchor_g = _runtime.anchor(_x)
     # pass 0
-    red_0 = _runtime.total(_x)
-    # pass 1
-    mean_g = red_0/m
-    shift = _runtime.rounded(mean_g, _w)
-    c_0 = -mean_g + shift
+    red_0 = _runtime.zeros(geo)
     red_1 = _runtime.zeros(geo)
-    _work = _runtime.working(geo, numpy.float64, c_0=c_0, shift=shift)
+    _work = _runtime.working(geo, numpy.float64, anchor_g=anchor_g)
     for _block, _part in _runtime.blocks(geo):
-        _c_0 = _work['c_0'][_part]
-        _shift = _work['shift'][_part]
-        x_v = _x[_block]
-        _s0 = numpy.add(x_v, _c_0 - _shift, dtype=numpy.float64)
-        numpy.multiply(_s0, _s0, out=_s0)
-        red_1[_part] += _runtime.total(_s0)
-    # pass 2: x measured from the shift
-    var_g = red_1/m
+        _anchor_g = _work['anchor_g'][_part]
+        x_v = _x[_block].astype(numpy.float64)
+        t0_0 = numpy.add(x_v, -_anchor_g)
+        red_0[_part] += _runtime.total(t0_0)
+        _s1 = numpy.positive(t0_0, dtype=numpy.float64)
+        numpy.multiply(_s1, _s1, out=_s1)
+        red_1[_part] += _runtime.total(_s1)
+    # pass 1: x measured from the shift
+    mean_g = anchor_g + red_0/m
+    shift = _runtime.rounded(mean_g, _w)
+    var_g = (anchor_g - mean_g)**2 + 2*red_0*(anchor_g - mean_g)/m + red_1/m
+    c_0 = -mean_g + shift
     c_1 = 1/numpy.sqrt(eps_g + var_g)
     _work = _runtime.working(geo, _w, c_0=c_0, c_1=c_1, shift=shift)
     for _block, _part in _runtime.blocks(geo):
@@ -211,6 +212,7 @@ KERNELS = {
         parameters=(('x', 'pointer'), ('gamma', 'pointer'), ('beta', 'pointer'), ('y', 'pointer'), ('mean', 'pointer'), ('var', 'pointer'), ('outer', 'size'), ('q_count', 'size'), ('p_count', 'size'), ('l_count', 'size'), ('s_count', 'size'), ('eps', 'real'), ('schedule', 'int')),
         symbols={'float32': 'symbn_groupnorm_forward_train_f32', 'float64': 'symbn_groupnorm_forward_train_f64'},
         stats=('mean', 'var'),
+        keyed=(0, 1, 2),
         numpy=_forward_train,
     ),
     'backward_train': _runtime.Table(
@@ -222,6 +224,7 @@ KERNELS = {
         parameters=(('dy', 'pointer'), ('x', 'pointer'), ('gamma', 'pointer'), ('mean', 'pointer'), ('var', 'pointer'), ('dx', 'pointer'), ('dgamma', 'pointer'), ('dbeta', 'pointer'), ('outer', 'size'), ('q_count', 'size'), ('p_count', 'size'), ('l_count', 'size'), ('s_count', 'size'), ('eps', 'real'), ('schedule', 'int')),
         symbols={'float32': 'symbn_groupnorm_backward_train_f32', 'float64': 'symbn_groupnorm_backward_train_f64'},
         stats=(),
+        keyed=(1, 2),
         numpy=_backward_train,
     ),
     'forward_eval': _runtime.Table(
@@ -233,6 +236,7 @@ KERNELS = {
         parameters=(('x', 'pointer'), ('gamma', 'pointer'), ('beta', 'pointer'), ('mean', 'pointer'), ('var', 'pointer'), ('y', 'pointer'), ('outer', 'size'), ('q_count', 'size'), ('p_count', 'size'), ('l_count', 'size'), ('s_count', 'size'), ('eps', 'real'), ('schedule', 'int')),
         symbols={'float32': 'symbn_groupnorm_forward_eval_f32', 'float64': 'symbn_groupnorm_forward_eval_f64'},
         stats=(),
+        keyed=(0, 1, 2),
         numpy=_forward_eval,
     ),
     'backward_eval': _runtime.Table(
@@ -244,6 +248,7 @@ KERNELS = {
         parameters=(('dy', 'pointer'), ('x', 'pointer'), ('gamma', 'pointer'), ('mean', 'pointer'), ('var', 'pointer'), ('dx', 'pointer'), ('dgamma', 'pointer'), ('dbeta', 'pointer'), ('outer', 'size'), ('q_count', 'size'), ('p_count', 'size'), ('l_count', 'size'), ('s_count', 'size'), ('eps', 'real'), ('schedule', 'int')),
         symbols={'float32': 'symbn_groupnorm_backward_eval_f32', 'float64': 'symbn_groupnorm_backward_eval_f64'},
         stats=(),
+        keyed=(1, 2),
         numpy=_backward_eval,
     ),
 }

@@ -227,13 +227,16 @@ struct symbn_forward_train_arrays {
     double eps; /* eps: double, a number */
 };
 
-/* forward_train, pass 0, one member: red_0 += */
+/* forward_train, pass 0, one member: red_0 +=, red_1 += */
 SYMBN_INLINE void symbn_forward_train_0(const struct symbn_forward_train_arrays *a, int single, const double *gv, ptrdiff_t gs,
                                        ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
     const double x_v = symbn_load(a->x, idx, single);
-    sum[0 * ss] += x_v; /* red_0 */
-    (void)gv; (void)gs; (void)pidx; (void)param; (void)ps;
+    const double anchor_g = gv[2 * gs];
+    const double t0_0 = -anchor_g + x_v;
+    sum[0 * ss] += t0_0; /* red_0 */
+    sum[1 * ss] += (t0_0*t0_0); /* red_1 */
+    (void)pidx; (void)param; (void)ps;
 }
 
 /* forward_train, pass 0: ask for the member at idx */
@@ -246,56 +249,34 @@ SYMBN_INLINE void symbn_forward_train_0_ahead(const struct symbn_forward_train_a
 /* forward_train, before pass 1: the values of one group */
 SYMBN_INLINE void symbn_forward_train_group_1(double *gv, ptrdiff_t gs)
 {
-    const double m = gv[0 * gs];
-    const double red_0 = gv[2 * gs];
-    const double mean_g = red_0/m;
-    gv[3 * gs] = mean_g;
-}
-
-/* forward_train, pass 1, one member: red_1 += */
-SYMBN_INLINE void symbn_forward_train_1(const struct symbn_forward_train_arrays *a, int single, const double *gv, ptrdiff_t gs,
-                                       ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
-{
-    const double x_v = symbn_load(a->x, idx, single);
-    const double mean_g = gv[3 * gs];
-    sum[0 * ss] += ((-mean_g + x_v)*(-mean_g + x_v)); /* red_1 */
-    (void)pidx; (void)param; (void)ps;
-}
-
-/* forward_train, pass 1: ask for the member at idx */
-SYMBN_INLINE void symbn_forward_train_1_ahead(const struct symbn_forward_train_arrays *a, int single, ptrdiff_t idx)
-{
-    SYMBN_PREFETCH((const char *)a->x + idx * (single ? sizeof(float) : sizeof(double)));
-    (void)a; (void)single; (void)idx;
-}
-
-/* forward_train, before pass 2: the values of one group */
-SYMBN_INLINE void symbn_forward_train_group_2(double *gv, ptrdiff_t gs)
-{
+    const double anchor_g = gv[2 * gs];
     const double eps_g = gv[1 * gs];
     const double m = gv[0 * gs];
+    const double red_0 = gv[3 * gs];
     const double red_1 = gv[4 * gs];
-    const double var_g = red_1/m;
+    const double mean_g = anchor_g + red_0/m;
+    const double var_g = ((anchor_g - mean_g)*(anchor_g - mean_g)) + 2*red_0*(anchor_g - mean_g)/m + red_1/m;
     const double c_0 = 1.0/sqrt(eps_g + var_g);
-    gv[5 * gs] = var_g;
-    gv[6 * gs] = c_0;
+    gv[5 * gs] = mean_g;
+    gv[6 * gs] = var_g;
+    gv[7 * gs] = c_0;
 }
 
-/* forward_train, pass 2, one member: y = */
-SYMBN_INLINE void symbn_forward_train_2(const struct symbn_forward_train_arrays *a, int single, const double *gv, ptrdiff_t gs,
+/* forward_train, pass 1, one member: y = */
+SYMBN_INLINE void symbn_forward_train_1(const struct symbn_forward_train_arrays *a, int single, const double *gv, ptrdiff_t gs,
                                        ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
     const double x_v = symbn_load(a->x, idx, single);
     const double gamma_v = a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0;
     const double beta_v = a->beta ? symbn_load(a->beta, pidx, single) : 0.0;
-    const double c_0 = gv[6 * gs];
-    const double mean_g = gv[3 * gs];
+    const double c_0 = gv[7 * gs];
+    const double mean_g = gv[5 * gs];
     symbn_store(a->y, idx, single, beta_v + c_0*gamma_v*(-mean_g + x_v));
     (void)sum; (void)ss; (void)param; (void)ps;
 }
 
-/* forward_train, pass 2: ask for the member at idx */
-SYMBN_INLINE void symbn_forward_train_2_ahead(const struct symbn_forward_train_arrays *a, int single, ptrdiff_t idx)
+/* forward_train, pass 1: ask for the member at idx */
+SYMBN_INLINE void symbn_forward_train_1_ahead(const struct symbn_forward_train_arrays *a, int single, ptrdiff_t idx)
 {
     SYMBN_PREFETCH((const char *)a->x + idx * (single ? sizeof(float) : sizeof(double)));
     (void)a; (void)single; (void)idx;
@@ -482,7 +463,6 @@ SYMBN_INLINE void symbn_backward_eval_0_ahead(const struct symbn_backward_eval_a
 enum symbn_step {
     SYMBN_STEP_FORWARD_TRAIN_0,
     SYMBN_STEP_FORWARD_TRAIN_1,
-    SYMBN_STEP_FORWARD_TRAIN_2,
     SYMBN_STEP_BACKWARD_TRAIN_0,
     SYMBN_STEP_BACKWARD_TRAIN_1,
     SYMBN_STEP_FORWARD_EVAL_0,
@@ -496,7 +476,6 @@ SYMBN_INLINE void symbn_member(int step, const void *arrays, int single, const d
     switch (step) {
     case SYMBN_STEP_FORWARD_TRAIN_0: symbn_forward_train_0(arrays, single, gv, gs, idx, pidx, sum, ss, param, ps); break;
     case SYMBN_STEP_FORWARD_TRAIN_1: symbn_forward_train_1(arrays, single, gv, gs, idx, pidx, sum, ss, param, ps); break;
-    case SYMBN_STEP_FORWARD_TRAIN_2: symbn_forward_train_2(arrays, single, gv, gs, idx, pidx, sum, ss, param, ps); break;
     case SYMBN_STEP_BACKWARD_TRAIN_0: symbn_backward_train_0(arrays, single, gv, gs, idx, pidx, sum, ss, param, ps); break;
     case SYMBN_STEP_BACKWARD_TRAIN_1: symbn_backward_train_1(arrays, single, gv, gs, idx, pidx, sum, ss, param, ps); break;
     case SYMBN_STEP_FORWARD_EVAL_0: symbn_forward_eval_0(arrays, single, gv, gs, idx, pidx, sum, ss, param, ps); break;
@@ -510,7 +489,6 @@ SYMBN_INLINE void symbn_ahead(int step, const void *arrays, int single, ptrdiff_
     switch (step) {
     case SYMBN_STEP_FORWARD_TRAIN_0: symbn_forward_train_0_ahead(arrays, single, idx); break;
     case SYMBN_STEP_FORWARD_TRAIN_1: symbn_forward_train_1_ahead(arrays, single, idx); break;
-    case SYMBN_STEP_FORWARD_TRAIN_2: symbn_forward_train_2_ahead(arrays, single, idx); break;
     case SYMBN_STEP_BACKWARD_TRAIN_0: symbn_backward_train_0_ahead(arrays, single, idx); break;
     case SYMBN_STEP_BACKWARD_TRAIN_1: symbn_backward_train_1_ahead(arrays, single, idx); break;
     case SYMBN_STEP_FORWARD_EVAL_0: symbn_forward_eval_0_ahead(arrays, single, idx); break;
@@ -689,6 +667,7 @@ SYMBN_INLINE void symbn_forward_train_load(const struct symbn_call *c, int singl
     const struct symbn_forward_train_arrays *a = c->arrays;
     gv[0] = c->m;
     gv[1 * gs] = a->eps; /* eps_g */
+    gv[2 * gs] = symbn_load(a->x, g * c->ls, single); /* anchor_g: x of the group's first member */
     (void)a; (void)g; (void)p; (void)single; (void)gs;
 }
 
@@ -697,12 +676,12 @@ SYMBN_INLINE void symbn_forward_train_load(const struct symbn_call *c, int singl
 SYMBN_INLINE int symbn_forward_train_final(const struct symbn_call *c, double *gv, ptrdiff_t gs, ptrdiff_t g)
 {
     const struct symbn_forward_train_arrays *a = c->arrays;
-    const double mean_g = gv[3 * gs];
-    const double var_g = gv[5 * gs];
+    const double mean_g = gv[5 * gs];
+    const double var_g = gv[6 * gs];
     a->mean[g] = mean_g;
     a->var[g] = var_g;
     (void)a; (void)g;
-    return !(isfinite(gv[2 * gs]) && isfinite(gv[4 * gs]));
+    return !(isfinite(gv[3 * gs]) && isfinite(gv[4 * gs]));
 }
 
 /* This thread's share of every pass of forward_train. */
@@ -716,11 +695,9 @@ SYMBN_INLINE void symbn_forward_train_run(const struct symbn_call *c, int single
         for (ptrdiff_t g = first; g < last; ++g) {
             double gv[SYMBN_COLUMNS] = {0.0}; /* the group's values, here while it is made; then in the table for end */
             symbn_forward_train_load(c, single, gv, 1, g, g % c->p_count);
-            symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_0, single, 1, 0, 2, g, gv, 1, mine + 0 * c->pl);
+            symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_0, single, 2, 0, 3, g, gv, 1, mine + 0 * c->pl);
             symbn_forward_train_group_1(gv, 1);
-            symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_1, single, 1, 0, 4, g, gv, 0, mine + 0 * c->pl);
-            symbn_forward_train_group_2(gv, 1);
-            symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_2, single, 0, 0, 0, g, gv, 0, mine + 0 * c->pl);
+            symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_1, single, 0, 0, 0, g, gv, 0, mine + 0 * c->pl);
             flagged |= symbn_forward_train_final(c, gv, 1, g);
             for (int v = 0; v < c->columns; ++v) symbn_group(c, g)[v] = gv[v];
         }
@@ -730,11 +707,9 @@ SYMBN_INLINE void symbn_forward_train_run(const struct symbn_call *c, int single
         for (ptrdiff_t b = first; b < last; ++b) {
             const ptrdiff_t q = b / blocks, p0 = b % blocks * SYMBN_LANES, width = c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES;
             for (ptrdiff_t k = 0; k < width; ++k) symbn_forward_train_load(c, single, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k, p0 + k);
-            symbn_lanes(c, SYMBN_STEP_FORWARD_TRAIN_0, single, 1, 0, 2, q, p0, width, mine + 0 * c->pl);
+            symbn_lanes(c, SYMBN_STEP_FORWARD_TRAIN_0, single, 2, 0, 3, q, p0, width, mine + 0 * c->pl);
             for (ptrdiff_t k = 0; k < width; ++k) symbn_forward_train_group_1(symbn_group(c, q * c->p_count + p0 + k), c->cs);
-            symbn_lanes(c, SYMBN_STEP_FORWARD_TRAIN_1, single, 1, 0, 4, q, p0, width, mine + 0 * c->pl);
-            for (ptrdiff_t k = 0; k < width; ++k) symbn_forward_train_group_2(symbn_group(c, q * c->p_count + p0 + k), c->cs);
-            symbn_lanes(c, SYMBN_STEP_FORWARD_TRAIN_2, single, 0, 0, 0, q, p0, width, mine + 0 * c->pl);
+            symbn_lanes(c, SYMBN_STEP_FORWARD_TRAIN_1, single, 0, 0, 0, q, p0, width, mine + 0 * c->pl);
             for (ptrdiff_t k = 0; k < width; ++k) flagged |= symbn_forward_train_final(c, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k);
         }
     } else {
@@ -743,23 +718,15 @@ SYMBN_INLINE void symbn_forward_train_run(const struct symbn_call *c, int single
             symbn_forward_train_load(c, single, c->table + g, c->groups, g, g % c->p_count);
         }
         SYMBN_BARRIER(c->team);
-        symbn_rows(c, SYMBN_STEP_FORWARD_TRAIN_0, single, 1, 0, 1, mine + 0 * c->pl);
+        symbn_rows(c, SYMBN_STEP_FORWARD_TRAIN_0, single, 2, 0, 1, mine + 0 * c->pl);
         SYMBN_BARRIER(c->team);
-        symbn_add_up(c, 1, 2);
+        symbn_add_up(c, 2, 3);
         symbn_share(c->team, c->groups, &first, &last); /* the same share of the groups every time */
         for (ptrdiff_t g = first; g < last; ++g) {
             symbn_forward_train_group_1(symbn_group(c, g), c->cs);
         }
         SYMBN_BARRIER(c->team);
-        symbn_rows(c, SYMBN_STEP_FORWARD_TRAIN_1, single, 1, 0, 1, mine + 0 * c->pl);
-        SYMBN_BARRIER(c->team);
-        symbn_add_up(c, 1, 4);
-        symbn_share(c->team, c->groups, &first, &last); /* the same share of the groups every time */
-        for (ptrdiff_t g = first; g < last; ++g) {
-            symbn_forward_train_group_2(symbn_group(c, g), c->cs);
-        }
-        SYMBN_BARRIER(c->team);
-        symbn_rows(c, SYMBN_STEP_FORWARD_TRAIN_2, single, 0, 0, 1, mine + 0 * c->pl);
+        symbn_rows(c, SYMBN_STEP_FORWARD_TRAIN_1, single, 0, 0, 1, mine + 0 * c->pl);
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) flagged |= symbn_forward_train_final(c, c->table + g, c->groups, g);
     }
@@ -775,7 +742,7 @@ static int symbn_forward_train_begin(struct symbn_call *c, const struct symbn_fo
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
 {
     if (!a->x || !a->y || !a->mean || !a->var) return SYMBN_ENULL;
-    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 7, 1, 0);
+    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 8, 2, 0);
     (void)single;
     return status;
 }
@@ -1078,6 +1045,11 @@ int symbn_layernorm_forward_train_f32(const float *x, const float *gamma, const 
     return symbn_forward_train_end(&symbn_c, 1);
 }
 
+int symbn_layernorm_forward_train_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
+{
+    return symbn_layernorm_forward_train_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
+}
+
 int symbn_layernorm_backward_train_f32(const float *dy, const float *x, const float *gamma, const double *mean, const double *var, float *dx, double *dgamma, double *dbeta, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps, int schedule)
 {
     const struct symbn_backward_train_arrays symbn_a = {dy, x, gamma, mean, var, dx, dgamma, dbeta, eps};
@@ -1086,6 +1058,11 @@ int symbn_layernorm_backward_train_f32(const float *dy, const float *x, const fl
     if (symbn_status != SYMBN_OK) return symbn_status;
     SYMBN_ON_TEAM(symbn_c.team, symbn_backward_train_run_f32(&symbn_c));
     return symbn_backward_train_end(&symbn_c, 1);
+}
+
+int symbn_layernorm_backward_train_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
+{
+    return symbn_layernorm_backward_train_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_p[7], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
 int symbn_layernorm_forward_eval_f32(const float *x, const float *gamma, const float *beta, const double *mean, const double *var, float *y, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps, int schedule)
@@ -1098,6 +1075,11 @@ int symbn_layernorm_forward_eval_f32(const float *x, const float *gamma, const f
     return symbn_forward_eval_end(&symbn_c, 1);
 }
 
+int symbn_layernorm_forward_eval_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
+{
+    return symbn_layernorm_forward_eval_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
+}
+
 int symbn_layernorm_backward_eval_f32(const float *dy, const float *x, const float *gamma, const double *mean, const double *var, float *dx, double *dgamma, double *dbeta, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps, int schedule)
 {
     const struct symbn_backward_eval_arrays symbn_a = {dy, x, gamma, mean, var, dx, dgamma, dbeta, eps};
@@ -1106,6 +1088,11 @@ int symbn_layernorm_backward_eval_f32(const float *dy, const float *x, const flo
     if (symbn_status != SYMBN_OK) return symbn_status;
     SYMBN_ON_TEAM(symbn_c.team, symbn_backward_eval_run_f32(&symbn_c));
     return symbn_backward_eval_end(&symbn_c, 1);
+}
+
+int symbn_layernorm_backward_eval_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
+{
+    return symbn_layernorm_backward_eval_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_p[7], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
 int symbn_layernorm_forward_train_f64(const double *x, const double *gamma, const double *beta, double *y, double *mean, double *var, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps, int schedule)
@@ -1118,6 +1105,11 @@ int symbn_layernorm_forward_train_f64(const double *x, const double *gamma, cons
     return symbn_forward_train_end(&symbn_c, 0);
 }
 
+int symbn_layernorm_forward_train_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
+{
+    return symbn_layernorm_forward_train_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
+}
+
 int symbn_layernorm_backward_train_f64(const double *dy, const double *x, const double *gamma, const double *mean, const double *var, double *dx, double *dgamma, double *dbeta, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps, int schedule)
 {
     const struct symbn_backward_train_arrays symbn_a = {dy, x, gamma, mean, var, dx, dgamma, dbeta, eps};
@@ -1126,6 +1118,11 @@ int symbn_layernorm_backward_train_f64(const double *dy, const double *x, const 
     if (symbn_status != SYMBN_OK) return symbn_status;
     SYMBN_ON_TEAM(symbn_c.team, symbn_backward_train_run_f64(&symbn_c));
     return symbn_backward_train_end(&symbn_c, 0);
+}
+
+int symbn_layernorm_backward_train_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
+{
+    return symbn_layernorm_backward_train_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_p[7], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
 int symbn_layernorm_forward_eval_f64(const double *x, const double *gamma, const double *beta, const double *mean, const double *var, double *y, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps, int schedule)
@@ -1138,6 +1135,11 @@ int symbn_layernorm_forward_eval_f64(const double *x, const double *gamma, const
     return symbn_forward_eval_end(&symbn_c, 0);
 }
 
+int symbn_layernorm_forward_eval_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
+{
+    return symbn_layernorm_forward_eval_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
+}
+
 int symbn_layernorm_backward_eval_f64(const double *dy, const double *x, const double *gamma, const double *mean, const double *var, double *dx, double *dgamma, double *dbeta, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps, int schedule)
 {
     const struct symbn_backward_eval_arrays symbn_a = {dy, x, gamma, mean, var, dx, dgamma, dbeta, eps};
@@ -1146,4 +1148,9 @@ int symbn_layernorm_backward_eval_f64(const double *dy, const double *x, const d
     if (symbn_status != SYMBN_OK) return symbn_status;
     SYMBN_ON_TEAM(symbn_c.team, symbn_backward_eval_run_f64(&symbn_c));
     return symbn_backward_eval_end(&symbn_c, 0);
+}
+
+int symbn_layernorm_backward_eval_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
+{
+    return symbn_layernorm_backward_eval_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_p[7], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }

@@ -218,6 +218,7 @@ KERNELS = {
         parameters=(('d2_dx', 'pointer'), ('d2_dgamma', 'pointer'), ('d2_dbeta', 'pointer'), ('dy', 'pointer'), ('x', 'pointer'), ('gamma', 'pointer'), ('mean', 'pointer'), ('var', 'pointer'), ('d2_x', 'pointer'), ('d2_gamma', 'pointer'), ('d2_beta', 'pointer'), ('d2_dy', 'pointer'), ('outer', 'size'), ('q_count', 'size'), ('p_count', 'size'), ('l_count', 'size'), ('s_count', 'size'), ('eps', 'real'), ('schedule', 'int')),
         symbols={'float32': 'symbn_layernorm_backward2_train_f32', 'float64': 'symbn_layernorm_backward2_train_f64'},
         stats=(),
+        keyed=(1, 2, 4, 5),
         numpy=_backward2_train,
     ),
     'backward2_eval': _runtime.Table(
@@ -229,6 +230,7 @@ KERNELS = {
         parameters=(('d2_dx', 'pointer'), ('d2_dgamma', 'pointer'), ('d2_dbeta', 'pointer'), ('dy', 'pointer'), ('x', 'pointer'), ('gamma', 'pointer'), ('mean', 'pointer'), ('var', 'pointer'), ('d2_x', 'pointer'), ('d2_gamma', 'pointer'), ('d2_beta', 'pointer'), ('d2_dy', 'pointer'), ('outer', 'size'), ('q_count', 'size'), ('p_count', 'size'), ('l_count', 'size'), ('s_count', 'size'), ('eps', 'real'), ('schedule', 'int')),
         symbols={'float32': 'symbn_layernorm_backward2_eval_f32', 'float64': 'symbn_layernorm_backward2_eval_f64'},
         stats=(),
+        keyed=(1, 2, 4, 5),
         numpy=_backward2_eval,
     ),
 }

@@ -1016,6 +1016,11 @@ int symbn_rmsnorm_forward_train_f32(const float *x, const float *gamma, const fl
     return symbn_forward_train_end(&symbn_c, 1);
 }
 
+int symbn_rmsnorm_forward_train_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
+{
+    return symbn_rmsnorm_forward_train_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
+}
+
 int symbn_rmsnorm_backward_train_f32(const float *dy, const float *x, const float *gamma, const double *ms, float *dx, double *dgamma, double *dbeta, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps, int schedule)
 {
     const struct symbn_backward_train_arrays symbn_a = {dy, x, gamma, ms, dx, dgamma, dbeta, eps};
@@ -1024,6 +1029,11 @@ int symbn_rmsnorm_backward_train_f32(const float *dy, const float *x, const floa
     if (symbn_status != SYMBN_OK) return symbn_status;
     SYMBN_ON_TEAM(symbn_c.team, symbn_backward_train_run_f32(&symbn_c));
     return symbn_backward_train_end(&symbn_c, 1);
+}
+
+int symbn_rmsnorm_backward_train_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
+{
+    return symbn_rmsnorm_backward_train_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
 int symbn_rmsnorm_forward_eval_f32(const float *x, const float *gamma, const float *beta, const double *ms, float *y, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps, int schedule)
@@ -1036,6 +1046,11 @@ int symbn_rmsnorm_forward_eval_f32(const float *x, const float *gamma, const flo
     return symbn_forward_eval_end(&symbn_c, 1);
 }
 
+int symbn_rmsnorm_forward_eval_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
+{
+    return symbn_rmsnorm_forward_eval_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
+}
+
 int symbn_rmsnorm_backward_eval_f32(const float *dy, const float *x, const float *gamma, const double *ms, float *dx, double *dgamma, double *dbeta, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps, int schedule)
 {
     const struct symbn_backward_eval_arrays symbn_a = {dy, x, gamma, ms, dx, dgamma, dbeta, eps};
@@ -1044,6 +1059,11 @@ int symbn_rmsnorm_backward_eval_f32(const float *dy, const float *x, const float
     if (symbn_status != SYMBN_OK) return symbn_status;
     SYMBN_ON_TEAM(symbn_c.team, symbn_backward_eval_run_f32(&symbn_c));
     return symbn_backward_eval_end(&symbn_c, 1);
+}
+
+int symbn_rmsnorm_backward_eval_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
+{
+    return symbn_rmsnorm_backward_eval_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
 int symbn_rmsnorm_forward_train_f64(const double *x, const double *gamma, const double *beta, double *y, double *ms, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps, int schedule)
@@ -1056,6 +1076,11 @@ int symbn_rmsnorm_forward_train_f64(const double *x, const double *gamma, const 
     return symbn_forward_train_end(&symbn_c, 0);
 }
 
+int symbn_rmsnorm_forward_train_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
+{
+    return symbn_rmsnorm_forward_train_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
+}
+
 int symbn_rmsnorm_backward_train_f64(const double *dy, const double *x, const double *gamma, const double *ms, double *dx, double *dgamma, double *dbeta, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps, int schedule)
 {
     const struct symbn_backward_train_arrays symbn_a = {dy, x, gamma, ms, dx, dgamma, dbeta, eps};
@@ -1064,6 +1089,11 @@ int symbn_rmsnorm_backward_train_f64(const double *dy, const double *x, const do
     if (symbn_status != SYMBN_OK) return symbn_status;
     SYMBN_ON_TEAM(symbn_c.team, symbn_backward_train_run_f64(&symbn_c));
     return symbn_backward_train_end(&symbn_c, 0);
+}
+
+int symbn_rmsnorm_backward_train_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
+{
+    return symbn_rmsnorm_backward_train_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
 int symbn_rmsnorm_forward_eval_f64(const double *x, const double *gamma, const double *beta, const double *ms, double *y, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps, int schedule)
@@ -1076,6 +1106,11 @@ int symbn_rmsnorm_forward_eval_f64(const double *x, const double *gamma, const d
     return symbn_forward_eval_end(&symbn_c, 0);
 }
 
+int symbn_rmsnorm_forward_eval_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
+{
+    return symbn_rmsnorm_forward_eval_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
+}
+
 int symbn_rmsnorm_backward_eval_f64(const double *dy, const double *x, const double *gamma, const double *ms, double *dx, double *dgamma, double *dbeta, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps, int schedule)
 {
     const struct symbn_backward_eval_arrays symbn_a = {dy, x, gamma, ms, dx, dgamma, dbeta, eps};
@@ -1084,4 +1119,9 @@ int symbn_rmsnorm_backward_eval_f64(const double *dy, const double *x, const dou
     if (symbn_status != SYMBN_OK) return symbn_status;
     SYMBN_ON_TEAM(symbn_c.team, symbn_backward_eval_run_f64(&symbn_c));
     return symbn_backward_eval_end(&symbn_c, 0);
+}
+
+int symbn_rmsnorm_backward_eval_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
+{
+    return symbn_rmsnorm_backward_eval_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }

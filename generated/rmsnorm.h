@@ -110,4 +110,18 @@ int symbn_rmsnorm_forward_eval_f64(const double *x, const double *gamma, const d
 int symbn_rmsnorm_backward_eval_f32(const float *dy, const float *x, const float *gamma, const double *ms, float *dx, double *dgamma, double *dbeta, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps, int schedule);
 int symbn_rmsnorm_backward_eval_f64(const double *dy, const double *x, const double *gamma, const double *ms, double *dx, double *dgamma, double *dbeta, ptrdiff_t outer, ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, double eps, int schedule);
 
+/*
+ * The same functions, packed: the arrays (in the order above), the five sizes and the scalars
+ * each from one array, and the schedule; for callers that reach every kernel one way (symbn's
+ * compiled Python entry point). NULL stands for an array as above.
+ */
+int symbn_rmsnorm_forward_train_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule);
+int symbn_rmsnorm_forward_train_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule);
+int symbn_rmsnorm_backward_train_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule);
+int symbn_rmsnorm_backward_train_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule);
+int symbn_rmsnorm_forward_eval_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule);
+int symbn_rmsnorm_forward_eval_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule);
+int symbn_rmsnorm_backward_eval_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule);
+int symbn_rmsnorm_backward_eval_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule);
+
 #endif

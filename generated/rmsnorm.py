@@ -171,6 +171,7 @@ KERNELS = {
         parameters=(('x', 'pointer'), ('gamma', 'pointer'), ('beta', 'pointer'), ('y', 'pointer'), ('ms', 'pointer'), ('outer', 'size'), ('q_count', 'size'), ('p_count', 'size'), ('l_count', 'size'), ('s_count', 'size'), ('eps', 'real'), ('schedule', 'int')),
         symbols={'float32': 'symbn_rmsnorm_forward_train_f32', 'float64': 'symbn_rmsnorm_forward_train_f64'},
         stats=('ms',),
+        keyed=(0, 1, 2),
         numpy=_forward_train,
     ),
     'backward_train': _runtime.Table(
@@ -182,6 +183,7 @@ KERNELS = {
         parameters=(('dy', 'pointer'), ('x', 'pointer'), ('gamma', 'pointer'), ('ms', 'pointer'), ('dx', 'pointer'), ('dgamma', 'pointer'), ('dbeta', 'pointer'), ('outer', 'size'), ('q_count', 'size'), ('p_count', 'size'), ('l_count', 'size'), ('s_count', 'size'), ('eps', 'real'), ('schedule', 'int')),
         symbols={'float32': 'symbn_rmsnorm_backward_train_f32', 'float64': 'symbn_rmsnorm_backward_train_f64'},
         stats=(),
+        keyed=(1, 2),
         numpy=_backward_train,
     ),
     'forward_eval': _runtime.Table(
@@ -193,6 +195,7 @@ KERNELS = {
         parameters=(('x', 'pointer'), ('gamma', 'pointer'), ('beta', 'pointer'), ('ms', 'pointer'), ('y', 'pointer'), ('outer', 'size'), ('q_count', 'size'), ('p_count', 'size'), ('l_count', 'size'), ('s_count', 'size'), ('eps', 'real'), ('schedule', 'int')),
         symbols={'float32': 'symbn_rmsnorm_forward_eval_f32', 'float64': 'symbn_rmsnorm_forward_eval_f64'},
         stats=(),
+        keyed=(0, 1, 2),
         numpy=_forward_eval,
     ),
     'backward_eval': _runtime.Table(
@@ -204,6 +207,7 @@ KERNELS = {
         parameters=(('dy', 'pointer'), ('x', 'pointer'), ('gamma', 'pointer'), ('ms', 'pointer'), ('dx', 'pointer'), ('dgamma', 'pointer'), ('dbeta', 'pointer'), ('outer', 'size'), ('q_count', 'size'), ('p_count', 'size'), ('l_count', 'size'), ('s_count', 'size'), ('eps', 'real'), ('schedule', 'int')),
         symbols={'float32': 'symbn_rmsnorm_backward_eval_f32', 'float64': 'symbn_rmsnorm_backward_eval_f64'},
         stats=(),
+        keyed=(1, 2),
         numpy=_backward_eval,
     ),
 }

@@ -326,13 +326,46 @@ def prefixes(chain: tuple[str, ...]) -> list[tuple[str, ...]]:
     return [chain[:j] for j in range(1, len(chain) + 1)]
 
 
+ENTRY = Path(__file__).resolve().parent / "backends" / "c" / "entry.c"
+"""The compiled entry point's source (a CPython extension; see its comment)."""
+
+
+@cache
+def entry_point() -> types.ModuleType | None:
+    """symbn's compiled entry point: ``ENTRY`` built like the kernels (the same compiler, flags
+    and cache, with Python's headers) and imported; it calls the C kernels on the common calls
+    with none of the Python around ctypes. None where it cannot be built (no ``Python.h``, no
+    compiler): the kernels then run through ctypes alone, with the same results."""
+    import importlib.machinery
+    import importlib.util
+    import sysconfig
+
+    import numpy
+
+    include = sysconfig.get_paths().get("include")
+    if not include or not (Path(include) / "Python.h").is_file():
+        return None
+    try:
+        library = compile_library(ENTRY, extra=("-I", include))
+    except CompilerError:
+        return None
+    loader = importlib.machinery.ExtensionFileLoader("symbn_entry", str(library))
+    spec = importlib.util.spec_from_file_location("symbn_entry", str(library), loader=loader)
+    entry = importlib.util.module_from_spec(spec)
+    loader.exec_module(entry)
+    entry.bind(numpy.ndarray)
+    return entry
+
+
 def load(norm: str | Norm = "batchnorm", backend: str = "numpy", threads: int | None = None, order: int = 1,
-         transforms=None):
+         transforms=None, entry: bool = True):
     """The kernels of ``norm`` (a built-in name or a spec) on ``backend`` (``"numpy"`` or ``"c"``):
     one object with a method per kernel of the chain (``order`` vjps, or ``transforms`` such as
     ``("vjp", "jvp")``) and of its prefixes: forward_train, backward_train, forward_eval,
     backward_eval at order 1, and backward2_train, backward2_eval... above. ``threads`` caps the
-    C kernels' OpenMP team (default: every core)."""
+    C kernels' OpenMP team (default: every core). ``entry``: C calls of training kernels go
+    through symbn's compiled entry point (:func:`entry_point`) where it can be built, the rest
+    through ctypes; the same checks, errors and results either way."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}")
     norm, chain = resolve(norm), _chain(order, transforms)
@@ -348,7 +381,8 @@ def load(norm: str | Norm = "batchnorm", backend: str = "numpy", threads: int | 
             parts.append(kernels())
         else:
             stem = _stem(norm, prefix)
-            parts.append(kernels(compile_library(sources_dir(norm, prefix, backend="c") / f"{stem}.c"), threads=threads))
+            parts.append(kernels(compile_library(sources_dir(norm, prefix, backend="c") / f"{stem}.c"), threads=threads,
+                                 entry=entry_point() if entry else None))
     if len(parts) == 1:
         return parts[0]
     return sys.modules[type(parts[-1]).__module__]._runtime.Chain(parts)

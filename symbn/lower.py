@@ -7,8 +7,19 @@ A kernel computes one program over every group of a tensor. Lowering it means th
 * **Passes.** A reduction can run in the first sweep over the data whose start already knows
   every per-group value its summand reads; an element output, in the first sweep after the
   reductions it needs. So each reduction and output gets the earliest pass the dependencies
-  allow: batch norm's forward takes three (mean; variance, two-pass by construction; y), every
-  derivative of it two (its reductions; the outputs), whatever the order.
+  allow: every derivative of batch norm takes two (its reductions; the outputs), whatever the
+  order.
+* **One read for the statistics.** Written as defined, the training forward's statistics need a
+  sweep each (the variance reads the mean). Where every statistic is a polynomial in the earlier
+  ones (:func:`symbn.split.anchored`), they are instead computed from sums of powers of x about
+  an anchor, ``ANCHOR``, the group's first member, all in the first sweep: batch norm's forward
+  takes two passes (Σ(x − a), Σ(x − a)²; y). The rewriting is the split's exact identity (its
+  merge for one process, the shift any number); its rounding is bounded because the anchor is a
+  member: (a − μ)² ≤ m·σ², so Σ(x − a)² − (Σ(x − a))²/m multiplies the summation's relative
+  error by 1 + (a − μ)²/σ², at most m + 1 and about 1 for a member within a few σ of the mean
+  (``tests/test_anchored.py``). Powers above the second would cancel (m + 1)² fold and more, so a
+  statistic that sums one keeps its own sweep, as does one not polynomial in the earlier
+  statistics (mean |x − μ|).
 * **Hoisting.** In each pass, every part of an expression that does not vary within a group is
   a per-group coefficient ``c<p>_<j>`` computed once per group; what is left is shared out with
   ``sympy.cse`` into temporaries ``t<p>_<j>``.
@@ -27,15 +38,24 @@ from dataclasses import dataclass
 import sympy as sp
 
 from .derive import Derivation, derive, transforms_for
-from .program import DATA, ELEMENT, GROUP, PARAM, SCALAR, Input, Program
+from .errors import SpecError
+from .program import DATA, ELEMENT, GROUP, PARAM, SCALAR, Input, Program, Step
 from .spec import Norm, resolve
-from .sums import I, M
+from .split import COUNT as PART_COUNT
+from .split import SHIFT as PART_SHIFT
+from .split import anchored
+from .sums import I, K, M
 
 COUNT = sp.Symbol("m", positive=True)
 """The number of members of a group, in the kernels."""
 MOMENTUM = sp.Symbol("momentum", positive=True)
 SHIFT = sp.Symbol("shift", real=True)
 """Per group: the mean rounded to the working precision (see :func:`plan`'s ``frame``)."""
+ANCHOR = sp.Symbol("anchor_g", real=True)
+"""Per group: x of its first member (n, l, s all 0), read before the first pass of an anchored
+kernel, whose statistics are summed about it (see the module's docstring)."""
+MOST_ANCHORED_POWER = 2
+"""The highest power of x − ANCHOR an anchored kernel sums (the variance's)."""
 
 
 def element_var(name: str) -> sp.Symbol:
@@ -113,6 +133,7 @@ class Kernel:
     outputs: tuple[Arg, ...]
     passes: tuple[Pass, ...]
     final: tuple[Assign, ...]
+    anchored: bool = False          # reads ANCHOR: its statistics are summed about the group's first member
 
     def arg(self, name: str) -> Arg:
         return next(a for a in (*self.inputs, *self.outputs) if a.name == name)
@@ -180,7 +201,7 @@ def plan(norm: str | Norm, transforms: tuple[str, ...] | str | None = None, orde
     for mode in ("train", "eval"):
         d = derive(norm, mode, transforms=chain)
         if len(chain) == 1:
-            kernels.append(_forward_kernel(d.levels[0].source, mode, shift))
+            kernels.append(_forward_kernel(d.levels[0].source, norm, mode, shift))
         kernels.append(_derived_kernel(d, shift))
     running = tuple(_running(name, name in norm.unbiased) for name in norm.stat_names)
     return KernelPlan(norm, chain, tuple(kernels), running, shift)
@@ -191,14 +212,49 @@ def mean_statistic(norm: Norm) -> str | None:
     return next((name for name, text in norm.stats if text.replace(" ", "") == "x"), None)
 
 
-def _forward_kernel(p: Program, mode: str, shift: str | None) -> Kernel:
-    """The forward program; in training its statistics are outputs too (saved for the backward)."""
+def _forward_kernel(p: Program, norm: Norm, mode: str, shift: str | None) -> Kernel:
+    """The forward program; in training its statistics are outputs too (saved for the backward),
+    from one read of x where they can be (see the module's docstring)."""
     stats = [s for s in p.steps if s.kind == GROUP]
     inline = {s.target: s.definition for s in p.steps if s.kind == ELEMENT}
     outputs = [(_output(p, name), _inlined(p.value(name), inline)) for name in p.outputs]
     outputs += [(Arg(s.name, GROUP, DATA, True), s.target) for s in stats]
     inputs = [_input(q) for q in p.inputs]
-    return _lower(kernel_name((), mode), mode, (), inputs, stats, outputs, {}, _renaming(p), shift, collect=False)
+    one_read = _anchored_statistics(p, norm) if mode == "train" else None
+    return _lower(kernel_name((), mode), mode, (), inputs, one_read or stats, outputs, {}, _renaming(p), shift,
+                  collect=False, anchored=one_read is not None)
+
+
+def _anchored_statistics(p: Program, norm: Norm) -> list[Step] | None:
+    """The training statistics as steps defined by sums of powers of x about ANCHOR (the split's
+    merge for one process, :func:`symbn.split.anchored`), or None where that saves no sweep (no
+    statistic reads an earlier one: RMS norm's mean of x² takes one sweep as defined), where one
+    of them cannot be (not polynomial in the earlier ones) or would sum a power above
+    MOST_ANCHORED_POWER."""
+    stats = [s for s in p.steps if s.kind == GROUP]
+    if not any(s.definition.has(*(e.target for e in stats[:j])) for j, s in enumerate(stats) if j):
+        return None
+    try:
+        a = anchored(norm)
+    except SpecError:
+        return None
+    powers = [int(part.name[1:]) for part in a.partials if part.name.startswith("S")]
+    if max(powers, default=0) > MOST_ANCHORED_POWER:
+        return None
+    x = p.symbols["x"]
+    member = {sp.Symbol(str(base), real=True): base[K] for base in p.symbols.values() if isinstance(base, sp.IndexedBase)}
+    sums = {part.symbol: sp.Sum(part.summand.xreplace({PART_SHIFT: ANCHOR}).xreplace(member), (K, 1, M)) for part in a.partials}
+    if any(e.base != x for total in sums.values() for e in total.atoms(sp.Indexed)):
+        return None  # a summand reads an element quantity other than x
+    steps = {s.name: s for s in stats}
+
+    def mean_of(term: sp.Expr) -> sp.Expr:
+        """term / m, term by term: the mean a + Σ(x − a)/m, never (a·m + Σ(x − a))/m, whose a·m can
+        overflow where the mean does not."""
+        term = term.xreplace({PART_COUNT: M, PART_SHIFT: ANCHOR, **sums})
+        return sp.Add(*(t / M for t in sp.Add.make_args(term)))
+
+    return [Step(m.name, GROUP, steps[m.name].role, m.symbol, mean_of(m.term)) for m in a.statistics]
 
 
 def _derived_kernel(d: Derivation, shift: str | None) -> Kernel:
@@ -257,12 +313,12 @@ def _to_vars(expr: sp.Expr, names: dict[sp.Basic, str]) -> sp.Expr:
 
 
 def _lower(name: str, mode: str, transforms: tuple[str, ...], inputs: list[Arg], group_steps, outputs, elements: dict,
-           names: dict[sp.Basic, str], shift: str | None, collect: bool) -> Kernel:
+           names: dict[sp.Basic, str], shift: str | None, collect: bool, anchored: bool = False) -> Kernel:
     """Reductions, passes and hoisting for one kernel (see the module's docstring).
 
     ``group_steps``: the program's per-group steps (statistics) to compute; ``outputs``: (Arg,
     expression) pairs; ``elements``: per-element steps kept as named temporaries (x̂); ``names``:
-    program symbol -> quantity name."""
+    program symbol -> quantity name; ``anchored``: the group steps read ANCHOR."""
     sums: list[Assign] = []
 
     def reduction(total: sp.Sum) -> sp.Symbol:
@@ -288,6 +344,8 @@ def _lower(name: str, mode: str, transforms: tuple[str, ...], inputs: list[Arg],
     # earliest pass: per-group values known before pass `ready[v]`
     ready = {a.var: 0 for a in inputs if a.kind == GROUP}
     ready[COUNT] = 0
+    if anchored:
+        ready[ANCHOR] = 0
 
     def after(expr: sp.Expr) -> int:
         return max((ready[v] for v in expr.free_symbols if v in ready), default=0)
@@ -322,7 +380,7 @@ def _lower(name: str, mode: str, transforms: tuple[str, ...], inputs: list[Arg],
         passes.append(_hoisted(number, groups, wanted, temporaries, framed, collect, coefficients))
     final = [g for g in group if ready[g.symbol] >= count]
     final += [Assign(a.name, e) for a, e in results if a.kind == GROUP]
-    return Kernel(name, mode, transforms, tuple(inputs), tuple(a for a, _ in outputs), tuple(passes), tuple(final))
+    return Kernel(name, mode, transforms, tuple(inputs), tuple(a for a, _ in outputs), tuple(passes), tuple(final), anchored)
 
 
 def _expanded(expr: sp.Expr, temporaries: list[Assign]) -> sp.Expr:

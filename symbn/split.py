@@ -159,6 +159,30 @@ def split(norm: str | Norm) -> Split:
     return Split(norm, program, written, shifted, tuple(partials.values()), tuple(merged), elements, reductions, gradients)
 
 
+@dataclass(frozen=True)
+class Anchored:
+    """A norm's training statistics over one whole group, from sums over its members about an
+    anchor a (any number: a kernel takes the group's first member), all readable in one sweep:
+    the power sums Σ_k (x_k − a)ⁿ, n ≥ 1, and the sums of coefficients not polynomial in x. The
+    split's merge for a single process whose shift is a rather than its mean (so Σ (x_k − a) is
+    kept): each statistic is ``term`` / m with COUNT the group's m and SHIFT the anchor."""
+
+    norm: Norm
+    partials: tuple[Partial, ...]
+    statistics: tuple[Merged, ...]
+
+
+def anchored(norm: str | Norm) -> Anchored:
+    """``norm``'s statistics from sums about an anchor (:class:`Anchored`), for any layout; a
+    statistic not polynomial in the earlier ones is a :class:`SpecError`, as for :func:`split`."""
+    norm = resolve(norm)
+    stats = [s for s in forward_program(norm, "train").steps if s.kind == GROUP]
+    partials: dict[sp.Expr, Partial] = {}
+    merged = [Merged(s.name, s.target, _merge(norm, s.name, _body(s), [e.target for e in stats[:j]], partials, centered=False))
+              for j, s in enumerate(stats)]
+    return Anchored(norm, tuple(partials.values()), tuple(merged))
+
+
 def _body(step) -> sp.Expr:
     """f in a statistic's definition 1/m Σ_k f(x_k, ...), at member X."""
     total = step.definition * M
@@ -173,8 +197,10 @@ def _per_member(expr: sp.Expr) -> sp.Expr:
                         lambda e: sp.Symbol(str(e.base), real=True))
 
 
-def _merge(norm: Norm, name: str, body: sp.Expr, earlier: list[sp.Symbol], partials: dict[sp.Expr, Partial]) -> sp.Expr:
-    """Σ over one process's members of ``body``, written as its per-process term of the merge."""
+def _merge(norm: Norm, name: str, body: sp.Expr, earlier: list[sp.Symbol], partials: dict[sp.Expr, Partial],
+           centered: bool = True) -> sp.Expr:
+    """Σ over one process's members of ``body``, written as its per-process term of the merge
+    (``centered``: the shift is the members' own mean, see :func:`_summed`)."""
     text = dict(norm.stats)[name]
     try:
         poly = sp.Poly(body, *earlier) if earlier else None
@@ -190,16 +216,17 @@ def _merge(norm: Norm, name: str, body: sp.Expr, earlier: list[sp.Symbol], parti
     out = sp.S.Zero
     for powers, coefficient in terms:
         monomial = sp.Mul(*(g**k for g, k in zip(earlier, powers)))
-        out += monomial * _summed(coefficient, partials)
+        out += monomial * _summed(coefficient, partials, centered)
     # shown as Chan's update: m_p (c_p − μ)² + S⁽²⁾_p, each per-process number times its factored coefficient
     numbers = [COUNT, *(p.symbol for p in partials.values())]
     collected = sp.collect(sp.expand(out), numbers, evaluate=False)
     return sp.Add(*(sp.factor(c) * v for v, c in collected.items()))
 
 
-def _summed(coefficient: sp.Expr, partials: dict[sp.Expr, Partial]) -> sp.Expr:
-    """Σ_{k∈p} coefficient(x_k) in the per-process numbers: central power sums about the shift
-    when it is a polynomial in x, the sum of it as it is otherwise."""
+def _summed(coefficient: sp.Expr, partials: dict[sp.Expr, Partial], centered: bool = True) -> sp.Expr:
+    """Σ_{k∈p} coefficient(x_k) in the per-process numbers: power sums about the shift when it is
+    a polynomial in x (``centered``: the shift is the members' mean, so the first power's sum is 0
+    and is left out), the sum of it as it is otherwise."""
     if not coefficient.has(X):
         return coefficient * COUNT
     try:
@@ -212,7 +239,7 @@ def _summed(coefficient: sp.Expr, partials: dict[sp.Expr, Partial]) -> sp.Expr:
     for (n,), b in poly.terms():
         if n == 0:
             out += b * COUNT
-        elif n >= 2:  # n = 1: Σ_{k∈p} (x_k − c_p) = 0, c_p being the process's mean
+        elif n >= 2 or not centered:  # centered, n = 1: Σ_{k∈p} (x_k − c_p) = 0, c_p being the process's mean
             out += b * _partial((X - SHIFT) ** n, "S", partials, n)
     return out
 
@@ -260,8 +287,21 @@ def prove(s: Split, sizes: tuple[tuple[int, int], ...] = ((1, 2), (2, 2))) -> li
 
 
 def _merge_proofs(s: Split) -> list[Proof]:
+    return _merge_claims(s.program, s.partials, s.statistics, anchored=False)
+
+
+def prove_anchored(a: Anchored) -> list[Proof]:
+    """For symbolic m and a symbolic anchor: each statistic from the sums about the anchor equals
+    its definition over the group (data as the group's raw power sums)."""
+    return _merge_claims(forward_program(a.norm, "train"), a.partials, a.statistics, anchored=True)
+
+
+def _merge_claims(program: Program, partials: tuple[Partial, ...], statistics: tuple[Merged, ...], anchored: bool) -> list[Proof]:
+    """Each statistic of ``statistics`` against its definition: merged from two processes (their
+    shifts their means), or (``anchored``) from one block of all m members about any anchor."""
     m1, m2 = sp.symbols("m1 m2", integer=True, positive=True)
-    counts = (m1, m2)
+    counts = (sp.Symbol("m", integer=True, positive=True),) if anchored else (m1, m2)
+    anchor = sp.Symbol("a", real=True)
     raw: dict[tuple[int, object], sp.Symbol] = {}
 
     def block(b: int, key) -> sp.Symbol:
@@ -291,21 +331,26 @@ def _merge_proofs(s: Split) -> list[Proof]:
         return factor * block(b, rest)
 
     proofs = []
-    for merged in s.statistics:
-        body = _body(next(st for st in s.program.steps if st.name == merged.name))
-        union = sum((summed(b, body) for b in (0, 1)), sp.S.Zero) / (m1 + m2)
+    blocks, total = range(len(counts)), sum(counts, sp.S.Zero)
+    for merged in statistics:
+        body = _body(next(st for st in program.steps if st.name == merged.name))
+        union = sum((summed(b, body) for b in blocks), sp.S.Zero) / total
         parts = []
-        for b in (0, 1):
-            shift = block(b, 1) / counts[b]
+        for b in blocks:
+            shift = anchor if anchored else block(b, 1) / counts[b]
             values = {COUNT: counts[b], SHIFT: shift}
-            values.update({p.symbol: summed(b, p.summand.xreplace({SHIFT: shift})) for p in s.partials})
+            values.update({p.symbol: summed(b, p.summand.xreplace({SHIFT: shift})) for p in partials})
             parts.append(merged.term.xreplace(values))
-        difference = sp.cancel(sp.together(sum(parts, sp.S.Zero) / (m1 + m2) - union))
+        difference = sp.cancel(sp.together(sum(parts, sp.S.Zero) / total - union))
         outcome = "proven" if difference == 0 else "refuted"
-        claim = (f"{merged.name} merged from two processes of m₁ and m₂ members equals {merged.name} over the "
-                 "concatenated batch of m₁ + m₂")
-        proofs.append(Proof(f"split:{merged.name}", claim, None, outcome,
-                            difference, "symbolic in m₁, m₂ and each process's raw power sums (its shift c_p: its mean)", budget_s=None))
+        if anchored:
+            proofs.append(Proof(f"anchored:{merged.name}", f"{merged.name} from the sums of powers of x − a over the group "
+                                f"equals {merged.name} as defined", None, outcome, difference,
+                                "symbolic in m, the anchor a and the group's raw power sums", budget_s=None))
+        else:
+            proofs.append(Proof(f"split:{merged.name}", f"{merged.name} merged from two processes of m₁ and m₂ members equals "
+                                f"{merged.name} over the concatenated batch of m₁ + m₂", None, outcome, difference,
+                                "symbolic in m₁, m₂ and each process's raw power sums (its shift c_p: its mean)", budget_s=None))
     return proofs
 
 

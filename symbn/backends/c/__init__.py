@@ -41,7 +41,7 @@ from sympy.printing.c import C99CodePrinter
 from sympy.printing.precedence import PRECEDENCE
 
 from ...interface import DEFAULTS, DTYPES, OPTIONAL, SCHEDULES, STATUS, function_name, parameters
-from ...lower import COUNT, Arg, Kernel, KernelPlan, Pass
+from ...lower import ANCHOR, COUNT, Arg, Kernel, KernelPlan, Pass
 from ...program import DATA, ELEMENT, GROUP, PARAM, SCALAR
 
 FILES = {"{name}.c": "kernels.c.j2", "{name}.h": "kernels.h.j2"}
@@ -161,7 +161,7 @@ def _kernel(norm: str, k: Kernel) -> dict:
     """The C of one kernel (see the module's docstring for where each part goes)."""
     outputs = {a.name for a in k.outputs}
     group_inputs = [a for a in k.inputs if a.kind == GROUP]
-    columns = [COUNT.name] + [a.var.name for a in group_inputs]
+    columns = [COUNT.name] + [a.var.name for a in group_inputs] + ([ANCHOR.name] if k.anchored else [])
     for ps in k.passes:
         if ps.framed:
             raise ValueError("the C backend takes plans lowered with frame=False")
@@ -222,15 +222,21 @@ def _kernel(norm: str, k: Kernel) -> dict:
     fields = [{"decl": field(p), "doc": _describe(p.arg, p.arg in k.outputs)} for p in arrays]
     fields += [{"decl": f"double {p.name}", "doc": _describe(p.arg, False)} for p in params if p.ctypes == "real"]
     members = [p.name for p in params if p.ctypes in ("pointer", "real")]
+    packed = []  # the packed entry's arguments: the arrays, sizes and reals from three arrays, in the parameters' order
+    for p in params:
+        count = sum(q.ctypes == p.ctypes for q in params[:params.index(p)])
+        packed.append({"pointer": f"symbn_p[{count}]", "size": f"symbn_n[{count}]", "real": f"symbn_r[{count}]"}.get(p.ctypes, p.name))
     return {
         "name": k.name, "mode": k.mode, "train": train, "transforms": list(k.transforms),
         "functions": {t["suffix"]: function_name(norm, k, t["suffix"]) for t in DTYPES},
-        "parameters": [p.typed for p in params], "fields": fields, "members": members,
+        "parameters": [p.typed for p in params], "fields": fields, "members": members, "packed": packed,
         "required": [p.name for p in arrays if not p.optional],
         "inputs": [_describe(a, False) for a in k.inputs],
         "outputs": [_describe(a, True) for a in k.outputs],
         "columns": columns, "nv": len(columns),
-        "loads": [{"column": index[a.var.name], "name": a.var.name, "code": load_group(a)} for a in group_inputs],
+        "loads": [{"column": index[a.var.name], "name": a.var.name, "code": load_group(a)} for a in group_inputs]
+        + ([{"column": index[ANCHOR.name], "name": f"{ANCHOR.name}: x of the group's first member",
+             "code": "symbn_load(a->x, g * c->ls, single)"}] if k.anchored else []),
         "passes": passes, "final": final,
         "nsums": max([p["ns"] for p in passes] + [0]),
         "params": [{"name": name, "index": j} for name, j in param_index.items()],

@@ -25,7 +25,7 @@ import sympy as sp
 from sympy.printing.numpy import NumPyPrinter
 
 from ... import interface
-from ...lower import COUNT, MOMENTUM, SHIFT, Assign, Kernel, KernelPlan, X, group_var
+from ...lower import ANCHOR, COUNT, MOMENTUM, SHIFT, Assign, Kernel, KernelPlan, X, group_var
 from ...program import ELEMENT, GROUP, PARAM, SCALAR
 from ...spec import LAYOUTS, SpecError
 
@@ -202,6 +202,9 @@ def _kernel(plan: KernelPlan, kernel: Kernel) -> dict:
         if a.kind == ELEMENT and a.role != PARAM:
             setup.append(f"_{a.name} = _runtime.view({a.name}, geo)")
     defined = {a.var for a in kernel.inputs if a.kind == GROUP} | {COUNT}
+    if kernel.anchored:
+        setup.append(f"{ANCHOR} = _runtime.anchor(_x)")
+        defined.add(ANCHOR)
 
     def shift_line() -> str:
         return f"shift = _runtime.rounded({group_printer.doprint(shift_of)}, _w)"
@@ -223,8 +226,9 @@ def _kernel(plan: KernelPlan, kernel: Kernel) -> dict:
         varying = varying_inputs | temporaries
         summand_dtype = "numpy.float64" if not kernel.transforms else None  # statistics: summands in float64
         # A pass of the forward's statistics alone sums float64 summands: there x is read as it is
-        # (x_v - shift in the expressions), with the per-group values in float64, one operation fewer.
-        raw = p.framed and summand_dtype is not None and not (p.element or p.params or p.stores)
+        # (x_v - shift in the expressions), with the per-group values in float64, one operation
+        # fewer; where it shares a temporary between sums (x - anchor), x is read in float64.
+        raw = summand_dtype is not None and not (p.params or p.stores) and (p.framed or bool(p.element))
         framed_x = p.framed and not raw
         sums_of = [Assign(a.name, a.expr.xreplace({X: X - SHIFT})) for a in p.sums] if raw else list(p.sums)
         everything = [a.expr for a in (*p.element, *sums_of, *p.params, *p.stores)]
@@ -239,7 +243,7 @@ def _kernel(plan: KernelPlan, kernel: Kernel) -> dict:
                 value = f"_{a.name}[_block]"
                 if a.name == "x" and framed_x:
                     value = f"{value} - _shift"
-                elif exact:
+                elif exact or (raw and p.element):
                     value = f"{value}.astype(numpy.float64)"
                 loads.append(f"{a.var} = {value}")
         lines = []
@@ -302,6 +306,7 @@ def _kernel(plan: KernelPlan, kernel: Kernel) -> dict:
         "symbols": {d["numpy"]: interface.function_name(plan.norm.name, kernel, d["suffix"]) for d in interface.DTYPES},
         "signature": signature, "setup": setup, "passes": passes, "final": final,
         "stats": tuple(a.name for a in kernel.outputs if a.kind == GROUP and a.role != PARAM and a.name in plan.stat_names),
+        "keyed": tuple(j for j, a in enumerate(kernel.inputs) if a.name == "x" or (a.kind == ELEMENT and a.role == PARAM)),
     }
 
 
