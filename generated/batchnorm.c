@@ -1074,6 +1074,7 @@ int symbn_batchnorm_forward_train_f32(const float *x, const float *gamma, const 
 
 int symbn_batchnorm_forward_train_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_batchnorm_forward_train_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -1089,6 +1090,7 @@ int symbn_batchnorm_backward_train_f32(const float *dy, const float *x, const fl
 
 int symbn_batchnorm_backward_train_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_batchnorm_backward_train_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_p[7], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -1104,6 +1106,7 @@ int symbn_batchnorm_forward_eval_f32(const float *x, const float *gamma, const f
 
 int symbn_batchnorm_forward_eval_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_batchnorm_forward_eval_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -1119,6 +1122,7 @@ int symbn_batchnorm_backward_eval_f32(const float *dy, const float *x, const flo
 
 int symbn_batchnorm_backward_eval_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_batchnorm_backward_eval_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_p[7], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -1134,6 +1138,7 @@ int symbn_batchnorm_forward_train_f64(const double *x, const double *gamma, cons
 
 int symbn_batchnorm_forward_train_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_batchnorm_forward_train_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -1149,6 +1154,7 @@ int symbn_batchnorm_backward_train_f64(const double *dy, const double *x, const 
 
 int symbn_batchnorm_backward_train_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_batchnorm_backward_train_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_p[7], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -1164,6 +1170,7 @@ int symbn_batchnorm_forward_eval_f64(const double *x, const double *gamma, const
 
 int symbn_batchnorm_forward_eval_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_batchnorm_forward_eval_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -1179,5 +1186,6 @@ int symbn_batchnorm_backward_eval_f64(const double *dy, const double *x, const d
 
 int symbn_batchnorm_backward_eval_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_batchnorm_backward_eval_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_p[7], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }

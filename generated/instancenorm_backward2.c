@@ -814,6 +814,7 @@ int symbn_instancenorm_backward2_train_f32(const float *d2_dx, const float *d2_d
 
 int symbn_instancenorm_backward2_train_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_instancenorm_backward2_train_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_p[7], symbn_p[8], symbn_p[9], symbn_p[10], symbn_p[11], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -829,6 +830,7 @@ int symbn_instancenorm_backward2_eval_f32(const float *d2_dx, const float *d2_dg
 
 int symbn_instancenorm_backward2_eval_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_instancenorm_backward2_eval_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_p[7], symbn_p[8], symbn_p[9], symbn_p[10], symbn_p[11], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -844,6 +846,7 @@ int symbn_instancenorm_backward2_train_f64(const double *d2_dx, const double *d2
 
 int symbn_instancenorm_backward2_train_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_instancenorm_backward2_train_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_p[7], symbn_p[8], symbn_p[9], symbn_p[10], symbn_p[11], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -859,5 +862,6 @@ int symbn_instancenorm_backward2_eval_f64(const double *d2_dx, const double *d2_
 
 int symbn_instancenorm_backward2_eval_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_instancenorm_backward2_eval_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_p[7], symbn_p[8], symbn_p[9], symbn_p[10], symbn_p[11], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }

@@ -1047,6 +1047,7 @@ int symbn_layernorm_forward_train_f32(const float *x, const float *gamma, const 
 
 int symbn_layernorm_forward_train_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_layernorm_forward_train_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -1062,6 +1063,7 @@ int symbn_layernorm_backward_train_f32(const float *dy, const float *x, const fl
 
 int symbn_layernorm_backward_train_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_layernorm_backward_train_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_p[7], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -1077,6 +1079,7 @@ int symbn_layernorm_forward_eval_f32(const float *x, const float *gamma, const f
 
 int symbn_layernorm_forward_eval_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_layernorm_forward_eval_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -1092,6 +1095,7 @@ int symbn_layernorm_backward_eval_f32(const float *dy, const float *x, const flo
 
 int symbn_layernorm_backward_eval_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_layernorm_backward_eval_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_p[7], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -1107,6 +1111,7 @@ int symbn_layernorm_forward_train_f64(const double *x, const double *gamma, cons
 
 int symbn_layernorm_forward_train_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_layernorm_forward_train_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -1122,6 +1127,7 @@ int symbn_layernorm_backward_train_f64(const double *dy, const double *x, const 
 
 int symbn_layernorm_backward_train_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_layernorm_backward_train_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_p[7], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -1137,6 +1143,7 @@ int symbn_layernorm_forward_eval_f64(const double *x, const double *gamma, const
 
 int symbn_layernorm_forward_eval_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_layernorm_forward_eval_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -1152,5 +1159,6 @@ int symbn_layernorm_backward_eval_f64(const double *dy, const double *x, const d
 
 int symbn_layernorm_backward_eval_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_layernorm_backward_eval_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_p[7], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }

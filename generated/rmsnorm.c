@@ -1018,6 +1018,7 @@ int symbn_rmsnorm_forward_train_f32(const float *x, const float *gamma, const fl
 
 int symbn_rmsnorm_forward_train_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_rmsnorm_forward_train_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -1033,6 +1034,7 @@ int symbn_rmsnorm_backward_train_f32(const float *dy, const float *x, const floa
 
 int symbn_rmsnorm_backward_train_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_rmsnorm_backward_train_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -1048,6 +1050,7 @@ int symbn_rmsnorm_forward_eval_f32(const float *x, const float *gamma, const flo
 
 int symbn_rmsnorm_forward_eval_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_rmsnorm_forward_eval_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -1063,6 +1066,7 @@ int symbn_rmsnorm_backward_eval_f32(const float *dy, const float *x, const float
 
 int symbn_rmsnorm_backward_eval_f32_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_rmsnorm_backward_eval_f32(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -1078,6 +1082,7 @@ int symbn_rmsnorm_forward_train_f64(const double *x, const double *gamma, const 
 
 int symbn_rmsnorm_forward_train_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_rmsnorm_forward_train_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -1093,6 +1098,7 @@ int symbn_rmsnorm_backward_train_f64(const double *dy, const double *x, const do
 
 int symbn_rmsnorm_backward_train_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_rmsnorm_backward_train_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -1108,6 +1114,7 @@ int symbn_rmsnorm_forward_eval_f64(const double *x, const double *gamma, const d
 
 int symbn_rmsnorm_forward_eval_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_rmsnorm_forward_eval_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }
 
@@ -1123,5 +1130,6 @@ int symbn_rmsnorm_backward_eval_f64(const double *dy, const double *x, const dou
 
 int symbn_rmsnorm_backward_eval_f64_packed(void *const *symbn_p, const ptrdiff_t *symbn_n, const double *symbn_r, int schedule)
 {
+    (void)symbn_r; /* a kernel may take no scalar */
     return symbn_rmsnorm_backward_eval_f64(symbn_p[0], symbn_p[1], symbn_p[2], symbn_p[3], symbn_p[4], symbn_p[5], symbn_p[6], symbn_n[0], symbn_n[1], symbn_n[2], symbn_n[3], symbn_n[4], symbn_r[0], schedule);
 }

@@ -2,7 +2,7 @@
 
 What: for each C case of the bench (the norms, shapes and dtypes :mod:`symbn.bench` times;
 ``quick``: its quick subset), the kernels of the working tree (``generated/`` as it is on disk,
-what ``symbn.load(norm, "c")`` loads) and the kernels committed in ``generated/`` at revision REV
+what ``symbn.load(norm, "c", entry=False)`` loads) and the kernels committed in ``generated/`` at revision REV
 (``<norm>.c``, ``.h``, ``.py`` and ``_runtime.py``, read with ``git show``), forward and
 backward, timed in the same process by the bench's own timer (:func:`symbn.bench.median_ms`):
 one sample of each in turn, round-robin. The report gives both times per case and the ratio
@@ -211,7 +211,7 @@ def compare(against: str, quick: bool = False, threads: int = 2, progress=None, 
             progress(f"[{number}/{len(cases)}] {norm} {'x'.join(map(str, shape))} {dtype}, {threads} threads: "
                      f"working tree against {against}")
         x, dy, gamma, beta = _data(number, norm, shape, np.dtype(dtype))
-        tree = load(norm, "c", threads=threads)
+        tree = load(norm, "c", threads=threads, entry=False)  # both through ctypes: the kernels compared, not the entry
         calls = {}
         calls.update(_calls(tree, "tree", x, dy, gamma, beta, options, against))
         calls.update(_calls(ours[norm], "rev", x, dy, gamma, beta, options, against))

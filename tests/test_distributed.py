@@ -100,7 +100,14 @@ def test_the_readme_example_runs_under_torchrun(tmp_path):
     root = Path(__file__).resolve().parent.parent
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port of its own
                str(root / "examples" / "sync_train.py")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    for _ in range(2):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        # DDP imports torch._dynamo, and with it a gloo process now and then aborts at exit, after
+        # its work ("terminate called without an active exception", upstream: pytorch#179291, about
+        # one run in 30 here): that one failure is run again, once; any other fails at once
+        if not (done.returncode and "terminate called without an active exception" in done.stderr
+                and "step 10: loss" in done.stdout):
+            break
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes, step 10: loss" in done.stdout
 
