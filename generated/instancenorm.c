@@ -64,6 +64,7 @@ struct symbn_call {
     int team, shape;
     int columns, sums, params;       /* the kernel's per-group values; most sums in a pass; parameter gradients */
     double *table;                   /* every per-group value: column v of group g at table[v * cs + g * gstride] */
+    float *ftable;                   /* the same, rounded to float, for the element code that runs in float (single) */
     ptrdiff_t cs, gstride;           /* [column][group] (cs = groups: LANES, ROWS read across groups), or
                                         [group][column] (GROUPS: a group's values in one or two cache lines) */
     double *partial;                 /* ROWS: [thread][sum][group] partial sums */
@@ -141,13 +142,14 @@ static int symbn_start(struct symbn_call *c, const void *arrays, ptrdiff_t outer
     c->cs = c->shape == SYMBN_SCHEDULE_GROUPS ? 1 : c->groups;
     c->gstride = c->shape == SYMBN_SCHEDULE_GROUPS ? columns : 1;
     if (!symbn_times(columns, c->groups, limit, &table) || !symbn_times((ptrdiff_t)c->team * (sums + 1), c->groups, limit, &partial) ||
-        !symbn_times((ptrdiff_t)c->team * (params + 1), c->pl, limit, &pgrad) || table > limit - partial ||
-        table + partial > limit - pgrad - c->team) return SYMBN_ESIZE;
+        !symbn_times((ptrdiff_t)c->team * (params + 1), c->pl, limit, &pgrad) || table > limit / 2 - partial ||
+        2 * table + partial > limit - pgrad - c->team) return SYMBN_ESIZE;
     if (c->shape != SYMBN_SCHEDULE_ROWS) partial = 0;
     /* begin fills the table; ROWS zeroes its partial sums per pass */
-    c->table = malloc((size_t)(table + partial + pgrad + c->team) * sizeof(double));
+    c->table = malloc((size_t)(2 * table + partial + pgrad + c->team) * sizeof(double)); /* ftable: a float per double of table */
     if (!c->table) return SYMBN_ENOMEM;
     c->partial = c->table + table, c->pgrad = c->partial + partial, c->flags = c->pgrad + pgrad;
+    c->ftable = (float *)(c->flags + c->team);
     for (ptrdiff_t k = 0; k < pgrad + c->team; ++k) c->pgrad[k] = 0.0;
     return SYMBN_OK;
 }
@@ -156,6 +158,12 @@ static int symbn_start(struct symbn_call *c, const void *arrays, ptrdiff_t outer
 SYMBN_INLINE double *symbn_group(const struct symbn_call *c, ptrdiff_t g)
 {
     return c->table + g * c->gstride;
+}
+
+/* The same, rounded to float */
+SYMBN_INLINE float *symbn_fgroup(const struct symbn_call *c, ptrdiff_t g)
+{
+    return c->ftable + g * c->gstride;
 }
 
 /* This thread's number, and its share [*first, *last) of `count` items (contiguous blocks, as schedule(static)). */
@@ -228,15 +236,15 @@ struct symbn_forward_train_arrays {
 };
 
 /* forward_train, pass 0, one member: red_0 +=, red_1 += */
-SYMBN_INLINE void symbn_forward_train_0(const struct symbn_forward_train_arrays *a, int single, const double *gv, ptrdiff_t gs,
-                                       ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
+SYMBN_INLINE void symbn_forward_train_0(const struct symbn_forward_train_arrays *a, int single, const double *gv, const float *fv,
+                                       ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
-    const double x_v = symbn_load(a->x, idx, single);
     const double anchor_g = gv[4 * gs];
+    const double x_v = symbn_load(a->x, idx, single);
     const double t0_0 = -anchor_g + x_v;
     sum[0 * ss] += t0_0; /* red_0 */
     sum[1 * ss] += (t0_0*t0_0); /* red_1 */
-    (void)pidx; (void)param; (void)ps;
+    (void)fv; (void)pidx; (void)param; (void)ps;
 }
 
 /* forward_train, pass 0: ask for the member at idx */
@@ -247,31 +255,55 @@ SYMBN_INLINE void symbn_forward_train_0_ahead(const struct symbn_forward_train_a
 }
 
 /* forward_train, before pass 1: the values of one group */
-SYMBN_INLINE void symbn_forward_train_group_1(double *gv, ptrdiff_t gs)
+SYMBN_INLINE void symbn_forward_train_group_1(double *gv, ptrdiff_t gs, int single)
 {
     const double anchor_g = gv[4 * gs];
     const double eps_g = gv[3 * gs];
     const double gamma_g = gv[1 * gs];
     const double m = gv[0 * gs];
-    const double red_0 = gv[5 * gs];
-    const double red_1 = gv[6 * gs];
+    const double red_0 = gv[6 * gs];
+    const double red_1 = gv[7 * gs];
     const double mean_g = anchor_g + red_0/m;
+    const double shift = single ? (double)(float)mean_g : mean_g;
     const double var_g = ((anchor_g - mean_g)*(anchor_g - mean_g)) + 2*red_0*(anchor_g - mean_g)/m + red_1/m;
-    const double c_0 = gamma_g/sqrt(eps_g + var_g);
-    gv[7 * gs] = mean_g;
-    gv[8 * gs] = var_g;
-    gv[9 * gs] = c_0;
+    const double c_0 = -mean_g + shift;
+    const double c_1 = gamma_g/sqrt(eps_g + var_g);
+    gv[8 * gs] = mean_g;
+    gv[5 * gs] = shift;
+    gv[9 * gs] = var_g;
+    gv[10 * gs] = c_0;
+    gv[11 * gs] = c_1;
+    (void)single;
+}
+
+/* forward_train, before pass 1: the values its element code reads in float */
+SYMBN_INLINE void symbn_forward_train_floats_1(const double *gv, float *fv, ptrdiff_t gs)
+{
+    fv[2 * gs] = (float)gv[2 * gs]; /* beta_g */
+    fv[10 * gs] = (float)gv[10 * gs]; /* c_0 */
+    fv[11 * gs] = (float)gv[11 * gs]; /* c_1 */
+    fv[5 * gs] = (float)gv[5 * gs]; /* shift */
 }
 
 /* forward_train, pass 1, one member: y = */
-SYMBN_INLINE void symbn_forward_train_1(const struct symbn_forward_train_arrays *a, int single, const double *gv, ptrdiff_t gs,
-                                       ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
+SYMBN_INLINE void symbn_forward_train_1(const struct symbn_forward_train_arrays *a, int single, const double *gv, const float *fv,
+                                       ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
-    const double x_v = symbn_load(a->x, idx, single);
+    if (single) { /* in float: x measured from the shift, the group's values rounded once */
+        const float beta_g = fv[2 * gs];
+        const float c_0 = fv[10 * gs];
+        const float c_1 = fv[11 * gs];
+        const float shift = fv[5 * gs];
+        const float x_v = ((const float *)a->x)[idx] - shift;
+        ((float *)a->y)[idx] = beta_g + c_1*(c_0 + x_v);
+        return;
+    }
     const double beta_g = gv[2 * gs];
-    const double c_0 = gv[9 * gs];
-    const double mean_g = gv[7 * gs];
-    symbn_store(a->y, idx, single, beta_g + c_0*(-mean_g + x_v));
+    const double c_0 = gv[10 * gs];
+    const double c_1 = gv[11 * gs];
+    const double shift = gv[5 * gs];
+    const double x_v = symbn_load(a->x, idx, single) - shift;
+    symbn_store(a->y, idx, single, beta_g + c_1*(c_0 + x_v));
     (void)pidx; (void)sum; (void)ss; (void)param; (void)ps;
 }
 
@@ -298,25 +330,32 @@ struct symbn_backward_train_arrays {
 };
 
 /* backward_train, before pass 0: the values of one group */
-SYMBN_INLINE void symbn_backward_train_group_0(double *gv, ptrdiff_t gs)
+SYMBN_INLINE void symbn_backward_train_group_0(double *gv, ptrdiff_t gs, int single)
 {
     const double eps_g = gv[2 * gs];
+    const double mean_g = gv[3 * gs];
     const double var_g = gv[4 * gs];
-    const double c_0 = 1.0/sqrt(eps_g + var_g);
-    gv[5 * gs] = c_0;
+    const double shift = single ? (double)(float)mean_g : mean_g;
+    const double c_0 = -mean_g + shift;
+    const double c_1 = 1.0/sqrt(eps_g + var_g);
+    gv[5 * gs] = shift;
+    gv[6 * gs] = c_0;
+    gv[7 * gs] = c_1;
+    (void)single;
 }
 
 /* backward_train, pass 0, one member: red_0 +=, red_1 += */
-SYMBN_INLINE void symbn_backward_train_0(const struct symbn_backward_train_arrays *a, int single, const double *gv, ptrdiff_t gs,
-                                        ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
+SYMBN_INLINE void symbn_backward_train_0(const struct symbn_backward_train_arrays *a, int single, const double *gv, const float *fv,
+                                        ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
+    const double c_0 = gv[6 * gs];
+    const double c_1 = gv[7 * gs];
+    const double shift = gv[5 * gs];
     const double dy_v = symbn_load(a->dy, idx, single);
-    const double x_v = symbn_load(a->x, idx, single);
-    const double c_0 = gv[5 * gs];
-    const double mean_g = gv[3 * gs];
+    const double x_v = symbn_load(a->x, idx, single) - shift;
     sum[0 * ss] += dy_v; /* red_0 */
-    sum[1 * ss] += c_0*dy_v*(-mean_g + x_v); /* red_1 */
-    (void)pidx; (void)param; (void)ps;
+    sum[1 * ss] += c_1*dy_v*(c_0 + x_v); /* red_1 */
+    (void)fv; (void)pidx; (void)param; (void)ps;
 }
 
 /* backward_train, pass 0: ask for the member at idx */
@@ -328,34 +367,56 @@ SYMBN_INLINE void symbn_backward_train_0_ahead(const struct symbn_backward_train
 }
 
 /* backward_train, before pass 1: the values of one group */
-SYMBN_INLINE void symbn_backward_train_group_1(double *gv, ptrdiff_t gs)
+SYMBN_INLINE void symbn_backward_train_group_1(double *gv, ptrdiff_t gs, int single)
 {
     const double eps_g = gv[2 * gs];
     const double gamma_g = gv[1 * gs];
     const double m = gv[0 * gs];
-    const double red_0 = gv[6 * gs];
-    const double red_1 = gv[7 * gs];
     const double var_g = gv[4 * gs];
-    const double c_1 = gamma_g/sqrt(eps_g + var_g);
-    const double c_2 = -gamma_g*red_1/(m*sqrt(eps_g + var_g));
-    const double c_3 = -gamma_g*red_0/(m*sqrt(eps_g + var_g));
-    gv[8 * gs] = c_1;
-    gv[9 * gs] = c_2;
-    gv[10 * gs] = c_3;
+    const double c_2 = gamma_g/(m*sqrt(eps_g + var_g));
+    gv[10 * gs] = c_2;
+    (void)single;
+}
+
+/* backward_train, before pass 1: the values its element code reads in float */
+SYMBN_INLINE void symbn_backward_train_floats_1(const double *gv, float *fv, ptrdiff_t gs)
+{
+    fv[6 * gs] = (float)gv[6 * gs]; /* c_0 */
+    fv[7 * gs] = (float)gv[7 * gs]; /* c_1 */
+    fv[10 * gs] = (float)gv[10 * gs]; /* c_2 */
+    fv[0 * gs] = (float)gv[0 * gs]; /* m */
+    fv[8 * gs] = (float)gv[8 * gs]; /* red_0 */
+    fv[9 * gs] = (float)gv[9 * gs]; /* red_1 */
+    fv[5 * gs] = (float)gv[5 * gs]; /* shift */
 }
 
 /* backward_train, pass 1, one member: dx = */
-SYMBN_INLINE void symbn_backward_train_1(const struct symbn_backward_train_arrays *a, int single, const double *gv, ptrdiff_t gs,
-                                        ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
+SYMBN_INLINE void symbn_backward_train_1(const struct symbn_backward_train_arrays *a, int single, const double *gv, const float *fv,
+                                        ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
+    if (single) { /* in float: x measured from the shift, the group's values rounded once */
+        const float c_0 = fv[6 * gs];
+        const float c_1 = fv[7 * gs];
+        const float c_2 = fv[10 * gs];
+        const float m = fv[0 * gs];
+        const float red_0 = fv[8 * gs];
+        const float red_1 = fv[9 * gs];
+        const float shift = fv[5 * gs];
+        const float dy_v = ((const float *)a->dy)[idx];
+        const float x_v = ((const float *)a->x)[idx] - shift;
+        ((float *)a->dx)[idx] = c_2*(-c_1*red_1*(c_0 + x_v) + dy_v*m - red_0);
+        return;
+    }
+    const double c_0 = gv[6 * gs];
+    const double c_1 = gv[7 * gs];
+    const double c_2 = gv[10 * gs];
+    const double m = gv[0 * gs];
+    const double red_0 = gv[8 * gs];
+    const double red_1 = gv[9 * gs];
+    const double shift = gv[5 * gs];
     const double dy_v = symbn_load(a->dy, idx, single);
-    const double x_v = symbn_load(a->x, idx, single);
-    const double c_0 = gv[5 * gs];
-    const double c_1 = gv[8 * gs];
-    const double c_2 = gv[9 * gs];
-    const double c_3 = gv[10 * gs];
-    const double mean_g = gv[3 * gs];
-    symbn_store(a->dx, idx, single, c_0*c_2*(-mean_g + x_v) + c_1*dy_v + c_3);
+    const double x_v = symbn_load(a->x, idx, single) - shift;
+    symbn_store(a->dx, idx, single, c_2*(-c_1*red_1*(c_0 + x_v) + dy_v*m - red_0));
     (void)pidx; (void)sum; (void)ss; (void)param; (void)ps;
 }
 
@@ -381,24 +442,49 @@ struct symbn_forward_eval_arrays {
 };
 
 /* forward_eval, before pass 0: the values of one group */
-SYMBN_INLINE void symbn_forward_eval_group_0(double *gv, ptrdiff_t gs)
+SYMBN_INLINE void symbn_forward_eval_group_0(double *gv, ptrdiff_t gs, int single)
 {
     const double eps_g = gv[3 * gs];
     const double gamma_g = gv[1 * gs];
+    const double mean_g = gv[4 * gs];
     const double var_g = gv[5 * gs];
-    const double c_0 = gamma_g/sqrt(eps_g + var_g);
-    gv[6 * gs] = c_0;
+    const double shift = single ? (double)(float)mean_g : mean_g;
+    const double c_0 = -mean_g + shift;
+    const double c_1 = gamma_g/sqrt(eps_g + var_g);
+    gv[6 * gs] = shift;
+    gv[7 * gs] = c_0;
+    gv[8 * gs] = c_1;
+    (void)single;
+}
+
+/* forward_eval, before pass 0: the values its element code reads in float */
+SYMBN_INLINE void symbn_forward_eval_floats_0(const double *gv, float *fv, ptrdiff_t gs)
+{
+    fv[2 * gs] = (float)gv[2 * gs]; /* beta_g */
+    fv[7 * gs] = (float)gv[7 * gs]; /* c_0 */
+    fv[8 * gs] = (float)gv[8 * gs]; /* c_1 */
+    fv[6 * gs] = (float)gv[6 * gs]; /* shift */
 }
 
 /* forward_eval, pass 0, one member: y = */
-SYMBN_INLINE void symbn_forward_eval_0(const struct symbn_forward_eval_arrays *a, int single, const double *gv, ptrdiff_t gs,
-                                      ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
+SYMBN_INLINE void symbn_forward_eval_0(const struct symbn_forward_eval_arrays *a, int single, const double *gv, const float *fv,
+                                      ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
-    const double x_v = symbn_load(a->x, idx, single);
+    if (single) { /* in float: x measured from the shift, the group's values rounded once */
+        const float beta_g = fv[2 * gs];
+        const float c_0 = fv[7 * gs];
+        const float c_1 = fv[8 * gs];
+        const float shift = fv[6 * gs];
+        const float x_v = ((const float *)a->x)[idx] - shift;
+        ((float *)a->y)[idx] = beta_g + c_1*(c_0 + x_v);
+        return;
+    }
     const double beta_g = gv[2 * gs];
-    const double c_0 = gv[6 * gs];
-    const double mean_g = gv[4 * gs];
-    symbn_store(a->y, idx, single, beta_g + c_0*(-mean_g + x_v));
+    const double c_0 = gv[7 * gs];
+    const double c_1 = gv[8 * gs];
+    const double shift = gv[6 * gs];
+    const double x_v = symbn_load(a->x, idx, single) - shift;
+    symbn_store(a->y, idx, single, beta_g + c_1*(c_0 + x_v));
     (void)pidx; (void)sum; (void)ss; (void)param; (void)ps;
 }
 
@@ -425,30 +511,37 @@ struct symbn_backward_eval_arrays {
 };
 
 /* backward_eval, before pass 0: the values of one group */
-SYMBN_INLINE void symbn_backward_eval_group_0(double *gv, ptrdiff_t gs)
+SYMBN_INLINE void symbn_backward_eval_group_0(double *gv, ptrdiff_t gs, int single)
 {
     const double eps_g = gv[2 * gs];
     const double gamma_g = gv[1 * gs];
+    const double mean_g = gv[3 * gs];
     const double var_g = gv[4 * gs];
-    const double c_0 = 1.0/sqrt(eps_g + var_g);
-    const double c_1 = gamma_g/sqrt(eps_g + var_g);
-    gv[5 * gs] = c_0;
-    gv[6 * gs] = c_1;
+    const double shift = single ? (double)(float)mean_g : mean_g;
+    const double c_0 = -mean_g + shift;
+    const double c_1 = 1.0/sqrt(eps_g + var_g);
+    const double c_2 = gamma_g/sqrt(eps_g + var_g);
+    gv[5 * gs] = shift;
+    gv[6 * gs] = c_0;
+    gv[7 * gs] = c_1;
+    gv[8 * gs] = c_2;
+    (void)single;
 }
 
 /* backward_eval, pass 0, one member: red_0 +=, red_1 +=, dx = */
-SYMBN_INLINE void symbn_backward_eval_0(const struct symbn_backward_eval_arrays *a, int single, const double *gv, ptrdiff_t gs,
-                                       ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
+SYMBN_INLINE void symbn_backward_eval_0(const struct symbn_backward_eval_arrays *a, int single, const double *gv, const float *fv,
+                                       ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
+    const double c_0 = gv[6 * gs];
+    const double c_1 = gv[7 * gs];
+    const double c_2 = gv[8 * gs];
+    const double shift = gv[5 * gs];
     const double dy_v = symbn_load(a->dy, idx, single);
-    const double x_v = symbn_load(a->x, idx, single);
-    const double c_0 = gv[5 * gs];
-    const double c_1 = gv[6 * gs];
-    const double mean_g = gv[3 * gs];
-    sum[0 * ss] += c_0*dy_v*(-mean_g + x_v); /* red_0 */
+    const double x_v = symbn_load(a->x, idx, single) - shift;
+    sum[0 * ss] += c_1*dy_v*(c_0 + x_v); /* red_0 */
     sum[1 * ss] += dy_v; /* red_1 */
-    symbn_store(a->dx, idx, single, c_1*dy_v);
-    (void)pidx; (void)param; (void)ps;
+    symbn_store(a->dx, idx, single, c_2*dy_v);
+    (void)fv; (void)pidx; (void)param; (void)ps;
 }
 
 /* backward_eval, pass 0: ask for the member at idx */
@@ -471,16 +564,16 @@ enum symbn_step {
 };
 
 /* The member step `step` (a constant where a driver is inlined into a kernel: the switch folds away). */
-SYMBN_INLINE void symbn_member(int step, const void *arrays, int single, const double *gv, ptrdiff_t gs, ptrdiff_t idx,
-                               ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
+SYMBN_INLINE void symbn_member(int step, const void *arrays, int single, const double *gv, const float *fv, ptrdiff_t gs,
+                               ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
     switch (step) {
-    case SYMBN_STEP_FORWARD_TRAIN_0: symbn_forward_train_0(arrays, single, gv, gs, idx, pidx, sum, ss, param, ps); break;
-    case SYMBN_STEP_FORWARD_TRAIN_1: symbn_forward_train_1(arrays, single, gv, gs, idx, pidx, sum, ss, param, ps); break;
-    case SYMBN_STEP_BACKWARD_TRAIN_0: symbn_backward_train_0(arrays, single, gv, gs, idx, pidx, sum, ss, param, ps); break;
-    case SYMBN_STEP_BACKWARD_TRAIN_1: symbn_backward_train_1(arrays, single, gv, gs, idx, pidx, sum, ss, param, ps); break;
-    case SYMBN_STEP_FORWARD_EVAL_0: symbn_forward_eval_0(arrays, single, gv, gs, idx, pidx, sum, ss, param, ps); break;
-    case SYMBN_STEP_BACKWARD_EVAL_0: symbn_backward_eval_0(arrays, single, gv, gs, idx, pidx, sum, ss, param, ps); break;
+    case SYMBN_STEP_FORWARD_TRAIN_0: symbn_forward_train_0(arrays, single, gv, fv, gs, idx, pidx, sum, ss, param, ps); break;
+    case SYMBN_STEP_FORWARD_TRAIN_1: symbn_forward_train_1(arrays, single, gv, fv, gs, idx, pidx, sum, ss, param, ps); break;
+    case SYMBN_STEP_BACKWARD_TRAIN_0: symbn_backward_train_0(arrays, single, gv, fv, gs, idx, pidx, sum, ss, param, ps); break;
+    case SYMBN_STEP_BACKWARD_TRAIN_1: symbn_backward_train_1(arrays, single, gv, fv, gs, idx, pidx, sum, ss, param, ps); break;
+    case SYMBN_STEP_FORWARD_EVAL_0: symbn_forward_eval_0(arrays, single, gv, fv, gs, idx, pidx, sum, ss, param, ps); break;
+    case SYMBN_STEP_BACKWARD_EVAL_0: symbn_backward_eval_0(arrays, single, gv, fv, gs, idx, pidx, sum, ss, param, ps); break;
     default: break;
     }
 }
@@ -504,8 +597,8 @@ SYMBN_INLINE void symbn_ahead(int step, const void *arrays, int single, ptrdiff_
    parameter for the run, at pidx) summed like the sums, into total[ns + j]. Every SYMBN_STRANDS
    members, ask for the members `ahead` further on (0: none). */
 SYMBN_INLINE void symbn_strands(const struct symbn_call *c, int step, int single, int ns, int np, int in_memory,
-                                const double *gv, ptrdiff_t first, ptrdiff_t count, ptrdiff_t pidx, ptrdiff_t ahead,
-                                double *total, double *param)
+                                const double *gv, const float *fv, ptrdiff_t first, ptrdiff_t count, ptrdiff_t pidx,
+                                ptrdiff_t ahead, double *total, double *param)
 {
     const int reduced = in_memory ? ns : ns + np;
     const ptrdiff_t pl = in_memory ? c->pl : SYMBN_STRANDS;
@@ -513,7 +606,7 @@ SYMBN_INLINE void symbn_strands(const struct symbn_call *c, int step, int single
     if (reduced == 0) {
         SYMBN_PRAGMA(omp simd)
         for (i = 0; i < count; ++i)
-            symbn_member(step, c->arrays, single, gv, 1, first + i, in_memory ? pidx + i : pidx, total, 1, param + pidx + i, c->pl);
+            symbn_member(step, c->arrays, single, gv, fv, 1, first + i, in_memory ? pidx + i : pidx, total, 1, param + pidx + i, c->pl);
         return;
     }
     double strand[SYMBN_REDUCED + 1][SYMBN_STRANDS];
@@ -523,11 +616,11 @@ SYMBN_INLINE void symbn_strands(const struct symbn_call *c, int step, int single
         if (ahead) symbn_ahead(step, c->arrays, single, first + i + ahead);
         SYMBN_PRAGMA(omp simd)
         for (int k = 0; k < SYMBN_STRANDS; ++k)
-            symbn_member(step, c->arrays, single, gv, 1, first + i + k, in_memory ? pidx + i + k : pidx, &strand[0][k],
+            symbn_member(step, c->arrays, single, gv, fv, 1, first + i + k, in_memory ? pidx + i + k : pidx, &strand[0][k],
                          SYMBN_STRANDS, in_memory ? param + pidx + i + k : &strand[ns][k], pl);
     }
     for (; i < count; ++i)
-        symbn_member(step, c->arrays, single, gv, 1, first + i, in_memory ? pidx + i : pidx, total, 1,
+        symbn_member(step, c->arrays, single, gv, fv, 1, first + i, in_memory ? pidx + i : pidx, total, 1,
                      in_memory ? param + pidx + i : total + ns, in_memory ? c->pl : 1);
     for (int j = 0; j < reduced; ++j) {
         double sum = 0.0;
@@ -538,15 +631,15 @@ SYMBN_INLINE void symbn_strands(const struct symbn_call *c, int step, int single
 
 /* One run: the ls members of one (n, q, p) from `row`; sums into total, parameter gradients into mine. */
 SYMBN_INLINE void symbn_run(const struct symbn_call *c, int step, int single, int ns, int np, const double *gv,
-                            ptrdiff_t row, ptrdiff_t p, ptrdiff_t ahead, double *total, double *mine)
+                            const float *fv, ptrdiff_t row, ptrdiff_t p, ptrdiff_t ahead, double *total, double *mine)
 {
     if (c->s_count == 1) {
-        symbn_strands(c, step, single, ns, np, 1, gv, row, c->ls, p * c->l_count, ahead, total, mine);
+        symbn_strands(c, step, single, ns, np, 1, gv, fv, row, c->ls, p * c->l_count, ahead, total, mine);
         return;
     }
     for (ptrdiff_t l = 0; l < c->l_count; ++l) {
         double part[SYMBN_REDUCED + 1] = {0.0};
-        symbn_strands(c, step, single, ns, np, 0, gv, row + l * c->s_count, c->s_count, p * c->l_count + l, ahead, part, mine);
+        symbn_strands(c, step, single, ns, np, 0, gv, fv, row + l * c->s_count, c->s_count, p * c->l_count + l, ahead, part, mine);
         for (int j = 0; j < ns; ++j) total[j] += part[j];
         for (int j = 0; j < np; ++j) mine[j * c->pl + p * c->l_count + l] += part[ns + j];
     }
@@ -556,12 +649,12 @@ SYMBN_INLINE void symbn_run(const struct symbn_call *c, int step, int single, in
    array), its sums into gv[red..]; the parameter gradients into mine. `ahead`: ask for the next
    group on the way. */
 SYMBN_INLINE void symbn_over_group(const struct symbn_call *c, int step, int single, int ns, int np, int red,
-                                   ptrdiff_t g, double *gv, int ahead, double *mine)
+                                   ptrdiff_t g, double *gv, const float *fv, int ahead, double *mine)
 {
     const ptrdiff_t p = g % c->p_count, q = g / c->p_count, next = ahead && g + 1 < c->groups ? c->ls : 0;
     double total[SYMBN_REDUCED + 1] = {0.0};
     for (ptrdiff_t n = 0; n < c->outer; ++n)
-        symbn_run(c, step, single, ns, np, gv, ((n * c->q_count + q) * c->p_count + p) * c->ls, p, next, total, mine);
+        symbn_run(c, step, single, ns, np, gv, fv, ((n * c->q_count + q) * c->p_count + p) * c->ls, p, next, total, mine);
     for (int j = 0; j < ns; ++j) gv[red + j] = total[j];
 }
 
@@ -573,6 +666,7 @@ SYMBN_INLINE void symbn_lanes(const struct symbn_call *c, int step, int single, 
 {
     const ptrdiff_t g0 = q * c->p_count + p0;
     const double *const gv = c->table + g0; /* LANES: [column][group] */
+    const float *const fv = c->ftable + g0;
     double acc[SYMBN_REDUCED + 1][SYMBN_LANES];
     for (int j = 0; j < ns + np; ++j)
         for (int k = 0; k < SYMBN_LANES; ++k) acc[j][k] = 0.0;
@@ -581,14 +675,14 @@ SYMBN_INLINE void symbn_lanes(const struct symbn_call *c, int step, int single, 
             const ptrdiff_t row = (n * c->q_count + q) * c->p_count + p0;
             SYMBN_PRAGMA(omp simd)
             for (int k = 0; k < SYMBN_LANES; ++k)
-                symbn_member(step, c->arrays, single, gv + k, c->groups, row + k, p0 + k, &acc[0][k], SYMBN_LANES, &acc[ns][k], SYMBN_LANES);
+                symbn_member(step, c->arrays, single, gv + k, fv + k, c->groups, row + k, p0 + k, &acc[0][k], SYMBN_LANES, &acc[ns][k], SYMBN_LANES);
         }
     } else {
         for (ptrdiff_t n = 0; n < c->outer; ++n) {
             const ptrdiff_t row = (n * c->q_count + q) * c->p_count + p0;
             SYMBN_PRAGMA(omp simd)
             for (ptrdiff_t k = 0; k < width; ++k)
-                symbn_member(step, c->arrays, single, gv + k, c->groups, row + k, p0 + k, &acc[0][k], SYMBN_LANES, &acc[ns][k], SYMBN_LANES);
+                symbn_member(step, c->arrays, single, gv + k, fv + k, c->groups, row + k, p0 + k, &acc[0][k], SYMBN_LANES, &acc[ns][k], SYMBN_LANES);
         }
     }
     for (ptrdiff_t k = 0; k < width; ++k) {
@@ -614,14 +708,16 @@ SYMBN_INLINE void symbn_rows(const struct symbn_call *c, int step, int single, i
             SYMBN_PRAGMA(omp simd)
             for (ptrdiff_t p = 0; p < c->p_count; ++p) {
                 const ptrdiff_t g = q * c->p_count + p;
-                symbn_member(step, c->arrays, single, c->table + g, c->groups, u * c->p_count + p, p, part + g, c->groups, mine + p, c->pl);
+                symbn_member(step, c->arrays, single, c->table + g, c->ftable + g, c->groups, u * c->p_count + p, p, part + g, c->groups,
+                             mine + p, c->pl);
             }
         } else {
             for (ptrdiff_t p = 0; p < c->p_count; ++p) {
                 const ptrdiff_t g = q * c->p_count + p;
                 double gv[SYMBN_COLUMNS], total[SYMBN_REDUCED + 1] = {0.0};
-                for (int v = 0; v < c->columns; ++v) gv[v] = symbn_group(c, g)[v * c->cs];
-                symbn_run(c, step, single, ns, np, gv, (u * c->p_count + p) * c->ls, p, 0, total, mine);
+                float fv[SYMBN_COLUMNS];
+                for (int v = 0; v < c->columns; ++v) gv[v] = symbn_group(c, g)[v * c->cs], fv[v] = symbn_fgroup(c, g)[v * c->cs];
+                symbn_run(c, step, single, ns, np, gv, fv, (u * c->p_count + p) * c->ls, p, 0, total, mine);
                 for (int j = 0; j < ns; ++j) part[j * c->groups + g] += total[j];
             }
         }
@@ -679,12 +775,12 @@ SYMBN_INLINE void symbn_forward_train_load(const struct symbn_call *c, int singl
 SYMBN_INLINE int symbn_forward_train_final(const struct symbn_call *c, double *gv, ptrdiff_t gs, ptrdiff_t g)
 {
     const struct symbn_forward_train_arrays *a = c->arrays;
-    const double mean_g = gv[7 * gs];
-    const double var_g = gv[8 * gs];
+    const double mean_g = gv[8 * gs];
+    const double var_g = gv[9 * gs];
     a->mean[g] = mean_g;
     a->var[g] = var_g;
     (void)a; (void)g;
-    return !(isfinite(gv[5 * gs]) && isfinite(gv[6 * gs]));
+    return !(isfinite(gv[6 * gs]) && isfinite(gv[7 * gs]));
 }
 
 /* This thread's share of every pass of forward_train. */
@@ -697,10 +793,12 @@ SYMBN_INLINE void symbn_forward_train_run(const struct symbn_call *c, int single
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) {
             double gv[SYMBN_COLUMNS] = {0.0}; /* the group's values, here while it is made; then in the table for end */
+            float fv[SYMBN_COLUMNS] = {0.0f}; /* those the element code reads in float */
             symbn_forward_train_load(c, single, gv, 1, g, g % c->p_count);
-            symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_0, single, 2, 0, 5, g, gv, 1, mine + 0 * c->pl);
-            symbn_forward_train_group_1(gv, 1);
-            symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_1, single, 0, 0, 0, g, gv, 0, mine + 0 * c->pl);
+            symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_0, single, 2, 0, 6, g, gv, fv, 1, mine + 0 * c->pl);
+            symbn_forward_train_group_1(gv, 1, single);
+            if (single) symbn_forward_train_floats_1(gv, fv, 1);
+            symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_1, single, 0, 0, 0, g, gv, fv, 0, mine + 0 * c->pl);
             flagged |= symbn_forward_train_final(c, gv, 1, g);
             for (int v = 0; v < c->columns; ++v) symbn_group(c, g)[v] = gv[v];
         }
@@ -710,8 +808,11 @@ SYMBN_INLINE void symbn_forward_train_run(const struct symbn_call *c, int single
         for (ptrdiff_t b = first; b < last; ++b) {
             const ptrdiff_t q = b / blocks, p0 = b % blocks * SYMBN_LANES, width = c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES;
             for (ptrdiff_t k = 0; k < width; ++k) symbn_forward_train_load(c, single, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k, p0 + k);
-            symbn_lanes(c, SYMBN_STEP_FORWARD_TRAIN_0, single, 2, 0, 5, q, p0, width, mine + 0 * c->pl);
-            for (ptrdiff_t k = 0; k < width; ++k) symbn_forward_train_group_1(symbn_group(c, q * c->p_count + p0 + k), c->cs);
+            symbn_lanes(c, SYMBN_STEP_FORWARD_TRAIN_0, single, 2, 0, 6, q, p0, width, mine + 0 * c->pl);
+            for (ptrdiff_t k = 0; k < width; ++k) symbn_forward_train_group_1(symbn_group(c, q * c->p_count + p0 + k), c->cs, single);
+            if (single)
+                for (ptrdiff_t k = 0; k < width; ++k)
+                    symbn_forward_train_floats_1(symbn_group(c, q * c->p_count + p0 + k), symbn_fgroup(c, q * c->p_count + p0 + k), c->cs);
             symbn_lanes(c, SYMBN_STEP_FORWARD_TRAIN_1, single, 0, 0, 0, q, p0, width, mine + 0 * c->pl);
             for (ptrdiff_t k = 0; k < width; ++k) flagged |= symbn_forward_train_final(c, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k);
         }
@@ -723,10 +824,11 @@ SYMBN_INLINE void symbn_forward_train_run(const struct symbn_call *c, int single
         SYMBN_BARRIER(c->team);
         symbn_rows(c, SYMBN_STEP_FORWARD_TRAIN_0, single, 2, 0, 1, mine + 0 * c->pl);
         SYMBN_BARRIER(c->team);
-        symbn_add_up(c, 2, 5);
+        symbn_add_up(c, 2, 6);
         symbn_share(c->team, c->groups, &first, &last); /* the same share of the groups every time */
         for (ptrdiff_t g = first; g < last; ++g) {
-            symbn_forward_train_group_1(symbn_group(c, g), c->cs);
+            symbn_forward_train_group_1(symbn_group(c, g), c->cs, single);
+            if (single) symbn_forward_train_floats_1(symbn_group(c, g), symbn_fgroup(c, g), c->cs);
         }
         SYMBN_BARRIER(c->team);
         symbn_rows(c, SYMBN_STEP_FORWARD_TRAIN_1, single, 0, 0, 1, mine + 0 * c->pl);
@@ -745,7 +847,7 @@ static int symbn_forward_train_begin(struct symbn_call *c, const struct symbn_fo
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
 {
     if (!a->x || !a->y || !a->mean || !a->var) return SYMBN_ENULL;
-    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 10, 2, 0);
+    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 12, 2, 0);
     (void)single;
     return status;
 }
@@ -781,12 +883,12 @@ SYMBN_INLINE void symbn_backward_train_load(const struct symbn_call *c, int sing
 SYMBN_INLINE int symbn_backward_train_final(const struct symbn_call *c, double *gv, ptrdiff_t gs, ptrdiff_t g)
 {
     const struct symbn_backward_train_arrays *a = c->arrays;
-    const double red_0 = gv[6 * gs];
-    const double red_1 = gv[7 * gs];
+    const double red_0 = gv[8 * gs];
+    const double red_1 = gv[9 * gs];
     gv[11 * gs] = red_1; /* dgamma, summed over q by end */
     gv[12 * gs] = red_0; /* dbeta, summed over q by end */
     (void)a; (void)g;
-    return !(isfinite(gv[6 * gs]) && isfinite(gv[7 * gs]));
+    return !(isfinite(gv[8 * gs]) && isfinite(gv[9 * gs]));
 }
 
 /* This thread's share of every pass of backward_train. */
@@ -799,11 +901,13 @@ SYMBN_INLINE void symbn_backward_train_run(const struct symbn_call *c, int singl
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) {
             double gv[SYMBN_COLUMNS] = {0.0}; /* the group's values, here while it is made; then in the table for end */
+            float fv[SYMBN_COLUMNS] = {0.0f}; /* those the element code reads in float */
             symbn_backward_train_load(c, single, gv, 1, g, g % c->p_count);
-            symbn_backward_train_group_0(gv, 1);
-            symbn_over_group(c, SYMBN_STEP_BACKWARD_TRAIN_0, single, 2, 0, 6, g, gv, 1, mine + 0 * c->pl);
-            symbn_backward_train_group_1(gv, 1);
-            symbn_over_group(c, SYMBN_STEP_BACKWARD_TRAIN_1, single, 0, 0, 0, g, gv, 0, mine + 0 * c->pl);
+            symbn_backward_train_group_0(gv, 1, single);
+            symbn_over_group(c, SYMBN_STEP_BACKWARD_TRAIN_0, single, 2, 0, 8, g, gv, fv, 1, mine + 0 * c->pl);
+            symbn_backward_train_group_1(gv, 1, single);
+            if (single) symbn_backward_train_floats_1(gv, fv, 1);
+            symbn_over_group(c, SYMBN_STEP_BACKWARD_TRAIN_1, single, 0, 0, 0, g, gv, fv, 0, mine + 0 * c->pl);
             flagged |= symbn_backward_train_final(c, gv, 1, g);
             for (int v = 0; v < c->columns; ++v) symbn_group(c, g)[v] = gv[v];
         }
@@ -813,9 +917,12 @@ SYMBN_INLINE void symbn_backward_train_run(const struct symbn_call *c, int singl
         for (ptrdiff_t b = first; b < last; ++b) {
             const ptrdiff_t q = b / blocks, p0 = b % blocks * SYMBN_LANES, width = c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES;
             for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_train_load(c, single, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k, p0 + k);
-            for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_train_group_0(symbn_group(c, q * c->p_count + p0 + k), c->cs);
-            symbn_lanes(c, SYMBN_STEP_BACKWARD_TRAIN_0, single, 2, 0, 6, q, p0, width, mine + 0 * c->pl);
-            for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_train_group_1(symbn_group(c, q * c->p_count + p0 + k), c->cs);
+            for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_train_group_0(symbn_group(c, q * c->p_count + p0 + k), c->cs, single);
+            symbn_lanes(c, SYMBN_STEP_BACKWARD_TRAIN_0, single, 2, 0, 8, q, p0, width, mine + 0 * c->pl);
+            for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_train_group_1(symbn_group(c, q * c->p_count + p0 + k), c->cs, single);
+            if (single)
+                for (ptrdiff_t k = 0; k < width; ++k)
+                    symbn_backward_train_floats_1(symbn_group(c, q * c->p_count + p0 + k), symbn_fgroup(c, q * c->p_count + p0 + k), c->cs);
             symbn_lanes(c, SYMBN_STEP_BACKWARD_TRAIN_1, single, 0, 0, 0, q, p0, width, mine + 0 * c->pl);
             for (ptrdiff_t k = 0; k < width; ++k) flagged |= symbn_backward_train_final(c, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k);
         }
@@ -823,15 +930,16 @@ SYMBN_INLINE void symbn_backward_train_run(const struct symbn_call *c, int singl
         symbn_share(c->team, c->groups, &first, &last); /* the same share of the groups every time */
         for (ptrdiff_t g = first; g < last; ++g) {
             symbn_backward_train_load(c, single, c->table + g, c->groups, g, g % c->p_count);
-            symbn_backward_train_group_0(symbn_group(c, g), c->cs);
+            symbn_backward_train_group_0(symbn_group(c, g), c->cs, single);
         }
         SYMBN_BARRIER(c->team);
         symbn_rows(c, SYMBN_STEP_BACKWARD_TRAIN_0, single, 2, 0, 0, mine + 0 * c->pl);
         SYMBN_BARRIER(c->team);
-        symbn_add_up(c, 2, 6);
+        symbn_add_up(c, 2, 8);
         symbn_share(c->team, c->groups, &first, &last); /* the same share of the groups every time */
         for (ptrdiff_t g = first; g < last; ++g) {
-            symbn_backward_train_group_1(symbn_group(c, g), c->cs);
+            symbn_backward_train_group_1(symbn_group(c, g), c->cs, single);
+            if (single) symbn_backward_train_floats_1(symbn_group(c, g), symbn_fgroup(c, g), c->cs);
         }
         SYMBN_BARRIER(c->team);
         symbn_rows(c, SYMBN_STEP_BACKWARD_TRAIN_1, single, 0, 0, 0, mine + 0 * c->pl);
@@ -907,9 +1015,11 @@ SYMBN_INLINE void symbn_forward_eval_run(const struct symbn_call *c, int single)
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) {
             double gv[SYMBN_COLUMNS] = {0.0}; /* the group's values, here while it is made; then in the table for end */
+            float fv[SYMBN_COLUMNS] = {0.0f}; /* those the element code reads in float */
             symbn_forward_eval_load(c, single, gv, 1, g, g % c->p_count);
-            symbn_forward_eval_group_0(gv, 1);
-            symbn_over_group(c, SYMBN_STEP_FORWARD_EVAL_0, single, 0, 0, 0, g, gv, 0, mine + 0 * c->pl);
+            symbn_forward_eval_group_0(gv, 1, single);
+            if (single) symbn_forward_eval_floats_0(gv, fv, 1);
+            symbn_over_group(c, SYMBN_STEP_FORWARD_EVAL_0, single, 0, 0, 0, g, gv, fv, 0, mine + 0 * c->pl);
             flagged |= symbn_forward_eval_final(c, gv, 1, g);
             for (int v = 0; v < c->columns; ++v) symbn_group(c, g)[v] = gv[v];
         }
@@ -919,7 +1029,10 @@ SYMBN_INLINE void symbn_forward_eval_run(const struct symbn_call *c, int single)
         for (ptrdiff_t b = first; b < last; ++b) {
             const ptrdiff_t q = b / blocks, p0 = b % blocks * SYMBN_LANES, width = c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES;
             for (ptrdiff_t k = 0; k < width; ++k) symbn_forward_eval_load(c, single, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k, p0 + k);
-            for (ptrdiff_t k = 0; k < width; ++k) symbn_forward_eval_group_0(symbn_group(c, q * c->p_count + p0 + k), c->cs);
+            for (ptrdiff_t k = 0; k < width; ++k) symbn_forward_eval_group_0(symbn_group(c, q * c->p_count + p0 + k), c->cs, single);
+            if (single)
+                for (ptrdiff_t k = 0; k < width; ++k)
+                    symbn_forward_eval_floats_0(symbn_group(c, q * c->p_count + p0 + k), symbn_fgroup(c, q * c->p_count + p0 + k), c->cs);
             symbn_lanes(c, SYMBN_STEP_FORWARD_EVAL_0, single, 0, 0, 0, q, p0, width, mine + 0 * c->pl);
             for (ptrdiff_t k = 0; k < width; ++k) flagged |= symbn_forward_eval_final(c, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k);
         }
@@ -927,7 +1040,8 @@ SYMBN_INLINE void symbn_forward_eval_run(const struct symbn_call *c, int single)
         symbn_share(c->team, c->groups, &first, &last); /* the same share of the groups every time */
         for (ptrdiff_t g = first; g < last; ++g) {
             symbn_forward_eval_load(c, single, c->table + g, c->groups, g, g % c->p_count);
-            symbn_forward_eval_group_0(symbn_group(c, g), c->cs);
+            symbn_forward_eval_group_0(symbn_group(c, g), c->cs, single);
+            if (single) symbn_forward_eval_floats_0(symbn_group(c, g), symbn_fgroup(c, g), c->cs);
         }
         SYMBN_BARRIER(c->team);
         symbn_rows(c, SYMBN_STEP_FORWARD_EVAL_0, single, 0, 0, 1, mine + 0 * c->pl);
@@ -946,7 +1060,7 @@ static int symbn_forward_eval_begin(struct symbn_call *c, const struct symbn_for
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
 {
     if (!a->x || !a->mean || !a->var || !a->y) return SYMBN_ENULL;
-    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 7, 0, 0);
+    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 9, 0, 0);
     (void)single;
     return status;
 }
@@ -979,10 +1093,10 @@ SYMBN_INLINE void symbn_backward_eval_load(const struct symbn_call *c, int singl
 SYMBN_INLINE int symbn_backward_eval_final(const struct symbn_call *c, double *gv, ptrdiff_t gs, ptrdiff_t g)
 {
     const struct symbn_backward_eval_arrays *a = c->arrays;
-    const double red_0 = gv[7 * gs];
-    const double red_1 = gv[8 * gs];
-    gv[9 * gs] = red_0; /* dgamma, summed over q by end */
-    gv[10 * gs] = red_1; /* dbeta, summed over q by end */
+    const double red_0 = gv[9 * gs];
+    const double red_1 = gv[10 * gs];
+    gv[11 * gs] = red_0; /* dgamma, summed over q by end */
+    gv[12 * gs] = red_1; /* dbeta, summed over q by end */
     (void)a; (void)g;
     (void)gv; (void)gs;
     return 0;
@@ -998,9 +1112,10 @@ SYMBN_INLINE void symbn_backward_eval_run(const struct symbn_call *c, int single
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) {
             double gv[SYMBN_COLUMNS] = {0.0}; /* the group's values, here while it is made; then in the table for end */
+            float fv[SYMBN_COLUMNS] = {0.0f}; /* those the element code reads in float */
             symbn_backward_eval_load(c, single, gv, 1, g, g % c->p_count);
-            symbn_backward_eval_group_0(gv, 1);
-            symbn_over_group(c, SYMBN_STEP_BACKWARD_EVAL_0, single, 2, 0, 7, g, gv, 0, mine + 0 * c->pl);
+            symbn_backward_eval_group_0(gv, 1, single);
+            symbn_over_group(c, SYMBN_STEP_BACKWARD_EVAL_0, single, 2, 0, 9, g, gv, fv, 0, mine + 0 * c->pl);
             flagged |= symbn_backward_eval_final(c, gv, 1, g);
             for (int v = 0; v < c->columns; ++v) symbn_group(c, g)[v] = gv[v];
         }
@@ -1010,20 +1125,20 @@ SYMBN_INLINE void symbn_backward_eval_run(const struct symbn_call *c, int single
         for (ptrdiff_t b = first; b < last; ++b) {
             const ptrdiff_t q = b / blocks, p0 = b % blocks * SYMBN_LANES, width = c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES;
             for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_eval_load(c, single, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k, p0 + k);
-            for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_eval_group_0(symbn_group(c, q * c->p_count + p0 + k), c->cs);
-            symbn_lanes(c, SYMBN_STEP_BACKWARD_EVAL_0, single, 2, 0, 7, q, p0, width, mine + 0 * c->pl);
+            for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_eval_group_0(symbn_group(c, q * c->p_count + p0 + k), c->cs, single);
+            symbn_lanes(c, SYMBN_STEP_BACKWARD_EVAL_0, single, 2, 0, 9, q, p0, width, mine + 0 * c->pl);
             for (ptrdiff_t k = 0; k < width; ++k) flagged |= symbn_backward_eval_final(c, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k);
         }
     } else {
         symbn_share(c->team, c->groups, &first, &last); /* the same share of the groups every time */
         for (ptrdiff_t g = first; g < last; ++g) {
             symbn_backward_eval_load(c, single, c->table + g, c->groups, g, g % c->p_count);
-            symbn_backward_eval_group_0(symbn_group(c, g), c->cs);
+            symbn_backward_eval_group_0(symbn_group(c, g), c->cs, single);
         }
         SYMBN_BARRIER(c->team);
         symbn_rows(c, SYMBN_STEP_BACKWARD_EVAL_0, single, 2, 0, 0, mine + 0 * c->pl);
         SYMBN_BARRIER(c->team);
-        symbn_add_up(c, 2, 7);
+        symbn_add_up(c, 2, 9);
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) flagged |= symbn_backward_eval_final(c, c->table + g, c->groups, g);
     }
@@ -1039,7 +1154,7 @@ static int symbn_backward_eval_begin(struct symbn_call *c, const struct symbn_ba
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
 {
     if (!a->dy || !a->x || !a->mean || !a->var || !a->dx) return SYMBN_ENULL;
-    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 11, 2, 0);
+    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 13, 2, 0);
     (void)single;
     return status;
 }
@@ -1050,10 +1165,10 @@ static int symbn_backward_eval_end(struct symbn_call *c, int single)
     const struct symbn_backward_eval_arrays *a = c->arrays;
     if (a->dgamma)
         for (ptrdiff_t q = 0; q < c->q_count; ++q)
-            for (ptrdiff_t p = 0; p < c->p_count; ++p) a->dgamma[p] += symbn_group(c, q * c->p_count + p)[9 * c->cs];
+            for (ptrdiff_t p = 0; p < c->p_count; ++p) a->dgamma[p] += symbn_group(c, q * c->p_count + p)[11 * c->cs];
     if (a->dbeta)
         for (ptrdiff_t q = 0; q < c->q_count; ++q)
-            for (ptrdiff_t p = 0; p < c->p_count; ++p) a->dbeta[p] += symbn_group(c, q * c->p_count + p)[10 * c->cs];
+            for (ptrdiff_t p = 0; p < c->p_count; ++p) a->dbeta[p] += symbn_group(c, q * c->p_count + p)[12 * c->cs];
     const int finite = 1;
     free(c->table);
     (void)a; (void)single;

@@ -35,7 +35,7 @@
 #define SYMBN_STRANDS 16
 #define SYMBN_AHEAD_ROWS 2
 #define SYMBN_SMALL 65536
-#define SYMBN_COLUMNS 18 /* per-group values of the widest kernel */
+#define SYMBN_COLUMNS 25 /* per-group values of the widest kernel */
 #define SYMBN_REDUCED 7 /* sums and parameter gradients of the widest pass */
 
 #ifdef _OPENMP
@@ -64,6 +64,7 @@ struct symbn_call {
     int team, shape;
     int columns, sums, params;       /* the kernel's per-group values; most sums in a pass; parameter gradients */
     double *table;                   /* every per-group value: column v of group g at table[v * cs + g * gstride] */
+    float *ftable;                   /* the same, rounded to float, for the element code that runs in float (single) */
     ptrdiff_t cs, gstride;           /* [column][group] (cs = groups: LANES, ROWS read across groups), or
                                         [group][column] (GROUPS: a group's values in one or two cache lines) */
     double *partial;                 /* ROWS: [thread][sum][group] partial sums */
@@ -141,13 +142,14 @@ static int symbn_start(struct symbn_call *c, const void *arrays, ptrdiff_t outer
     c->cs = c->shape == SYMBN_SCHEDULE_GROUPS ? 1 : c->groups;
     c->gstride = c->shape == SYMBN_SCHEDULE_GROUPS ? columns : 1;
     if (!symbn_times(columns, c->groups, limit, &table) || !symbn_times((ptrdiff_t)c->team * (sums + 1), c->groups, limit, &partial) ||
-        !symbn_times((ptrdiff_t)c->team * (params + 1), c->pl, limit, &pgrad) || table > limit - partial ||
-        table + partial > limit - pgrad - c->team) return SYMBN_ESIZE;
+        !symbn_times((ptrdiff_t)c->team * (params + 1), c->pl, limit, &pgrad) || table > limit / 2 - partial ||
+        2 * table + partial > limit - pgrad - c->team) return SYMBN_ESIZE;
     if (c->shape != SYMBN_SCHEDULE_ROWS) partial = 0;
     /* begin fills the table; ROWS zeroes its partial sums per pass */
-    c->table = malloc((size_t)(table + partial + pgrad + c->team) * sizeof(double));
+    c->table = malloc((size_t)(2 * table + partial + pgrad + c->team) * sizeof(double)); /* ftable: a float per double of table */
     if (!c->table) return SYMBN_ENOMEM;
     c->partial = c->table + table, c->pgrad = c->partial + partial, c->flags = c->pgrad + pgrad;
+    c->ftable = (float *)(c->flags + c->team);
     for (ptrdiff_t k = 0; k < pgrad + c->team; ++k) c->pgrad[k] = 0.0;
     return SYMBN_OK;
 }
@@ -156,6 +158,12 @@ static int symbn_start(struct symbn_call *c, const void *arrays, ptrdiff_t outer
 SYMBN_INLINE double *symbn_group(const struct symbn_call *c, ptrdiff_t g)
 {
     return c->table + g * c->gstride;
+}
+
+/* The same, rounded to float */
+SYMBN_INLINE float *symbn_fgroup(const struct symbn_call *c, ptrdiff_t g)
+{
+    return c->ftable + g * c->gstride;
 }
 
 /* This thread's number, and its share [*first, *last) of `count` items (contiguous blocks, as schedule(static)). */
@@ -234,26 +242,33 @@ struct symbn_backward2_train_arrays {
 };
 
 /* backward2_train, before pass 0: the values of one group */
-SYMBN_INLINE void symbn_backward2_train_group_0(double *gv, ptrdiff_t gs)
+SYMBN_INLINE void symbn_backward2_train_group_0(double *gv, ptrdiff_t gs, int single)
 {
     const double eps_g = gv[1 * gs];
+    const double mean_g = gv[2 * gs];
     const double var_g = gv[3 * gs];
-    const double c_0 = 1.0/sqrt(eps_g + var_g);
-    gv[4 * gs] = c_0;
+    const double shift = single ? (double)(float)mean_g : mean_g;
+    const double c_0 = -mean_g + shift;
+    const double c_1 = 1.0/sqrt(eps_g + var_g);
+    gv[4 * gs] = shift;
+    gv[5 * gs] = c_0;
+    gv[6 * gs] = c_1;
+    (void)single;
 }
 
 /* backward2_train, pass 0, one member: red_0 +=, red_1 +=, red_2 +=, red_3 +=, red_4 +=, red_5 +=, red_6 += */
-SYMBN_INLINE void symbn_backward2_train_0(const struct symbn_backward2_train_arrays *a, int single, const double *gv, ptrdiff_t gs,
-                                         ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
+SYMBN_INLINE void symbn_backward2_train_0(const struct symbn_backward2_train_arrays *a, int single, const double *gv, const float *fv,
+                                         ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
+    const double c_0 = gv[5 * gs];
+    const double c_1 = gv[6 * gs];
+    const double shift = gv[4 * gs];
     const double d2_dx_v = symbn_load(a->d2_dx, idx, single);
     const double d2_dgamma_v = symbn_load(a->d2_dgamma, pidx, single);
     const double dy_v = symbn_load(a->dy, idx, single);
-    const double x_v = symbn_load(a->x, idx, single);
+    const double x_v = symbn_load(a->x, idx, single) - shift;
     const double gamma_v = a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0;
-    const double c_0 = gv[4 * gs];
-    const double mean_g = gv[2 * gs];
-    const double t0_0 = c_0*(-mean_g + x_v);
+    const double t0_0 = c_1*(c_0 + x_v);
     const double t0_1 = dy_v*gamma_v;
     const double t0_2 = d2_dgamma_v*dy_v;
     sum[0 * ss] += d2_dx_v*t0_0; /* red_0 */
@@ -263,7 +278,7 @@ SYMBN_INLINE void symbn_backward2_train_0(const struct symbn_backward2_train_arr
     sum[4 * ss] += t0_2; /* red_4 */
     sum[5 * ss] += d2_dx_v*t0_1; /* red_5 */
     sum[6 * ss] += t0_0*t0_2; /* red_6 */
-    (void)param; (void)ps;
+    (void)fv; (void)param; (void)ps;
 }
 
 /* backward2_train, pass 0: ask for the member at idx */
@@ -276,57 +291,76 @@ SYMBN_INLINE void symbn_backward2_train_0_ahead(const struct symbn_backward2_tra
 }
 
 /* backward2_train, before pass 1: the values of one group */
-SYMBN_INLINE void symbn_backward2_train_group_1(double *gv, ptrdiff_t gs)
+SYMBN_INLINE void symbn_backward2_train_group_1(double *gv, ptrdiff_t gs, int single)
 {
     const double eps_g = gv[1 * gs];
     const double m = gv[0 * gs];
-    const double red_0 = gv[5 * gs];
-    const double red_1 = gv[6 * gs];
-    const double red_2 = gv[7 * gs];
-    const double red_3 = gv[8 * gs];
-    const double red_4 = gv[9 * gs];
-    const double red_5 = gv[10 * gs];
-    const double red_6 = gv[11 * gs];
+    const double red_0 = gv[7 * gs];
+    const double red_1 = gv[8 * gs];
+    const double red_2 = gv[9 * gs];
+    const double red_3 = gv[10 * gs];
+    const double red_4 = gv[11 * gs];
+    const double red_5 = gv[12 * gs];
+    const double red_6 = gv[13 * gs];
     const double var_g = gv[3 * gs];
-    const double c_1 = -red_2/(m*(eps_g + var_g));
-    const double c_2 = -red_0/(m*(eps_g + var_g));
-    const double c_3 = (-eps_g*m*red_6 - m*red_5*sqrt(eps_g + var_g) - m*red_6*var_g + 3*red_0*red_2*sqrt(eps_g + var_g) + red_1*red_3*sqrt(eps_g + var_g))/((m*m)*(eps_g + var_g)*sqrt(eps_g + var_g));
-    const double c_4 = (-eps_g*m*red_4 - m*red_4*var_g + red_0*red_1*sqrt(eps_g + var_g) + red_2*red_3*sqrt(eps_g + var_g))/((m*m)*(eps_g + var_g)*sqrt(eps_g + var_g));
-    const double c_5 = -red_0/(m*sqrt(eps_g + var_g));
-    const double c_6 = -red_3/(m*sqrt(eps_g + var_g));
-    gv[12 * gs] = c_1;
-    gv[13 * gs] = c_2;
-    gv[14 * gs] = c_3;
-    gv[15 * gs] = c_4;
-    gv[16 * gs] = c_5;
-    gv[17 * gs] = c_6;
+    const double c_2 = red_1*red_3;
+    const double c_3 = -m*red_2;
+    const double c_4 = -m*red_5;
+    const double c_5 = 3*red_0*red_2;
+    const double c_6 = (m*m)*sqrt(eps_g + var_g);
+    const double c_7 = -m*red_0;
+    const double c_8 = -m*red_6*sqrt(eps_g + var_g);
+    const double c_9 = -m*red_4*sqrt(eps_g + var_g) + red_0*red_1 + red_2*red_3;
+    const double c_10 = 1/((m*m)*(eps_g + var_g));
+    const double c_11 = 1/(m*sqrt(eps_g + var_g));
+    const double c_12 = m*sqrt(eps_g + var_g);
+    gv[14 * gs] = c_2;
+    gv[15 * gs] = c_3;
+    gv[16 * gs] = c_4;
+    gv[17 * gs] = c_5;
+    gv[18 * gs] = c_6;
+    gv[19 * gs] = c_7;
+    gv[20 * gs] = c_8;
+    gv[21 * gs] = c_9;
+    gv[22 * gs] = c_10;
+    gv[23 * gs] = c_11;
+    gv[24 * gs] = c_12;
+    (void)single;
 }
 
 /* backward2_train, pass 1, one member: d2_gamma +=, d2_x =, d2_dy = */
-SYMBN_INLINE void symbn_backward2_train_1(const struct symbn_backward2_train_arrays *a, int single, const double *gv, ptrdiff_t gs,
-                                         ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
+SYMBN_INLINE void symbn_backward2_train_1(const struct symbn_backward2_train_arrays *a, int single, const double *gv, const float *fv,
+                                         ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
+    const double c_0 = gv[5 * gs];
+    const double c_1 = gv[6 * gs];
+    const double c_10 = gv[22 * gs];
+    const double c_11 = gv[23 * gs];
+    const double c_12 = gv[24 * gs];
+    const double c_2 = gv[14 * gs];
+    const double c_3 = gv[15 * gs];
+    const double c_4 = gv[16 * gs];
+    const double c_5 = gv[17 * gs];
+    const double c_6 = gv[18 * gs];
+    const double c_7 = gv[19 * gs];
+    const double c_8 = gv[20 * gs];
+    const double c_9 = gv[21 * gs];
+    const double m = gv[0 * gs];
+    const double red_0 = gv[7 * gs];
+    const double red_3 = gv[10 * gs];
+    const double shift = gv[4 * gs];
     const double d2_dx_v = symbn_load(a->d2_dx, idx, single);
     const double d2_dgamma_v = symbn_load(a->d2_dgamma, pidx, single);
     const double d2_dbeta_v = symbn_load(a->d2_dbeta, pidx, single);
     const double dy_v = symbn_load(a->dy, idx, single);
-    const double x_v = symbn_load(a->x, idx, single);
+    const double x_v = symbn_load(a->x, idx, single) - shift;
     const double gamma_v = a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0;
-    const double c_0 = gv[4 * gs];
-    const double c_1 = gv[12 * gs];
-    const double c_2 = gv[13 * gs];
-    const double c_3 = gv[14 * gs];
-    const double c_4 = gv[15 * gs];
-    const double c_5 = gv[16 * gs];
-    const double c_6 = gv[17 * gs];
-    const double mean_g = gv[2 * gs];
-    const double t1_0 = c_0*(-mean_g + x_v);
-    const double t1_1 = c_0*dy_v;
-    const double t1_2 = c_5*t1_0;
-    param[0 * ps] += c_6*dy_v + d2_dx_v*t1_1 + dy_v*t1_2; /* d2_gamma */
-    symbn_store(a->d2_x, idx, single, c_1*d2_dx_v + c_2*dy_v*gamma_v + c_3*t1_0 + c_4 + d2_dgamma_v*t1_1);
-    symbn_store(a->d2_dy, idx, single, c_0*d2_dx_v*gamma_v + c_6*gamma_v + d2_dbeta_v + d2_dgamma_v*t1_0 + gamma_v*t1_2);
-    (void)sum; (void)ss;
+    const double t1_0 = c_1*(c_0 + x_v);
+    const double t1_1 = red_0*t1_0;
+    param[0 * ps] += c_11*dy_v*(d2_dx_v*m - red_3 - t1_1); /* d2_gamma */
+    symbn_store(a->d2_x, idx, single, c_10*(c_2*t1_0 + c_3*d2_dx_v + c_4*t1_0 + c_5*t1_0 + c_6*d2_dgamma_v*dy_v + c_7*dy_v*gamma_v + c_8*t1_0 + c_9));
+    symbn_store(a->d2_dy, idx, single, c_11*(c_12*d2_dbeta_v + c_12*d2_dgamma_v*t1_0 + d2_dx_v*gamma_v*m - gamma_v*red_3 - gamma_v*t1_1));
+    (void)fv; (void)sum; (void)ss;
 }
 
 /* backward2_train, pass 1: ask for the member at idx */
@@ -358,31 +392,41 @@ struct symbn_backward2_eval_arrays {
 };
 
 /* backward2_eval, before pass 0: the values of one group */
-SYMBN_INLINE void symbn_backward2_eval_group_0(double *gv, ptrdiff_t gs)
+SYMBN_INLINE void symbn_backward2_eval_group_0(double *gv, ptrdiff_t gs, int single)
 {
     const double eps_g = gv[1 * gs];
+    const double mean_g = gv[2 * gs];
     const double var_g = gv[3 * gs];
-    const double c_0 = 1.0/sqrt(eps_g + var_g);
-    gv[4 * gs] = c_0;
+    const double shift = single ? (double)(float)mean_g : mean_g;
+    const double c_0 = -mean_g + shift;
+    const double c_1 = 1.0/sqrt(eps_g + var_g);
+    const double c_2 = sqrt(eps_g + var_g);
+    gv[4 * gs] = shift;
+    gv[5 * gs] = c_0;
+    gv[6 * gs] = c_1;
+    gv[7 * gs] = c_2;
+    (void)single;
 }
 
 /* backward2_eval, pass 0, one member: d2_gamma +=, d2_x =, d2_dy = */
-SYMBN_INLINE void symbn_backward2_eval_0(const struct symbn_backward2_eval_arrays *a, int single, const double *gv, ptrdiff_t gs,
-                                        ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
+SYMBN_INLINE void symbn_backward2_eval_0(const struct symbn_backward2_eval_arrays *a, int single, const double *gv, const float *fv,
+                                        ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
+    const double c_0 = gv[5 * gs];
+    const double c_1 = gv[6 * gs];
+    const double c_2 = gv[7 * gs];
+    const double shift = gv[4 * gs];
     const double d2_dx_v = symbn_load(a->d2_dx, idx, single);
     const double d2_dgamma_v = symbn_load(a->d2_dgamma, pidx, single);
     const double d2_dbeta_v = symbn_load(a->d2_dbeta, pidx, single);
     const double dy_v = symbn_load(a->dy, idx, single);
-    const double x_v = symbn_load(a->x, idx, single);
+    const double x_v = symbn_load(a->x, idx, single) - shift;
     const double gamma_v = a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0;
-    const double c_0 = gv[4 * gs];
-    const double mean_g = gv[2 * gs];
-    const double t0_0 = c_0*dy_v;
+    const double t0_0 = c_1*dy_v;
     param[0 * ps] += d2_dx_v*t0_0; /* d2_gamma */
     symbn_store(a->d2_x, idx, single, d2_dgamma_v*t0_0);
-    symbn_store(a->d2_dy, idx, single, c_0*d2_dgamma_v*(-mean_g + x_v) + c_0*d2_dx_v*gamma_v + d2_dbeta_v);
-    (void)sum; (void)ss;
+    symbn_store(a->d2_dy, idx, single, c_1*(c_1*c_2*d2_dgamma_v*(c_0 + x_v) + c_2*d2_dbeta_v + d2_dx_v*gamma_v));
+    (void)fv; (void)sum; (void)ss;
 }
 
 /* backward2_eval, pass 0: ask for the member at idx */
@@ -403,13 +447,13 @@ enum symbn_step {
 };
 
 /* The member step `step` (a constant where a driver is inlined into a kernel: the switch folds away). */
-SYMBN_INLINE void symbn_member(int step, const void *arrays, int single, const double *gv, ptrdiff_t gs, ptrdiff_t idx,
-                               ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
+SYMBN_INLINE void symbn_member(int step, const void *arrays, int single, const double *gv, const float *fv, ptrdiff_t gs,
+                               ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
     switch (step) {
-    case SYMBN_STEP_BACKWARD2_TRAIN_0: symbn_backward2_train_0(arrays, single, gv, gs, idx, pidx, sum, ss, param, ps); break;
-    case SYMBN_STEP_BACKWARD2_TRAIN_1: symbn_backward2_train_1(arrays, single, gv, gs, idx, pidx, sum, ss, param, ps); break;
-    case SYMBN_STEP_BACKWARD2_EVAL_0: symbn_backward2_eval_0(arrays, single, gv, gs, idx, pidx, sum, ss, param, ps); break;
+    case SYMBN_STEP_BACKWARD2_TRAIN_0: symbn_backward2_train_0(arrays, single, gv, fv, gs, idx, pidx, sum, ss, param, ps); break;
+    case SYMBN_STEP_BACKWARD2_TRAIN_1: symbn_backward2_train_1(arrays, single, gv, fv, gs, idx, pidx, sum, ss, param, ps); break;
+    case SYMBN_STEP_BACKWARD2_EVAL_0: symbn_backward2_eval_0(arrays, single, gv, fv, gs, idx, pidx, sum, ss, param, ps); break;
     default: break;
     }
 }
@@ -430,8 +474,8 @@ SYMBN_INLINE void symbn_ahead(int step, const void *arrays, int single, ptrdiff_
    parameter for the run, at pidx) summed like the sums, into total[ns + j]. Every SYMBN_STRANDS
    members, ask for the members `ahead` further on (0: none). */
 SYMBN_INLINE void symbn_strands(const struct symbn_call *c, int step, int single, int ns, int np, int in_memory,
-                                const double *gv, ptrdiff_t first, ptrdiff_t count, ptrdiff_t pidx, ptrdiff_t ahead,
-                                double *total, double *param)
+                                const double *gv, const float *fv, ptrdiff_t first, ptrdiff_t count, ptrdiff_t pidx,
+                                ptrdiff_t ahead, double *total, double *param)
 {
     const int reduced = in_memory ? ns : ns + np;
     const ptrdiff_t pl = in_memory ? c->pl : SYMBN_STRANDS;
@@ -439,7 +483,7 @@ SYMBN_INLINE void symbn_strands(const struct symbn_call *c, int step, int single
     if (reduced == 0) {
         SYMBN_PRAGMA(omp simd)
         for (i = 0; i < count; ++i)
-            symbn_member(step, c->arrays, single, gv, 1, first + i, in_memory ? pidx + i : pidx, total, 1, param + pidx + i, c->pl);
+            symbn_member(step, c->arrays, single, gv, fv, 1, first + i, in_memory ? pidx + i : pidx, total, 1, param + pidx + i, c->pl);
         return;
     }
     double strand[SYMBN_REDUCED + 1][SYMBN_STRANDS];
@@ -449,11 +493,11 @@ SYMBN_INLINE void symbn_strands(const struct symbn_call *c, int step, int single
         if (ahead) symbn_ahead(step, c->arrays, single, first + i + ahead);
         SYMBN_PRAGMA(omp simd)
         for (int k = 0; k < SYMBN_STRANDS; ++k)
-            symbn_member(step, c->arrays, single, gv, 1, first + i + k, in_memory ? pidx + i + k : pidx, &strand[0][k],
+            symbn_member(step, c->arrays, single, gv, fv, 1, first + i + k, in_memory ? pidx + i + k : pidx, &strand[0][k],
                          SYMBN_STRANDS, in_memory ? param + pidx + i + k : &strand[ns][k], pl);
     }
     for (; i < count; ++i)
-        symbn_member(step, c->arrays, single, gv, 1, first + i, in_memory ? pidx + i : pidx, total, 1,
+        symbn_member(step, c->arrays, single, gv, fv, 1, first + i, in_memory ? pidx + i : pidx, total, 1,
                      in_memory ? param + pidx + i : total + ns, in_memory ? c->pl : 1);
     for (int j = 0; j < reduced; ++j) {
         double sum = 0.0;
@@ -464,15 +508,15 @@ SYMBN_INLINE void symbn_strands(const struct symbn_call *c, int step, int single
 
 /* One run: the ls members of one (n, q, p) from `row`; sums into total, parameter gradients into mine. */
 SYMBN_INLINE void symbn_run(const struct symbn_call *c, int step, int single, int ns, int np, const double *gv,
-                            ptrdiff_t row, ptrdiff_t p, ptrdiff_t ahead, double *total, double *mine)
+                            const float *fv, ptrdiff_t row, ptrdiff_t p, ptrdiff_t ahead, double *total, double *mine)
 {
     if (c->s_count == 1) {
-        symbn_strands(c, step, single, ns, np, 1, gv, row, c->ls, p * c->l_count, ahead, total, mine);
+        symbn_strands(c, step, single, ns, np, 1, gv, fv, row, c->ls, p * c->l_count, ahead, total, mine);
         return;
     }
     for (ptrdiff_t l = 0; l < c->l_count; ++l) {
         double part[SYMBN_REDUCED + 1] = {0.0};
-        symbn_strands(c, step, single, ns, np, 0, gv, row + l * c->s_count, c->s_count, p * c->l_count + l, ahead, part, mine);
+        symbn_strands(c, step, single, ns, np, 0, gv, fv, row + l * c->s_count, c->s_count, p * c->l_count + l, ahead, part, mine);
         for (int j = 0; j < ns; ++j) total[j] += part[j];
         for (int j = 0; j < np; ++j) mine[j * c->pl + p * c->l_count + l] += part[ns + j];
     }
@@ -482,12 +526,12 @@ SYMBN_INLINE void symbn_run(const struct symbn_call *c, int step, int single, in
    array), its sums into gv[red..]; the parameter gradients into mine. `ahead`: ask for the next
    group on the way. */
 SYMBN_INLINE void symbn_over_group(const struct symbn_call *c, int step, int single, int ns, int np, int red,
-                                   ptrdiff_t g, double *gv, int ahead, double *mine)
+                                   ptrdiff_t g, double *gv, const float *fv, int ahead, double *mine)
 {
     const ptrdiff_t p = g % c->p_count, q = g / c->p_count, next = ahead && g + 1 < c->groups ? c->ls : 0;
     double total[SYMBN_REDUCED + 1] = {0.0};
     for (ptrdiff_t n = 0; n < c->outer; ++n)
-        symbn_run(c, step, single, ns, np, gv, ((n * c->q_count + q) * c->p_count + p) * c->ls, p, next, total, mine);
+        symbn_run(c, step, single, ns, np, gv, fv, ((n * c->q_count + q) * c->p_count + p) * c->ls, p, next, total, mine);
     for (int j = 0; j < ns; ++j) gv[red + j] = total[j];
 }
 
@@ -499,6 +543,7 @@ SYMBN_INLINE void symbn_lanes(const struct symbn_call *c, int step, int single, 
 {
     const ptrdiff_t g0 = q * c->p_count + p0;
     const double *const gv = c->table + g0; /* LANES: [column][group] */
+    const float *const fv = c->ftable + g0;
     double acc[SYMBN_REDUCED + 1][SYMBN_LANES];
     for (int j = 0; j < ns + np; ++j)
         for (int k = 0; k < SYMBN_LANES; ++k) acc[j][k] = 0.0;
@@ -507,14 +552,14 @@ SYMBN_INLINE void symbn_lanes(const struct symbn_call *c, int step, int single, 
             const ptrdiff_t row = (n * c->q_count + q) * c->p_count + p0;
             SYMBN_PRAGMA(omp simd)
             for (int k = 0; k < SYMBN_LANES; ++k)
-                symbn_member(step, c->arrays, single, gv + k, c->groups, row + k, p0 + k, &acc[0][k], SYMBN_LANES, &acc[ns][k], SYMBN_LANES);
+                symbn_member(step, c->arrays, single, gv + k, fv + k, c->groups, row + k, p0 + k, &acc[0][k], SYMBN_LANES, &acc[ns][k], SYMBN_LANES);
         }
     } else {
         for (ptrdiff_t n = 0; n < c->outer; ++n) {
             const ptrdiff_t row = (n * c->q_count + q) * c->p_count + p0;
             SYMBN_PRAGMA(omp simd)
             for (ptrdiff_t k = 0; k < width; ++k)
-                symbn_member(step, c->arrays, single, gv + k, c->groups, row + k, p0 + k, &acc[0][k], SYMBN_LANES, &acc[ns][k], SYMBN_LANES);
+                symbn_member(step, c->arrays, single, gv + k, fv + k, c->groups, row + k, p0 + k, &acc[0][k], SYMBN_LANES, &acc[ns][k], SYMBN_LANES);
         }
     }
     for (ptrdiff_t k = 0; k < width; ++k) {
@@ -540,14 +585,16 @@ SYMBN_INLINE void symbn_rows(const struct symbn_call *c, int step, int single, i
             SYMBN_PRAGMA(omp simd)
             for (ptrdiff_t p = 0; p < c->p_count; ++p) {
                 const ptrdiff_t g = q * c->p_count + p;
-                symbn_member(step, c->arrays, single, c->table + g, c->groups, u * c->p_count + p, p, part + g, c->groups, mine + p, c->pl);
+                symbn_member(step, c->arrays, single, c->table + g, c->ftable + g, c->groups, u * c->p_count + p, p, part + g, c->groups,
+                             mine + p, c->pl);
             }
         } else {
             for (ptrdiff_t p = 0; p < c->p_count; ++p) {
                 const ptrdiff_t g = q * c->p_count + p;
                 double gv[SYMBN_COLUMNS], total[SYMBN_REDUCED + 1] = {0.0};
-                for (int v = 0; v < c->columns; ++v) gv[v] = symbn_group(c, g)[v * c->cs];
-                symbn_run(c, step, single, ns, np, gv, (u * c->p_count + p) * c->ls, p, 0, total, mine);
+                float fv[SYMBN_COLUMNS];
+                for (int v = 0; v < c->columns; ++v) gv[v] = symbn_group(c, g)[v * c->cs], fv[v] = symbn_fgroup(c, g)[v * c->cs];
+                symbn_run(c, step, single, ns, np, gv, fv, (u * c->p_count + p) * c->ls, p, 0, total, mine);
                 for (int j = 0; j < ns; ++j) part[j * c->groups + g] += total[j];
             }
         }
@@ -604,7 +651,7 @@ SYMBN_INLINE void symbn_backward2_train_load(const struct symbn_call *c, int sin
 SYMBN_INLINE int symbn_backward2_train_final(const struct symbn_call *c, double *gv, ptrdiff_t gs, ptrdiff_t g)
 {
     (void)c; (void)g;
-    return !(isfinite(gv[5 * gs]) && isfinite(gv[6 * gs]) && isfinite(gv[7 * gs]) && isfinite(gv[8 * gs]) && isfinite(gv[9 * gs]) && isfinite(gv[10 * gs]) && isfinite(gv[11 * gs]));
+    return !(isfinite(gv[7 * gs]) && isfinite(gv[8 * gs]) && isfinite(gv[9 * gs]) && isfinite(gv[10 * gs]) && isfinite(gv[11 * gs]) && isfinite(gv[12 * gs]) && isfinite(gv[13 * gs]));
 }
 
 /* This thread's share of every pass of backward2_train. */
@@ -617,11 +664,12 @@ SYMBN_INLINE void symbn_backward2_train_run(const struct symbn_call *c, int sing
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) {
             double gv[SYMBN_COLUMNS] = {0.0}; /* the group's values, here while it is made; then in the table for end */
+            float fv[SYMBN_COLUMNS] = {0.0f}; /* those the element code reads in float */
             symbn_backward2_train_load(c, single, gv, 1, g, g % c->p_count);
-            symbn_backward2_train_group_0(gv, 1);
-            symbn_over_group(c, SYMBN_STEP_BACKWARD2_TRAIN_0, single, 7, 0, 5, g, gv, 1, mine + 0 * c->pl);
-            symbn_backward2_train_group_1(gv, 1);
-            symbn_over_group(c, SYMBN_STEP_BACKWARD2_TRAIN_1, single, 0, 1, 0, g, gv, 0, mine + 0 * c->pl);
+            symbn_backward2_train_group_0(gv, 1, single);
+            symbn_over_group(c, SYMBN_STEP_BACKWARD2_TRAIN_0, single, 7, 0, 7, g, gv, fv, 1, mine + 0 * c->pl);
+            symbn_backward2_train_group_1(gv, 1, single);
+            symbn_over_group(c, SYMBN_STEP_BACKWARD2_TRAIN_1, single, 0, 1, 0, g, gv, fv, 0, mine + 0 * c->pl);
             flagged |= symbn_backward2_train_final(c, gv, 1, g);
             for (int v = 0; v < c->columns; ++v) symbn_group(c, g)[v] = gv[v];
         }
@@ -631,9 +679,9 @@ SYMBN_INLINE void symbn_backward2_train_run(const struct symbn_call *c, int sing
         for (ptrdiff_t b = first; b < last; ++b) {
             const ptrdiff_t q = b / blocks, p0 = b % blocks * SYMBN_LANES, width = c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES;
             for (ptrdiff_t k = 0; k < width; ++k) symbn_backward2_train_load(c, single, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k, p0 + k);
-            for (ptrdiff_t k = 0; k < width; ++k) symbn_backward2_train_group_0(symbn_group(c, q * c->p_count + p0 + k), c->cs);
-            symbn_lanes(c, SYMBN_STEP_BACKWARD2_TRAIN_0, single, 7, 0, 5, q, p0, width, mine + 0 * c->pl);
-            for (ptrdiff_t k = 0; k < width; ++k) symbn_backward2_train_group_1(symbn_group(c, q * c->p_count + p0 + k), c->cs);
+            for (ptrdiff_t k = 0; k < width; ++k) symbn_backward2_train_group_0(symbn_group(c, q * c->p_count + p0 + k), c->cs, single);
+            symbn_lanes(c, SYMBN_STEP_BACKWARD2_TRAIN_0, single, 7, 0, 7, q, p0, width, mine + 0 * c->pl);
+            for (ptrdiff_t k = 0; k < width; ++k) symbn_backward2_train_group_1(symbn_group(c, q * c->p_count + p0 + k), c->cs, single);
             symbn_lanes(c, SYMBN_STEP_BACKWARD2_TRAIN_1, single, 0, 1, 0, q, p0, width, mine + 0 * c->pl);
             for (ptrdiff_t k = 0; k < width; ++k) flagged |= symbn_backward2_train_final(c, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k);
         }
@@ -641,15 +689,15 @@ SYMBN_INLINE void symbn_backward2_train_run(const struct symbn_call *c, int sing
         symbn_share(c->team, c->groups, &first, &last); /* the same share of the groups every time */
         for (ptrdiff_t g = first; g < last; ++g) {
             symbn_backward2_train_load(c, single, c->table + g, c->groups, g, g % c->p_count);
-            symbn_backward2_train_group_0(symbn_group(c, g), c->cs);
+            symbn_backward2_train_group_0(symbn_group(c, g), c->cs, single);
         }
         SYMBN_BARRIER(c->team);
         symbn_rows(c, SYMBN_STEP_BACKWARD2_TRAIN_0, single, 7, 0, 0, mine + 0 * c->pl);
         SYMBN_BARRIER(c->team);
-        symbn_add_up(c, 7, 5);
+        symbn_add_up(c, 7, 7);
         symbn_share(c->team, c->groups, &first, &last); /* the same share of the groups every time */
         for (ptrdiff_t g = first; g < last; ++g) {
-            symbn_backward2_train_group_1(symbn_group(c, g), c->cs);
+            symbn_backward2_train_group_1(symbn_group(c, g), c->cs, single);
         }
         SYMBN_BARRIER(c->team);
         symbn_rows(c, SYMBN_STEP_BACKWARD2_TRAIN_1, single, 0, 1, 0, mine + 0 * c->pl);
@@ -668,7 +716,7 @@ static int symbn_backward2_train_begin(struct symbn_call *c, const struct symbn_
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
 {
     if (!a->d2_dx || !a->d2_dgamma || !a->d2_dbeta || !a->dy || !a->x || !a->mean || !a->var || !a->d2_x || !a->d2_dy) return SYMBN_ENULL;
-    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 18, 7, 1);
+    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 25, 7, 1);
     (void)single;
     return status;
 }
@@ -720,9 +768,10 @@ SYMBN_INLINE void symbn_backward2_eval_run(const struct symbn_call *c, int singl
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) {
             double gv[SYMBN_COLUMNS] = {0.0}; /* the group's values, here while it is made; then in the table for end */
+            float fv[SYMBN_COLUMNS] = {0.0f}; /* those the element code reads in float */
             symbn_backward2_eval_load(c, single, gv, 1, g, g % c->p_count);
-            symbn_backward2_eval_group_0(gv, 1);
-            symbn_over_group(c, SYMBN_STEP_BACKWARD2_EVAL_0, single, 0, 1, 0, g, gv, 0, mine + 0 * c->pl);
+            symbn_backward2_eval_group_0(gv, 1, single);
+            symbn_over_group(c, SYMBN_STEP_BACKWARD2_EVAL_0, single, 0, 1, 0, g, gv, fv, 0, mine + 0 * c->pl);
             flagged |= symbn_backward2_eval_final(c, gv, 1, g);
             for (int v = 0; v < c->columns; ++v) symbn_group(c, g)[v] = gv[v];
         }
@@ -732,7 +781,7 @@ SYMBN_INLINE void symbn_backward2_eval_run(const struct symbn_call *c, int singl
         for (ptrdiff_t b = first; b < last; ++b) {
             const ptrdiff_t q = b / blocks, p0 = b % blocks * SYMBN_LANES, width = c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES;
             for (ptrdiff_t k = 0; k < width; ++k) symbn_backward2_eval_load(c, single, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k, p0 + k);
-            for (ptrdiff_t k = 0; k < width; ++k) symbn_backward2_eval_group_0(symbn_group(c, q * c->p_count + p0 + k), c->cs);
+            for (ptrdiff_t k = 0; k < width; ++k) symbn_backward2_eval_group_0(symbn_group(c, q * c->p_count + p0 + k), c->cs, single);
             symbn_lanes(c, SYMBN_STEP_BACKWARD2_EVAL_0, single, 0, 1, 0, q, p0, width, mine + 0 * c->pl);
             for (ptrdiff_t k = 0; k < width; ++k) flagged |= symbn_backward2_eval_final(c, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k);
         }
@@ -740,7 +789,7 @@ SYMBN_INLINE void symbn_backward2_eval_run(const struct symbn_call *c, int singl
         symbn_share(c->team, c->groups, &first, &last); /* the same share of the groups every time */
         for (ptrdiff_t g = first; g < last; ++g) {
             symbn_backward2_eval_load(c, single, c->table + g, c->groups, g, g % c->p_count);
-            symbn_backward2_eval_group_0(symbn_group(c, g), c->cs);
+            symbn_backward2_eval_group_0(symbn_group(c, g), c->cs, single);
         }
         SYMBN_BARRIER(c->team);
         symbn_rows(c, SYMBN_STEP_BACKWARD2_EVAL_0, single, 0, 1, 0, mine + 0 * c->pl);
@@ -759,7 +808,7 @@ static int symbn_backward2_eval_begin(struct symbn_call *c, const struct symbn_b
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
 {
     if (!a->d2_dx || !a->d2_dgamma || !a->d2_dbeta || !a->dy || !a->x || !a->mean || !a->var || !a->d2_x || !a->d2_dy) return SYMBN_ENULL;
-    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 5, 0, 1);
+    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 8, 0, 1);
     (void)single;
     return status;
 }

@@ -37,17 +37,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import sympy as sp
+from sympy.codegen.ast import float32, real
 from sympy.printing.c import C99CodePrinter
 from sympy.printing.precedence import PRECEDENCE
 
 from ...interface import DEFAULTS, DTYPES, OPTIONAL, SCHEDULES, STATUS, function_name, parameters
-from ...lower import ANCHOR, COUNT, Arg, Kernel, KernelPlan, Pass
+from ...lower import ANCHOR, COUNT, SHIFT, X, Arg, Kernel, KernelPlan, Pass, group_var
 from ...program import DATA, ELEMENT, GROUP, PARAM, SCALAR
 
 FILES = {"{name}.c": "kernels.c.j2", "{name}.h": "kernels.h.j2"}
 """Output file name (``{name}``: the plan's name) -> template, in :data:`TEMPLATES`."""
-FRAME = False
-"""C kernels compute every element in double: no frame (see :func:`symbn.lower.plan`)."""
+FRAME = True
+"""Plans lowered with the frame (:func:`symbn.lower.plan`): the first order's element passes that
+only store (y, dx) run in float for float32 x, measured from the rounded mean; the rest in double."""
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 # The schedule: tuned and measured on the old template (README, issue 13); one place for C and Python.
@@ -77,24 +79,27 @@ class CKernelPrinter(C99CodePrinter):
 
     def _print_Pow(self, expr: sp.Pow) -> str:
         base, exp = expr.base, expr.exp
+        one, sqrt = self._print(sp.Float(1.0)), f"sqrt{self._get_func_suffix(real)}"  # 1.0F and sqrtf in float
         if exp.is_Integer and 1 <= abs(exp) <= 4:
             product = "*".join([self.parenthesize(base, PRECEDENCE["Mul"], strict=True)] * abs(int(exp)))
             if abs(exp) > 1:
                 product = f"({product})"  # a power is one operand: m/(m*m), never m/m*m
-            return product if exp > 0 else f"1.0/{product}"
+            return product if exp > 0 else f"{one}/{product}"
         if exp == sp.S.Half:
-            return f"sqrt({self._print(base)})"
+            return f"{sqrt}({self._print(base)})"
         if exp == -sp.S.Half:
-            return f"1.0/sqrt({self._print(base)})"
+            return f"{one}/{sqrt}({self._print(base)})"
         if abs(exp) == sp.Rational(3, 2):
             b = self._print(base)
-            return f"({b})*sqrt({b})" if exp > 0 else f"1.0/(({b})*sqrt({b}))"
+            return f"({b})*{sqrt}({b})" if exp > 0 else f"{one}/(({b})*{sqrt}({b}))"
         return super()._print_Pow(expr)
 
 
 PRINTER = CKernelPrinter
 """The printer class (the registry's convention); :func:`context` prints with one instance of it."""
 _PRINT = CKernelPrinter().doprint
+_PRINT_FLOAT = CKernelPrinter({"type_aliases": {real: float32}}).doprint
+"""The element code of a pass that runs in float: float literals (2.0F) and functions (sqrtf)."""
 
 
 def choose_schedule(kernel: Kernel | None, outer: int, q: int, p: int, l: int, s: int, threads: int) -> int:
@@ -128,7 +133,7 @@ def context(plan: KernelPlan) -> dict:
     """What ``kernels.c.j2``, ``kernels.h.j2`` (and ``schedule.py.j2``) print for ``plan``
     (lowered with ``frame=False``). The caller adds ``header``, the do-not-edit line."""
     norm = plan.norm
-    kernels = [_kernel(norm.name, k) for k in plan.kernels]
+    kernels = [_kernel(norm.name, k, plan.shift) for k in plan.kernels]
     steps = [p for k in kernels for p in k["passes"]]
     return {
         "name": plan.name, "NAME": plan.name.upper(), "norm": norm.name,
@@ -157,14 +162,15 @@ def _describe(arg: Arg, output: bool) -> str:
     return f"{arg.name}: {kind}, {where}{note}"
 
 
-def _kernel(norm: str, k: Kernel) -> dict:
-    """The C of one kernel (see the module's docstring for where each part goes)."""
+def _kernel(norm: str, k: Kernel, shift: str | None) -> dict:
+    """The C of one kernel (see the module's docstring for where each part goes); ``shift``: the
+    plan's frame statistic, whose value rounded to x's precision framed passes measure x from."""
     outputs = {a.name for a in k.outputs}
     group_inputs = [a for a in k.inputs if a.kind == GROUP]
     columns = [COUNT.name] + [a.var.name for a in group_inputs] + ([ANCHOR.name] if k.anchored else [])
+    framed = next((j for j, ps in enumerate(k.passes) if ps.framed), None)
+    columns += [SHIFT.name] if framed is not None else []
     for ps in k.passes:
-        if ps.framed:
-            raise ValueError("the C backend takes plans lowered with frame=False")
         columns += [g.name for g in ps.group] + [s.name for s in ps.sums]
     # a group param output's value per group, summed over q into its array by `end`, in order
     columns += [a.name for a in k.final if a.name in outputs and k.arg(a.name).role == PARAM and a.expr != 0]
@@ -196,7 +202,8 @@ def _kernel(norm: str, k: Kernel) -> dict:
         red = index[ps.sums[0].name] if ps.sums else 0
         if ps.sums and [index[s.name] for s in ps.sums] != list(range(red, red + len(ps.sums))):
             raise AssertionError("a pass's sums take consecutive columns")
-        passes.append(_pass(k, j, ps, index, element_inputs, load_element, red, pbase))
+        passes.append(_pass(k, j, ps, index, element_inputs, load_element, red, pbase,
+                            group_var(shift).name if j == framed else None))
         pbase += len(ps.params)
     del first_column
     final = _final(k, index, outputs)
@@ -254,32 +261,40 @@ def _reads(exprs, defined: set[str], index: dict[str, int], what: str) -> list[d
     return [{"name": n, "column": index[n]} for n in names]
 
 
-def _pass(k: Kernel, j: int, ps: Pass, index: dict[str, int], element_inputs: dict, load_element, red: int, pbase: int) -> dict:
-    """One pass: its per-group function and its member function."""
+def _pass(k: Kernel, j: int, ps: Pass, index: dict[str, int], element_inputs: dict, load_element, red: int, pbase: int,
+          shift_from: str | None) -> dict:
+    """One pass: its per-group function and its member function. ``shift_from``: the statistic
+    this pass's group function rounds into the frame's shift (the first framed pass only)."""
     doprint = _PRINT
     name = f"symbn_{k.name}_{j}"
-    group = None
-    if ps.group:
-        defined, lines = set(), []
-        reads = _reads([g.expr for g in ps.group], set(), index, f"{k.name} pass {j} group")
-        reads = [r for r in reads if r["name"] not in {g.name for g in ps.group}]
-        for g in ps.group:
-            lines.append({"name": g.name, "code": doprint(g.expr), "column": index[g.name]})
-            defined.add(g.name)
-        group = {"reads": reads, "assigns": lines}
+    lines = [{"name": g.name, "code": doprint(g.expr), "column": index[g.name]} for g in ps.group]
+    group_exprs = [g.expr for g in ps.group]
+    if shift_from:  # the shift: the statistic rounded to x's precision, once it is known
+        at = next((n + 1 for n, g in enumerate(ps.group) if g.name == shift_from), 0)
+        lines.insert(at, {"name": SHIFT.name, "code": f"single ? (double)(float){shift_from} : {shift_from}",
+                          "column": index[SHIFT.name]})
+        group_exprs.append(sp.Symbol(shift_from, real=True))
+    defined = {line["name"] for line in lines}
+    group_reads = [r for r in _reads(group_exprs, set(), index, f"{k.name} pass {j} group") if r["name"] not in defined]
+    group = {"reads": group_reads, "assigns": lines} if lines else None
     exprs = [a.expr for a in (*ps.element, *ps.sums, *ps.params, *ps.stores)]
     used = {s for e in exprs for s in e.free_symbols}
     loads = [(v, a) for v, a in element_inputs.items() if v in used]
+    framed_x = ps.framed and any(v == X for v, _ in loads)  # x_v is x - shift
     temporaries = {a.name for a in ps.element}
-    reads = _reads(exprs, temporaries | {v.name for v, _ in loads}, index, f"{k.name} pass {j}")
+    known = temporaries | {v.name for v, _ in loads}
+    reads = _reads(exprs + ([SHIFT] if framed_x else []), known, index, f"{k.name} pass {j}")
     stores = []
     for s in ps.stores:
         out = k.arg(s.name)
         code = doprint(s.expr)
         stores.append(f"a->{s.name}[idx] = {code};" if out.double else f"symbn_store(a->{s.name}, idx, single, {code});")
-    single = any(not a.double for _, a in loads) or any(not k.arg(s.name).double for s in ps.stores)
+    single = _single(k, ps, loads, framed_x)
+    floats = reads if single else []
+    typed = any(not a.double for _, a in loads) or any(not k.arg(s.name).double for s in ps.stores)  # reads `single`
     used_params = {
-        "a": bool(loads) or bool(ps.stores), "single": single, "gv": bool(reads), "gs": bool(reads),
+        "a": bool(loads) or bool(ps.stores), "single": typed,
+        "gv": bool(reads), "fv": bool(floats), "gs": bool(reads),
         "idx": any(a.role == DATA for _, a in loads) or bool(ps.stores),
         "pidx": any(a.role == PARAM for _, a in loads),
         "sum": bool(ps.sums), "ss": bool(ps.sums), "param": bool(ps.params), "ps": bool(ps.params),
@@ -294,18 +309,41 @@ def _pass(k: Kernel, j: int, ps: Pass, index: dict[str, int], element_inputs: di
         "index": j, "kernel": k.name, "step": f"SYMBN_STEP_{k.name.upper()}_{j}", "function": name,
         "what": ", ".join(what) or "nothing",
         "group": group,
-        "loads": [{"name": v.name, "code": load_element(a)} for v, a in loads],
+        "loads": [{"name": v.name, "code": f"{load_element(a)} - shift" if v == X and framed_x else load_element(a)} for v, a in loads],
         "reads": reads,
         "element": [{"name": a.name, "code": doprint(a.expr)} for a in ps.element],
         "sums": [{"name": a.name, "code": doprint(a.expr)} for a in ps.sums],
         "params": [{"name": a.name, "code": doprint(a.expr)} for a in ps.params],
         "stores": stores,
+        "single": single, "floats": floats,
         "unused": " ".join(f"(void){n};" for n, u in used_params.items() if not u),
         "ns": len(ps.sums), "np": len(ps.params), "red": red, "pbase": pbase,
         "prefetch": prefetch,
         # group-major: the first pass of a kernel of several asks for the next group on its way
         "ahead_groups": j == 0 and len(k.passes) > 1 and bool(prefetch),
     }
+
+
+def _single(k: Kernel, ps: Pass, loads: list, framed_x: bool) -> dict | None:
+    """The pass's element code in float, for float32 x, or None where it runs in double: a pass
+    of the first order that only stores element outputs (y; dx), its inputs and outputs in x's
+    dtype, x measured from the shift. The sums and parameter gradients, and every order above
+    the first, stay in double."""
+    outputs = [k.arg(s.name) for s in ps.stores]
+    if len(k.transforms) > 1 or not ps.stores or ps.sums or ps.params or any(o.double for o in outputs) \
+            or any(a.double for _, a in loads) or (any(v == X for v, _ in loads) and not framed_x):
+        return None
+    doprint = _PRINT_FLOAT
+
+    def load(v: sp.Symbol, a: Arg) -> str:
+        value = f"((const float *)a->{a.name})[{'idx' if a.role == DATA else 'pidx'}]"
+        if a.name in OPTIONAL:
+            value = f"(a->{a.name} ? {value} : {DEFAULTS[a.name]!r}F)"
+        return f"{value} - shift" if v == X else value
+
+    return {"loads": [{"name": v.name, "code": load(v, a)} for v, a in loads],
+            "element": [{"name": a.name, "code": doprint(a.expr)} for a in ps.element],
+            "stores": [f"((float *)a->{s.name})[idx] = {doprint(s.expr)};" for s in ps.stores]}
 
 
 def _final(k: Kernel, index: dict[str, int], outputs: set[str]) -> dict:
