@@ -35,7 +35,7 @@
 #define SYMBN_STRANDS 16
 #define SYMBN_AHEAD_ROWS 2
 #define SYMBN_SMALL 65536
-#define SYMBN_COLUMNS 30 /* per-group values of the widest kernel */
+#define SYMBN_COLUMNS 21 /* per-group values of the widest kernel */
 #define SYMBN_REDUCED 5 /* sums and parameter gradients of the widest pass */
 
 #ifdef _OPENMP
@@ -245,14 +245,9 @@ struct symbn_backward2_train_arrays {
 SYMBN_INLINE void symbn_backward2_train_group_0(double *gv, ptrdiff_t gs, int single)
 {
     const double eps_g = gv[4 * gs];
-    const double mean_g = gv[5 * gs];
     const double var_g = gv[6 * gs];
-    const double shift = single ? (double)(float)mean_g : mean_g;
-    const double c_0 = -mean_g + shift;
-    const double c_1 = 1.0/sqrt(eps_g + var_g);
-    gv[7 * gs] = shift;
-    gv[8 * gs] = c_0;
-    gv[9 * gs] = c_1;
+    const double c_0 = 1.0/sqrt(eps_g + var_g);
+    gv[7 * gs] = c_0;
     (void)single;
 }
 
@@ -260,13 +255,12 @@ SYMBN_INLINE void symbn_backward2_train_group_0(double *gv, ptrdiff_t gs, int si
 SYMBN_INLINE void symbn_backward2_train_0(const struct symbn_backward2_train_arrays *a, int single, const double *gv, const float *fv,
                                          ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
-    const double c_0 = gv[8 * gs];
-    const double c_1 = gv[9 * gs];
-    const double shift = gv[7 * gs];
+    const double c_0 = gv[7 * gs];
+    const double mean_g = gv[5 * gs];
     const double d2_dx_v = symbn_load(a->d2_dx, idx, single);
     const double dy_v = symbn_load(a->dy, idx, single);
-    const double x_v = symbn_load(a->x, idx, single) - shift;
-    const double t0_0 = c_1*(c_0 + x_v);
+    const double x_v = symbn_load(a->x, idx, single);
+    const double t0_0 = c_0*(-mean_g + x_v);
     sum[0 * ss] += d2_dx_v*t0_0; /* red_0 */
     sum[1 * ss] += dy_v; /* red_1 */
     sum[2 * ss] += dy_v*t0_0; /* red_2 */
@@ -292,40 +286,26 @@ SYMBN_INLINE void symbn_backward2_train_group_1(double *gv, ptrdiff_t gs, int si
     const double eps_g = gv[4 * gs];
     const double gamma_g = gv[3 * gs];
     const double m = gv[0 * gs];
-    const double red_0 = gv[10 * gs];
-    const double red_1 = gv[11 * gs];
-    const double red_2 = gv[12 * gs];
-    const double red_3 = gv[13 * gs];
-    const double red_4 = gv[14 * gs];
+    const double red_0 = gv[8 * gs];
+    const double red_1 = gv[9 * gs];
+    const double red_2 = gv[10 * gs];
+    const double red_3 = gv[11 * gs];
+    const double red_4 = gv[12 * gs];
     const double var_g = gv[6 * gs];
-    const double c_2 = d2_dgamma_g*(m*m)*sqrt(eps_g + var_g);
-    const double c_3 = gamma_g*red_1*red_3;
-    const double c_4 = -gamma_g*m*red_2;
-    const double c_5 = -gamma_g*m*red_0;
-    const double c_6 = -gamma_g*m*red_4;
-    const double c_7 = 3*gamma_g*red_0*red_2;
-    const double c_8 = -d2_dgamma_g*m*red_2*sqrt(eps_g + var_g);
-    const double c_9 = -d2_dgamma_g*m*red_1*sqrt(eps_g + var_g) + gamma_g*red_0*red_1 + gamma_g*red_2*red_3;
-    const double c_10 = 1/((m*m)*(eps_g + var_g));
-    const double c_11 = gamma_g*m;
-    const double c_12 = -gamma_g*red_0;
-    const double c_13 = d2_dgamma_g*m*sqrt(eps_g + var_g);
-    const double c_14 = d2_dbeta_g*m*sqrt(eps_g + var_g) - gamma_g*red_3;
-    const double c_15 = 1/(m*sqrt(eps_g + var_g));
-    gv[15 * gs] = c_2;
-    gv[16 * gs] = c_3;
-    gv[17 * gs] = c_4;
-    gv[18 * gs] = c_5;
-    gv[19 * gs] = c_6;
-    gv[20 * gs] = c_7;
-    gv[21 * gs] = c_8;
-    gv[22 * gs] = c_9;
-    gv[23 * gs] = c_10;
-    gv[24 * gs] = c_11;
-    gv[25 * gs] = c_12;
-    gv[26 * gs] = c_13;
-    gv[27 * gs] = c_14;
-    gv[28 * gs] = c_15;
+    const double c_1 = -gamma_g*red_2/(m*(eps_g + var_g));
+    const double c_2 = (d2_dgamma_g*eps_g*m + d2_dgamma_g*m*var_g - gamma_g*red_0*sqrt(eps_g + var_g))/(m*(eps_g + var_g)*sqrt(eps_g + var_g));
+    const double c_3 = (-d2_dgamma_g*eps_g*m*red_2 - d2_dgamma_g*m*red_2*var_g - gamma_g*m*red_4*sqrt(eps_g + var_g) + 3*gamma_g*red_0*red_2*sqrt(eps_g + var_g) + gamma_g*red_1*red_3*sqrt(eps_g + var_g))/((m*m)*(eps_g + var_g)*sqrt(eps_g + var_g));
+    const double c_4 = (-d2_dgamma_g*eps_g*m*red_1 - d2_dgamma_g*m*red_1*var_g + gamma_g*red_0*red_1*sqrt(eps_g + var_g) + gamma_g*red_2*red_3*sqrt(eps_g + var_g))/((m*m)*(eps_g + var_g)*sqrt(eps_g + var_g));
+    const double c_5 = gamma_g/sqrt(eps_g + var_g);
+    const double c_6 = (d2_dgamma_g*m*sqrt(eps_g + var_g) - gamma_g*red_0)/(m*sqrt(eps_g + var_g));
+    const double c_7 = (d2_dbeta_g*m*sqrt(eps_g + var_g) - gamma_g*red_3)/(m*sqrt(eps_g + var_g));
+    gv[13 * gs] = c_1;
+    gv[14 * gs] = c_2;
+    gv[15 * gs] = c_3;
+    gv[16 * gs] = c_4;
+    gv[17 * gs] = c_5;
+    gv[18 * gs] = c_6;
+    gv[19 * gs] = c_7;
     (void)single;
 }
 
@@ -333,29 +313,21 @@ SYMBN_INLINE void symbn_backward2_train_group_1(double *gv, ptrdiff_t gs, int si
 SYMBN_INLINE void symbn_backward2_train_1(const struct symbn_backward2_train_arrays *a, int single, const double *gv, const float *fv,
                                          ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
-    const double c_0 = gv[8 * gs];
-    const double c_1 = gv[9 * gs];
-    const double c_10 = gv[23 * gs];
-    const double c_11 = gv[24 * gs];
-    const double c_12 = gv[25 * gs];
-    const double c_13 = gv[26 * gs];
-    const double c_14 = gv[27 * gs];
-    const double c_15 = gv[28 * gs];
-    const double c_2 = gv[15 * gs];
-    const double c_3 = gv[16 * gs];
-    const double c_4 = gv[17 * gs];
-    const double c_5 = gv[18 * gs];
-    const double c_6 = gv[19 * gs];
-    const double c_7 = gv[20 * gs];
-    const double c_8 = gv[21 * gs];
-    const double c_9 = gv[22 * gs];
-    const double shift = gv[7 * gs];
+    const double c_0 = gv[7 * gs];
+    const double c_1 = gv[13 * gs];
+    const double c_2 = gv[14 * gs];
+    const double c_3 = gv[15 * gs];
+    const double c_4 = gv[16 * gs];
+    const double c_5 = gv[17 * gs];
+    const double c_6 = gv[18 * gs];
+    const double c_7 = gv[19 * gs];
+    const double mean_g = gv[5 * gs];
     const double d2_dx_v = symbn_load(a->d2_dx, idx, single);
     const double dy_v = symbn_load(a->dy, idx, single);
-    const double x_v = symbn_load(a->x, idx, single) - shift;
-    const double t1_0 = c_1*(c_0 + x_v);
-    symbn_store(a->d2_x, idx, single, c_10*(c_2*dy_v + c_3*t1_0 + c_4*d2_dx_v + c_5*dy_v + c_6*t1_0 + c_7*t1_0 + c_8*t1_0 + c_9));
-    symbn_store(a->d2_dy, idx, single, c_15*(c_11*d2_dx_v + c_12*t1_0 + c_13*t1_0 + c_14));
+    const double x_v = symbn_load(a->x, idx, single);
+    const double t1_0 = c_0*(-mean_g + x_v);
+    symbn_store(a->d2_x, idx, single, c_1*d2_dx_v + c_2*dy_v + c_3*t1_0 + c_4);
+    symbn_store(a->d2_dy, idx, single, c_5*d2_dx_v + c_6*t1_0 + c_7);
     (void)fv; (void)pidx; (void)sum; (void)ss; (void)param; (void)ps;
 }
 
@@ -390,23 +362,16 @@ struct symbn_backward2_eval_arrays {
 /* backward2_eval, before pass 0: the values of one group */
 SYMBN_INLINE void symbn_backward2_eval_group_0(double *gv, ptrdiff_t gs, int single)
 {
-    const double d2_dbeta_g = gv[2 * gs];
     const double d2_dgamma_g = gv[1 * gs];
     const double eps_g = gv[4 * gs];
-    const double mean_g = gv[5 * gs];
+    const double gamma_g = gv[3 * gs];
     const double var_g = gv[6 * gs];
-    const double shift = single ? (double)(float)mean_g : mean_g;
-    const double c_0 = -mean_g + shift;
-    const double c_1 = 1.0/sqrt(eps_g + var_g);
-    const double c_2 = d2_dgamma_g/sqrt(eps_g + var_g);
-    const double c_3 = d2_dgamma_g*sqrt(eps_g + var_g);
-    const double c_4 = d2_dbeta_g*sqrt(eps_g + var_g);
-    gv[7 * gs] = shift;
-    gv[8 * gs] = c_0;
-    gv[9 * gs] = c_1;
-    gv[10 * gs] = c_2;
-    gv[11 * gs] = c_3;
-    gv[12 * gs] = c_4;
+    const double c_0 = 1.0/sqrt(eps_g + var_g);
+    const double c_1 = d2_dgamma_g/sqrt(eps_g + var_g);
+    const double c_2 = gamma_g/sqrt(eps_g + var_g);
+    gv[7 * gs] = c_0;
+    gv[8 * gs] = c_1;
+    gv[9 * gs] = c_2;
     (void)single;
 }
 
@@ -414,19 +379,18 @@ SYMBN_INLINE void symbn_backward2_eval_group_0(double *gv, ptrdiff_t gs, int sin
 SYMBN_INLINE void symbn_backward2_eval_0(const struct symbn_backward2_eval_arrays *a, int single, const double *gv, const float *fv,
                                         ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
-    const double c_0 = gv[8 * gs];
-    const double c_1 = gv[9 * gs];
-    const double c_2 = gv[10 * gs];
-    const double c_3 = gv[11 * gs];
-    const double c_4 = gv[12 * gs];
-    const double gamma_g = gv[3 * gs];
-    const double shift = gv[7 * gs];
+    const double c_0 = gv[7 * gs];
+    const double c_1 = gv[8 * gs];
+    const double c_2 = gv[9 * gs];
+    const double d2_dbeta_g = gv[2 * gs];
+    const double d2_dgamma_g = gv[1 * gs];
+    const double mean_g = gv[5 * gs];
     const double d2_dx_v = symbn_load(a->d2_dx, idx, single);
     const double dy_v = symbn_load(a->dy, idx, single);
-    const double x_v = symbn_load(a->x, idx, single) - shift;
+    const double x_v = symbn_load(a->x, idx, single);
     sum[0 * ss] += d2_dx_v*dy_v; /* red_0 */
-    symbn_store(a->d2_x, idx, single, c_2*dy_v);
-    symbn_store(a->d2_dy, idx, single, c_1*(c_1*c_3*(c_0 + x_v) + c_4 + d2_dx_v*gamma_g));
+    symbn_store(a->d2_x, idx, single, c_1*dy_v);
+    symbn_store(a->d2_dy, idx, single, c_0*d2_dgamma_g*(-mean_g + x_v) + c_2*d2_dx_v + d2_dbeta_g);
     (void)fv; (void)pidx; (void)param; (void)ps;
 }
 
@@ -657,15 +621,15 @@ SYMBN_INLINE int symbn_backward2_train_final(const struct symbn_call *c, double 
     const struct symbn_backward2_train_arrays *a = c->arrays;
     const double eps_g = gv[4 * gs];
     const double m = gv[0 * gs];
-    const double red_0 = gv[10 * gs];
-    const double red_1 = gv[11 * gs];
-    const double red_2 = gv[12 * gs];
-    const double red_3 = gv[13 * gs];
-    const double red_4 = gv[14 * gs];
+    const double red_0 = gv[8 * gs];
+    const double red_1 = gv[9 * gs];
+    const double red_2 = gv[10 * gs];
+    const double red_3 = gv[11 * gs];
+    const double red_4 = gv[12 * gs];
     const double var_g = gv[6 * gs];
-    gv[29 * gs] = (m*red_4 - red_0*red_2 - red_1*red_3)/(m*sqrt(eps_g + var_g)); /* d2_gamma, summed over q by end */
+    gv[20 * gs] = (m*red_4 - red_0*red_2 - red_1*red_3)/(m*sqrt(eps_g + var_g)); /* d2_gamma, summed over q by end */
     (void)a; (void)g;
-    return !(isfinite(gv[10 * gs]) && isfinite(gv[11 * gs]) && isfinite(gv[12 * gs]) && isfinite(gv[13 * gs]) && isfinite(gv[14 * gs]));
+    return !(isfinite(gv[8 * gs]) && isfinite(gv[9 * gs]) && isfinite(gv[10 * gs]) && isfinite(gv[11 * gs]) && isfinite(gv[12 * gs]));
 }
 
 /* This thread's share of every pass of backward2_train. */
@@ -681,7 +645,7 @@ SYMBN_INLINE void symbn_backward2_train_run(const struct symbn_call *c, int sing
             float fv[SYMBN_COLUMNS] = {0.0f}; /* those the element code reads in float */
             symbn_backward2_train_load(c, single, gv, 1, g, g % c->p_count);
             symbn_backward2_train_group_0(gv, 1, single);
-            symbn_over_group(c, SYMBN_STEP_BACKWARD2_TRAIN_0, single, 5, 0, 10, g, gv, fv, 1, mine + 0 * c->pl);
+            symbn_over_group(c, SYMBN_STEP_BACKWARD2_TRAIN_0, single, 5, 0, 8, g, gv, fv, 1, mine + 0 * c->pl);
             symbn_backward2_train_group_1(gv, 1, single);
             symbn_over_group(c, SYMBN_STEP_BACKWARD2_TRAIN_1, single, 0, 0, 0, g, gv, fv, 0, mine + 0 * c->pl);
             flagged |= symbn_backward2_train_final(c, gv, 1, g);
@@ -694,7 +658,7 @@ SYMBN_INLINE void symbn_backward2_train_run(const struct symbn_call *c, int sing
             const ptrdiff_t q = b / blocks, p0 = b % blocks * SYMBN_LANES, width = c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES;
             for (ptrdiff_t k = 0; k < width; ++k) symbn_backward2_train_load(c, single, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k, p0 + k);
             for (ptrdiff_t k = 0; k < width; ++k) symbn_backward2_train_group_0(symbn_group(c, q * c->p_count + p0 + k), c->cs, single);
-            symbn_lanes(c, SYMBN_STEP_BACKWARD2_TRAIN_0, single, 5, 0, 10, q, p0, width, mine + 0 * c->pl);
+            symbn_lanes(c, SYMBN_STEP_BACKWARD2_TRAIN_0, single, 5, 0, 8, q, p0, width, mine + 0 * c->pl);
             for (ptrdiff_t k = 0; k < width; ++k) symbn_backward2_train_group_1(symbn_group(c, q * c->p_count + p0 + k), c->cs, single);
             symbn_lanes(c, SYMBN_STEP_BACKWARD2_TRAIN_1, single, 0, 0, 0, q, p0, width, mine + 0 * c->pl);
             for (ptrdiff_t k = 0; k < width; ++k) flagged |= symbn_backward2_train_final(c, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k);
@@ -708,7 +672,7 @@ SYMBN_INLINE void symbn_backward2_train_run(const struct symbn_call *c, int sing
         SYMBN_BARRIER(c->team);
         symbn_rows(c, SYMBN_STEP_BACKWARD2_TRAIN_0, single, 5, 0, 0, mine + 0 * c->pl);
         SYMBN_BARRIER(c->team);
-        symbn_add_up(c, 5, 10);
+        symbn_add_up(c, 5, 8);
         symbn_share(c->team, c->groups, &first, &last); /* the same share of the groups every time */
         for (ptrdiff_t g = first; g < last; ++g) {
             symbn_backward2_train_group_1(symbn_group(c, g), c->cs, single);
@@ -730,7 +694,7 @@ static int symbn_backward2_train_begin(struct symbn_call *c, const struct symbn_
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
 {
     if (!a->d2_dx || !a->d2_dgamma || !a->d2_dbeta || !a->dy || !a->x || !a->mean || !a->var || !a->d2_x || !a->d2_dy) return SYMBN_ENULL;
-    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 30, 5, 0);
+    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 21, 5, 0);
     (void)single;
     return status;
 }
@@ -741,7 +705,7 @@ static int symbn_backward2_train_end(struct symbn_call *c, int single)
     const struct symbn_backward2_train_arrays *a = c->arrays;
     if (a->d2_gamma)
         for (ptrdiff_t q = 0; q < c->q_count; ++q)
-            for (ptrdiff_t p = 0; p < c->p_count; ++p) a->d2_gamma[p] += symbn_group(c, q * c->p_count + p)[29 * c->cs];
+            for (ptrdiff_t p = 0; p < c->p_count; ++p) a->d2_gamma[p] += symbn_group(c, q * c->p_count + p)[20 * c->cs];
     const int finite = symbn_unflagged(c)
                        & symbn_all_finite(a->d2_dgamma, c->p_count, single)
                        & symbn_all_finite(a->d2_dbeta, c->p_count, single)
@@ -774,9 +738,9 @@ SYMBN_INLINE int symbn_backward2_eval_final(const struct symbn_call *c, double *
 {
     const struct symbn_backward2_eval_arrays *a = c->arrays;
     const double eps_g = gv[4 * gs];
-    const double red_0 = gv[13 * gs];
+    const double red_0 = gv[10 * gs];
     const double var_g = gv[6 * gs];
-    gv[14 * gs] = red_0/sqrt(eps_g + var_g); /* d2_gamma, summed over q by end */
+    gv[11 * gs] = red_0/sqrt(eps_g + var_g); /* d2_gamma, summed over q by end */
     (void)a; (void)g;
     (void)gv; (void)gs;
     return 0;
@@ -795,7 +759,7 @@ SYMBN_INLINE void symbn_backward2_eval_run(const struct symbn_call *c, int singl
             float fv[SYMBN_COLUMNS] = {0.0f}; /* those the element code reads in float */
             symbn_backward2_eval_load(c, single, gv, 1, g, g % c->p_count);
             symbn_backward2_eval_group_0(gv, 1, single);
-            symbn_over_group(c, SYMBN_STEP_BACKWARD2_EVAL_0, single, 1, 0, 13, g, gv, fv, 0, mine + 0 * c->pl);
+            symbn_over_group(c, SYMBN_STEP_BACKWARD2_EVAL_0, single, 1, 0, 10, g, gv, fv, 0, mine + 0 * c->pl);
             flagged |= symbn_backward2_eval_final(c, gv, 1, g);
             for (int v = 0; v < c->columns; ++v) symbn_group(c, g)[v] = gv[v];
         }
@@ -806,7 +770,7 @@ SYMBN_INLINE void symbn_backward2_eval_run(const struct symbn_call *c, int singl
             const ptrdiff_t q = b / blocks, p0 = b % blocks * SYMBN_LANES, width = c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES;
             for (ptrdiff_t k = 0; k < width; ++k) symbn_backward2_eval_load(c, single, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k, p0 + k);
             for (ptrdiff_t k = 0; k < width; ++k) symbn_backward2_eval_group_0(symbn_group(c, q * c->p_count + p0 + k), c->cs, single);
-            symbn_lanes(c, SYMBN_STEP_BACKWARD2_EVAL_0, single, 1, 0, 13, q, p0, width, mine + 0 * c->pl);
+            symbn_lanes(c, SYMBN_STEP_BACKWARD2_EVAL_0, single, 1, 0, 10, q, p0, width, mine + 0 * c->pl);
             for (ptrdiff_t k = 0; k < width; ++k) flagged |= symbn_backward2_eval_final(c, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k);
         }
     } else {
@@ -818,7 +782,7 @@ SYMBN_INLINE void symbn_backward2_eval_run(const struct symbn_call *c, int singl
         SYMBN_BARRIER(c->team);
         symbn_rows(c, SYMBN_STEP_BACKWARD2_EVAL_0, single, 1, 0, 0, mine + 0 * c->pl);
         SYMBN_BARRIER(c->team);
-        symbn_add_up(c, 1, 13);
+        symbn_add_up(c, 1, 10);
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) flagged |= symbn_backward2_eval_final(c, c->table + g, c->groups, g);
     }
@@ -834,7 +798,7 @@ static int symbn_backward2_eval_begin(struct symbn_call *c, const struct symbn_b
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
 {
     if (!a->d2_dx || !a->d2_dgamma || !a->d2_dbeta || !a->dy || !a->x || !a->mean || !a->var || !a->d2_x || !a->d2_dy) return SYMBN_ENULL;
-    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 15, 1, 0);
+    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 12, 1, 0);
     (void)single;
     return status;
 }
@@ -845,7 +809,7 @@ static int symbn_backward2_eval_end(struct symbn_call *c, int single)
     const struct symbn_backward2_eval_arrays *a = c->arrays;
     if (a->d2_gamma)
         for (ptrdiff_t q = 0; q < c->q_count; ++q)
-            for (ptrdiff_t p = 0; p < c->p_count; ++p) a->d2_gamma[p] += symbn_group(c, q * c->p_count + p)[14 * c->cs];
+            for (ptrdiff_t p = 0; p < c->p_count; ++p) a->d2_gamma[p] += symbn_group(c, q * c->p_count + p)[11 * c->cs];
     const int finite = 1;
     free(c->table);
     (void)a; (void)single;

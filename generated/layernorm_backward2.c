@@ -35,7 +35,7 @@
 #define SYMBN_STRANDS 16
 #define SYMBN_AHEAD_ROWS 2
 #define SYMBN_SMALL 65536
-#define SYMBN_COLUMNS 25 /* per-group values of the widest kernel */
+#define SYMBN_COLUMNS 18 /* per-group values of the widest kernel */
 #define SYMBN_REDUCED 7 /* sums and parameter gradients of the widest pass */
 
 #ifdef _OPENMP
@@ -245,14 +245,9 @@ struct symbn_backward2_train_arrays {
 SYMBN_INLINE void symbn_backward2_train_group_0(double *gv, ptrdiff_t gs, int single)
 {
     const double eps_g = gv[1 * gs];
-    const double mean_g = gv[2 * gs];
     const double var_g = gv[3 * gs];
-    const double shift = single ? (double)(float)mean_g : mean_g;
-    const double c_0 = -mean_g + shift;
-    const double c_1 = 1.0/sqrt(eps_g + var_g);
-    gv[4 * gs] = shift;
-    gv[5 * gs] = c_0;
-    gv[6 * gs] = c_1;
+    const double c_0 = 1.0/sqrt(eps_g + var_g);
+    gv[4 * gs] = c_0;
     (void)single;
 }
 
@@ -260,15 +255,14 @@ SYMBN_INLINE void symbn_backward2_train_group_0(double *gv, ptrdiff_t gs, int si
 SYMBN_INLINE void symbn_backward2_train_0(const struct symbn_backward2_train_arrays *a, int single, const double *gv, const float *fv,
                                          ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
-    const double c_0 = gv[5 * gs];
-    const double c_1 = gv[6 * gs];
-    const double shift = gv[4 * gs];
+    const double c_0 = gv[4 * gs];
+    const double mean_g = gv[2 * gs];
     const double d2_dx_v = symbn_load(a->d2_dx, idx, single);
     const double d2_dgamma_v = symbn_load(a->d2_dgamma, pidx, single);
     const double dy_v = symbn_load(a->dy, idx, single);
-    const double x_v = symbn_load(a->x, idx, single) - shift;
+    const double x_v = symbn_load(a->x, idx, single);
     const double gamma_v = a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0;
-    const double t0_0 = c_1*(c_0 + x_v);
+    const double t0_0 = c_0*(-mean_g + x_v);
     const double t0_1 = dy_v*gamma_v;
     const double t0_2 = d2_dgamma_v*dy_v;
     sum[0 * ss] += d2_dx_v*t0_0; /* red_0 */
@@ -295,36 +289,26 @@ SYMBN_INLINE void symbn_backward2_train_group_1(double *gv, ptrdiff_t gs, int si
 {
     const double eps_g = gv[1 * gs];
     const double m = gv[0 * gs];
-    const double red_0 = gv[7 * gs];
-    const double red_1 = gv[8 * gs];
-    const double red_2 = gv[9 * gs];
-    const double red_3 = gv[10 * gs];
-    const double red_4 = gv[11 * gs];
-    const double red_5 = gv[12 * gs];
-    const double red_6 = gv[13 * gs];
+    const double red_0 = gv[5 * gs];
+    const double red_1 = gv[6 * gs];
+    const double red_2 = gv[7 * gs];
+    const double red_3 = gv[8 * gs];
+    const double red_4 = gv[9 * gs];
+    const double red_5 = gv[10 * gs];
+    const double red_6 = gv[11 * gs];
     const double var_g = gv[3 * gs];
-    const double c_2 = red_1*red_3;
-    const double c_3 = -m*red_2;
-    const double c_4 = -m*red_5;
-    const double c_5 = 3*red_0*red_2;
-    const double c_6 = (m*m)*sqrt(eps_g + var_g);
-    const double c_7 = -m*red_0;
-    const double c_8 = -m*red_6*sqrt(eps_g + var_g);
-    const double c_9 = -m*red_4*sqrt(eps_g + var_g) + red_0*red_1 + red_2*red_3;
-    const double c_10 = 1/((m*m)*(eps_g + var_g));
-    const double c_11 = 1/(m*sqrt(eps_g + var_g));
-    const double c_12 = m*sqrt(eps_g + var_g);
-    gv[14 * gs] = c_2;
-    gv[15 * gs] = c_3;
-    gv[16 * gs] = c_4;
-    gv[17 * gs] = c_5;
-    gv[18 * gs] = c_6;
-    gv[19 * gs] = c_7;
-    gv[20 * gs] = c_8;
-    gv[21 * gs] = c_9;
-    gv[22 * gs] = c_10;
-    gv[23 * gs] = c_11;
-    gv[24 * gs] = c_12;
+    const double c_1 = -red_2/(m*(eps_g + var_g));
+    const double c_2 = -red_0/(m*(eps_g + var_g));
+    const double c_3 = (-eps_g*m*red_6 - m*red_5*sqrt(eps_g + var_g) - m*red_6*var_g + 3*red_0*red_2*sqrt(eps_g + var_g) + red_1*red_3*sqrt(eps_g + var_g))/((m*m)*(eps_g + var_g)*sqrt(eps_g + var_g));
+    const double c_4 = (-eps_g*m*red_4 - m*red_4*var_g + red_0*red_1*sqrt(eps_g + var_g) + red_2*red_3*sqrt(eps_g + var_g))/((m*m)*(eps_g + var_g)*sqrt(eps_g + var_g));
+    const double c_5 = -red_0/(m*sqrt(eps_g + var_g));
+    const double c_6 = -red_3/(m*sqrt(eps_g + var_g));
+    gv[12 * gs] = c_1;
+    gv[13 * gs] = c_2;
+    gv[14 * gs] = c_3;
+    gv[15 * gs] = c_4;
+    gv[16 * gs] = c_5;
+    gv[17 * gs] = c_6;
     (void)single;
 }
 
@@ -332,34 +316,26 @@ SYMBN_INLINE void symbn_backward2_train_group_1(double *gv, ptrdiff_t gs, int si
 SYMBN_INLINE void symbn_backward2_train_1(const struct symbn_backward2_train_arrays *a, int single, const double *gv, const float *fv,
                                          ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
-    const double c_0 = gv[5 * gs];
-    const double c_1 = gv[6 * gs];
-    const double c_10 = gv[22 * gs];
-    const double c_11 = gv[23 * gs];
-    const double c_12 = gv[24 * gs];
-    const double c_2 = gv[14 * gs];
-    const double c_3 = gv[15 * gs];
-    const double c_4 = gv[16 * gs];
-    const double c_5 = gv[17 * gs];
-    const double c_6 = gv[18 * gs];
-    const double c_7 = gv[19 * gs];
-    const double c_8 = gv[20 * gs];
-    const double c_9 = gv[21 * gs];
-    const double m = gv[0 * gs];
-    const double red_0 = gv[7 * gs];
-    const double red_3 = gv[10 * gs];
-    const double shift = gv[4 * gs];
+    const double c_0 = gv[4 * gs];
+    const double c_1 = gv[12 * gs];
+    const double c_2 = gv[13 * gs];
+    const double c_3 = gv[14 * gs];
+    const double c_4 = gv[15 * gs];
+    const double c_5 = gv[16 * gs];
+    const double c_6 = gv[17 * gs];
+    const double mean_g = gv[2 * gs];
     const double d2_dx_v = symbn_load(a->d2_dx, idx, single);
     const double d2_dgamma_v = symbn_load(a->d2_dgamma, pidx, single);
     const double d2_dbeta_v = symbn_load(a->d2_dbeta, pidx, single);
     const double dy_v = symbn_load(a->dy, idx, single);
-    const double x_v = symbn_load(a->x, idx, single) - shift;
+    const double x_v = symbn_load(a->x, idx, single);
     const double gamma_v = a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0;
-    const double t1_0 = c_1*(c_0 + x_v);
-    const double t1_1 = red_0*t1_0;
-    param[0 * ps] += c_11*dy_v*(d2_dx_v*m - red_3 - t1_1); /* d2_gamma */
-    symbn_store(a->d2_x, idx, single, c_10*(c_2*t1_0 + c_3*d2_dx_v + c_4*t1_0 + c_5*t1_0 + c_6*d2_dgamma_v*dy_v + c_7*dy_v*gamma_v + c_8*t1_0 + c_9));
-    symbn_store(a->d2_dy, idx, single, c_11*(c_12*d2_dbeta_v + c_12*d2_dgamma_v*t1_0 + d2_dx_v*gamma_v*m - gamma_v*red_3 - gamma_v*t1_1));
+    const double t1_0 = c_0*(-mean_g + x_v);
+    const double t1_1 = c_0*dy_v;
+    const double t1_2 = c_5*t1_0;
+    param[0 * ps] += c_6*dy_v + d2_dx_v*t1_1 + dy_v*t1_2; /* d2_gamma */
+    symbn_store(a->d2_x, idx, single, c_1*d2_dx_v + c_2*dy_v*gamma_v + c_3*t1_0 + c_4 + d2_dgamma_v*t1_1);
+    symbn_store(a->d2_dy, idx, single, c_0*d2_dx_v*gamma_v + c_6*gamma_v + d2_dbeta_v + d2_dgamma_v*t1_0 + gamma_v*t1_2);
     (void)fv; (void)sum; (void)ss;
 }
 
@@ -395,16 +371,9 @@ struct symbn_backward2_eval_arrays {
 SYMBN_INLINE void symbn_backward2_eval_group_0(double *gv, ptrdiff_t gs, int single)
 {
     const double eps_g = gv[1 * gs];
-    const double mean_g = gv[2 * gs];
     const double var_g = gv[3 * gs];
-    const double shift = single ? (double)(float)mean_g : mean_g;
-    const double c_0 = -mean_g + shift;
-    const double c_1 = 1.0/sqrt(eps_g + var_g);
-    const double c_2 = sqrt(eps_g + var_g);
-    gv[4 * gs] = shift;
-    gv[5 * gs] = c_0;
-    gv[6 * gs] = c_1;
-    gv[7 * gs] = c_2;
+    const double c_0 = 1.0/sqrt(eps_g + var_g);
+    gv[4 * gs] = c_0;
     (void)single;
 }
 
@@ -412,20 +381,18 @@ SYMBN_INLINE void symbn_backward2_eval_group_0(double *gv, ptrdiff_t gs, int sin
 SYMBN_INLINE void symbn_backward2_eval_0(const struct symbn_backward2_eval_arrays *a, int single, const double *gv, const float *fv,
                                         ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
-    const double c_0 = gv[5 * gs];
-    const double c_1 = gv[6 * gs];
-    const double c_2 = gv[7 * gs];
-    const double shift = gv[4 * gs];
+    const double c_0 = gv[4 * gs];
+    const double mean_g = gv[2 * gs];
     const double d2_dx_v = symbn_load(a->d2_dx, idx, single);
     const double d2_dgamma_v = symbn_load(a->d2_dgamma, pidx, single);
     const double d2_dbeta_v = symbn_load(a->d2_dbeta, pidx, single);
     const double dy_v = symbn_load(a->dy, idx, single);
-    const double x_v = symbn_load(a->x, idx, single) - shift;
+    const double x_v = symbn_load(a->x, idx, single);
     const double gamma_v = a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0;
-    const double t0_0 = c_1*dy_v;
+    const double t0_0 = c_0*dy_v;
     param[0 * ps] += d2_dx_v*t0_0; /* d2_gamma */
     symbn_store(a->d2_x, idx, single, d2_dgamma_v*t0_0);
-    symbn_store(a->d2_dy, idx, single, c_1*(c_1*c_2*d2_dgamma_v*(c_0 + x_v) + c_2*d2_dbeta_v + d2_dx_v*gamma_v));
+    symbn_store(a->d2_dy, idx, single, c_0*d2_dgamma_v*(-mean_g + x_v) + c_0*d2_dx_v*gamma_v + d2_dbeta_v);
     (void)fv; (void)sum; (void)ss;
 }
 
@@ -651,7 +618,7 @@ SYMBN_INLINE void symbn_backward2_train_load(const struct symbn_call *c, int sin
 SYMBN_INLINE int symbn_backward2_train_final(const struct symbn_call *c, double *gv, ptrdiff_t gs, ptrdiff_t g)
 {
     (void)c; (void)g;
-    return !(isfinite(gv[7 * gs]) && isfinite(gv[8 * gs]) && isfinite(gv[9 * gs]) && isfinite(gv[10 * gs]) && isfinite(gv[11 * gs]) && isfinite(gv[12 * gs]) && isfinite(gv[13 * gs]));
+    return !(isfinite(gv[5 * gs]) && isfinite(gv[6 * gs]) && isfinite(gv[7 * gs]) && isfinite(gv[8 * gs]) && isfinite(gv[9 * gs]) && isfinite(gv[10 * gs]) && isfinite(gv[11 * gs]));
 }
 
 /* This thread's share of every pass of backward2_train. */
@@ -667,7 +634,7 @@ SYMBN_INLINE void symbn_backward2_train_run(const struct symbn_call *c, int sing
             float fv[SYMBN_COLUMNS] = {0.0f}; /* those the element code reads in float */
             symbn_backward2_train_load(c, single, gv, 1, g, g % c->p_count);
             symbn_backward2_train_group_0(gv, 1, single);
-            symbn_over_group(c, SYMBN_STEP_BACKWARD2_TRAIN_0, single, 7, 0, 7, g, gv, fv, 1, mine + 0 * c->pl);
+            symbn_over_group(c, SYMBN_STEP_BACKWARD2_TRAIN_0, single, 7, 0, 5, g, gv, fv, 1, mine + 0 * c->pl);
             symbn_backward2_train_group_1(gv, 1, single);
             symbn_over_group(c, SYMBN_STEP_BACKWARD2_TRAIN_1, single, 0, 1, 0, g, gv, fv, 0, mine + 0 * c->pl);
             flagged |= symbn_backward2_train_final(c, gv, 1, g);
@@ -680,7 +647,7 @@ SYMBN_INLINE void symbn_backward2_train_run(const struct symbn_call *c, int sing
             const ptrdiff_t q = b / blocks, p0 = b % blocks * SYMBN_LANES, width = c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES;
             for (ptrdiff_t k = 0; k < width; ++k) symbn_backward2_train_load(c, single, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k, p0 + k);
             for (ptrdiff_t k = 0; k < width; ++k) symbn_backward2_train_group_0(symbn_group(c, q * c->p_count + p0 + k), c->cs, single);
-            symbn_lanes(c, SYMBN_STEP_BACKWARD2_TRAIN_0, single, 7, 0, 7, q, p0, width, mine + 0 * c->pl);
+            symbn_lanes(c, SYMBN_STEP_BACKWARD2_TRAIN_0, single, 7, 0, 5, q, p0, width, mine + 0 * c->pl);
             for (ptrdiff_t k = 0; k < width; ++k) symbn_backward2_train_group_1(symbn_group(c, q * c->p_count + p0 + k), c->cs, single);
             symbn_lanes(c, SYMBN_STEP_BACKWARD2_TRAIN_1, single, 0, 1, 0, q, p0, width, mine + 0 * c->pl);
             for (ptrdiff_t k = 0; k < width; ++k) flagged |= symbn_backward2_train_final(c, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k);
@@ -694,7 +661,7 @@ SYMBN_INLINE void symbn_backward2_train_run(const struct symbn_call *c, int sing
         SYMBN_BARRIER(c->team);
         symbn_rows(c, SYMBN_STEP_BACKWARD2_TRAIN_0, single, 7, 0, 0, mine + 0 * c->pl);
         SYMBN_BARRIER(c->team);
-        symbn_add_up(c, 7, 7);
+        symbn_add_up(c, 7, 5);
         symbn_share(c->team, c->groups, &first, &last); /* the same share of the groups every time */
         for (ptrdiff_t g = first; g < last; ++g) {
             symbn_backward2_train_group_1(symbn_group(c, g), c->cs, single);
@@ -716,7 +683,7 @@ static int symbn_backward2_train_begin(struct symbn_call *c, const struct symbn_
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
 {
     if (!a->d2_dx || !a->d2_dgamma || !a->d2_dbeta || !a->dy || !a->x || !a->mean || !a->var || !a->d2_x || !a->d2_dy) return SYMBN_ENULL;
-    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 25, 7, 1);
+    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 18, 7, 1);
     (void)single;
     return status;
 }
@@ -808,7 +775,7 @@ static int symbn_backward2_eval_begin(struct symbn_call *c, const struct symbn_b
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
 {
     if (!a->d2_dx || !a->d2_dgamma || !a->d2_dbeta || !a->dy || !a->x || !a->mean || !a->var || !a->d2_x || !a->d2_dy) return SYMBN_ENULL;
-    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 8, 0, 1);
+    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 5, 0, 1);
     (void)single;
     return status;
 }

@@ -14,6 +14,7 @@ from pathlib import Path
 from . import __version__
 from .backends import BACKENDS
 from .jinja import environment, resource_dir
+from .derive import transforms_for
 from .lower import KernelPlan, plan
 from .spec import BUILTINS, Norm, resolve
 
@@ -58,9 +59,10 @@ def _backends(backends: tuple[str, ...] | None) -> tuple[str, ...]:
 
 def plans(norm: str | Norm, transforms: tuple[str, ...] | str | None = None, order: int = 1,
           backends: tuple[str, ...] | None = None) -> dict[bool, KernelPlan]:
-    """The kernel plans the ``backends`` need for one chain: frame (NumPy) -> plan."""
+    """The kernel plans the ``backends`` need for one chain: frame -> plan."""
     norm = resolve(norm)
-    frames = sorted({BACKENDS[b].FRAME for b in _backends(backends)})
+    chain = transforms_for(order, transforms)
+    frames = sorted({BACKENDS[b].framed(chain) for b in _backends(backends)})
     return {frame: plan(norm, transforms=transforms, order=order, frame=frame) for frame in frames}
 
 
@@ -73,7 +75,7 @@ def sources(norm: str | Norm, transforms: tuple[str, ...] | str | None = None, o
     out = {}
     for name in backends:
         backend = BACKENDS[name]
-        p = lowered[backend.FRAME]
+        p = lowered[backend.framed(transforms_for(order, transforms))]
         context = _printed(p, name)
         for filename, template in backend.FILES.items():
             out[filename.format(name=p.name)] = render(f"{name}/{template}", p.name, **context)

@@ -92,7 +92,8 @@ class Library:
 def libraries(tmp_path_factory):
     """(norm, order) -> Library, compiled in parallel (OpenMP)."""
     folder = tmp_path_factory.mktemp("c_backend")
-    plans = {(name, order): lower_plan(norm, order=order, frame=backend.FRAME) for name, norm in NORMS.items() for order in (1, 2)}
+    plans = {(name, order): lower_plan(norm, order=order, frame=backend.framed(("vjp",) * order))
+             for name, norm in NORMS.items() for order in (1, 2)}
 
     def build(key):
         p = plans[key]

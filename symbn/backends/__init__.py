@@ -7,7 +7,8 @@ A backend module exposes
   rendered once per kernel plan;
 * ``SHARED`` (optional): output file name -> template, rendered once for every plan
   (the NumPy runtime, ``_runtime.py``), with ``shared_context()``;
-* ``FRAME``: whether its element passes run in the input's precision (see :func:`symbn.lower.plan`);
+* ``framed(transforms) -> bool``: whether the plans of that chain of transforms are lowered with
+  the frame, for element passes that run in the input's precision (see :func:`symbn.lower.plan`);
 * ``context(plan) -> dict``: everything its templates print, from one kernel plan;
 * ``TEMPLATES``: its templates folder (``symbn/backends/<name>/templates``).
 

@@ -1,7 +1,7 @@
 """The C backend: a kernel plan rendered as C99 with OpenMP.
 
 Layout of the backend (SymForce's): this module holds the printer (:data:`PRINTER`), the files it
-writes (:data:`FILES`), whether its plans are framed (:data:`FRAME`), the schedule rule
+writes (:data:`FILES`), which plans are framed (:func:`framed`), the schedule rule
 (:func:`choose_schedule`), its templates folder (:data:`TEMPLATES`) and :func:`context`, which turns a :class:`~symbn.lower.KernelPlan`
 into what the templates under ``templates/`` print. The templates know no mathematics: every
 expression arrives as C text from here; the context knows no loops: the loop shapes are the
@@ -47,9 +47,12 @@ from ...program import DATA, ELEMENT, GROUP, PARAM, SCALAR
 
 FILES = {"{name}.c": "kernels.c.j2", "{name}.h": "kernels.h.j2"}
 """Output file name (``{name}``: the plan's name) -> template, in :data:`TEMPLATES`."""
-FRAME = True
-"""Plans lowered with the frame (:func:`symbn.lower.plan`): the first order's element passes that
-only store (y, dx) run in float for float32 x, measured from the rounded mean; the rest in double."""
+def framed(transforms: tuple[str, ...]) -> bool:
+    """The first order is lowered with the frame (:func:`symbn.lower.plan`): its passes that only
+    store (y, dx) run in float for float32 x, measured from the rounded mean, the rest in double.
+    Higher orders compute every element in double: unframed, their outputs collected into a few
+    multiply-adds per element."""
+    return len(transforms) == 1
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 # The schedule: tuned and measured on the old template (README, issue 13); one place for C and Python.
@@ -131,7 +134,7 @@ def choose_schedule(kernel: Kernel | None, outer: int, q: int, p: int, l: int, s
 
 def context(plan: KernelPlan) -> dict:
     """What ``kernels.c.j2``, ``kernels.h.j2`` (and ``schedule.py.j2``) print for ``plan``
-    (lowered with ``frame=False``). The caller adds ``header``, the do-not-edit line."""
+    (lowered with ``frame=framed(plan.transforms)``). The caller adds ``header``, the do-not-edit line."""
     norm = plan.norm
     kernels = [_kernel(norm.name, k, plan.shift) for k in plan.kernels]
     steps = [p for k in kernels for p in k["passes"]]
@@ -168,8 +171,8 @@ def _kernel(norm: str, k: Kernel, shift: str | None) -> dict:
     outputs = {a.name for a in k.outputs}
     group_inputs = [a for a in k.inputs if a.kind == GROUP]
     columns = [COUNT.name] + [a.var.name for a in group_inputs] + ([ANCHOR.name] if k.anchored else [])
-    framed = next((j for j, ps in enumerate(k.passes) if ps.framed), None)
-    columns += [SHIFT.name] if framed is not None else []
+    first_framed = next((j for j, ps in enumerate(k.passes) if ps.framed), None)
+    columns += [SHIFT.name] if first_framed is not None else []
     for ps in k.passes:
         columns += [g.name for g in ps.group] + [s.name for s in ps.sums]
     # a group param output's value per group, summed over q into its array by `end`, in order
@@ -203,7 +206,7 @@ def _kernel(norm: str, k: Kernel, shift: str | None) -> dict:
         if ps.sums and [index[s.name] for s in ps.sums] != list(range(red, red + len(ps.sums))):
             raise AssertionError("a pass's sums take consecutive columns")
         passes.append(_pass(k, j, ps, index, element_inputs, load_element, red, pbase,
-                            group_var(shift).name if j == framed else None))
+                            group_var(shift).name if j == first_framed else None))
         pbase += len(ps.params)
     del first_column
     final = _final(k, index, outputs)
