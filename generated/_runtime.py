@@ -272,14 +272,14 @@ def bind(library, tables):
 
 
 class Finish:
-    """What a compiled entry point's call returns for one output buffer: it as the Python path
-    returns it (a parameter's float64 sums in x's dtype, a per-group output in its group shape)."""
+    """What a compiled entry point's call returns for a parameter's float64 sums: them in x's
+    dtype and the parameter's shape, as the Python path returns them."""
 
     def __init__(self, dtype, shape):
         self.dtype, self.shape = dtype, shape
 
     def __call__(self, value):
-        return (value if self.dtype is None else value.astype(self.dtype)).reshape(self.shape)
+        return value.astype(self.dtype).reshape(self.shape)
 
 
 class Make:
@@ -506,9 +506,9 @@ class Kernels:
                 count = geo.p * geo.l if kind == "element" else geo.p
                 outputs.append((1, "d", (count,), Make(numpy.zeros, count, numpy.float64),
                                 Finish(x.dtype, geo.param_shape if kind == "element" else (geo.p,))))
-            else:
+            else:  # made in its group shape: the kernel sees the same q * p values, nothing to reshape
                 dtype = numpy.dtype(numpy.float64 if double else x.dtype)
-                outputs.append((1, dtype.char, (geo.q, geo.p), Make(numpy.empty, (geo.q, geo.p), dtype), Finish(None, geo.group_shape)))
+                outputs.append((1, dtype.char, tuple(geo.group_shape), Make(numpy.empty, tuple(geo.group_shape), dtype), None))
             where[name] = -len(outputs)
         pointers = tuple(where[name] for name, kind in table.parameters if kind == "pointer")
         sizes = tuple(getattr(geo, SIZES[name]) for name, kind in table.parameters if kind == "size")

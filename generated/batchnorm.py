@@ -64,19 +64,17 @@ def _forward_train(x, gamma, beta, y, mean, var, geo, eps):
     mean_g = anchor_g + red_0/m
     shift = _runtime.rounded(mean_g, _w)
     var_g = (anchor_g - mean_g)**2 + 2*red_0*(anchor_g - mean_g)/m + red_1/m
-    c_0 = -mean_g + shift
-    c_1 = gamma_g/numpy.sqrt(eps_g + var_g)
-    _work = _runtime.working(geo, _w, beta_g=beta_g, c_0=c_0, c_1=c_1, shift=shift)
+    c_0 = gamma_g/numpy.sqrt(eps_g + var_g)
+    c_1 = beta_g + gamma_g*(-mean_g + shift)/numpy.sqrt(eps_g + var_g)
+    _work = _runtime.working(geo, _w, c_0=c_0, c_1=c_1, shift=shift)
     for _block, _part in _runtime.blocks(geo):
-        _beta_g = _work['beta_g'][_part]
         _c_0 = _work['c_0'][_part]
         _c_1 = _work['c_1'][_part]
         _shift = _work['shift'][_part]
         x_v = _x[_block] - _shift
         y_v = _y[_block]
-        numpy.add(x_v, _c_0, out=y_v)
-        numpy.multiply(y_v, _c_1, out=y_v)
-        numpy.add(y_v, _beta_g, out=y_v)
+        numpy.multiply(x_v, _c_0, out=y_v)
+        numpy.add(y_v, _c_1, out=y_v)
     mean[...] = _runtime.per_group(mean_g, geo)[0, :, :, 0, 0]
     var[...] = _runtime.per_group(var_g, geo)[0, :, :, 0, 0]
 
@@ -146,19 +144,17 @@ def _forward_eval(x, gamma, beta, mean, var, y, geo, eps):
     _y = _runtime.view(y, geo)
     shift = _runtime.rounded(mean_g, _w)
     # pass 0: x measured from the shift
-    c_0 = -mean_g + shift
-    c_1 = gamma_g/numpy.sqrt(eps_g + var_g)
-    _work = _runtime.working(geo, _w, beta_g=beta_g, c_0=c_0, c_1=c_1, shift=shift)
+    c_0 = gamma_g/numpy.sqrt(eps_g + var_g)
+    c_1 = beta_g + gamma_g*(-mean_g + shift)/numpy.sqrt(eps_g + var_g)
+    _work = _runtime.working(geo, _w, c_0=c_0, c_1=c_1, shift=shift)
     for _block, _part in _runtime.blocks(geo):
-        _beta_g = _work['beta_g'][_part]
         _c_0 = _work['c_0'][_part]
         _c_1 = _work['c_1'][_part]
         _shift = _work['shift'][_part]
         x_v = _x[_block] - _shift
         y_v = _y[_block]
-        numpy.add(x_v, _c_0, out=y_v)
-        numpy.multiply(y_v, _c_1, out=y_v)
-        numpy.add(y_v, _beta_g, out=y_v)
+        numpy.multiply(x_v, _c_0, out=y_v)
+        numpy.add(y_v, _c_1, out=y_v)
 
 
 def _backward_eval(dy, x, gamma, mean, var, dx, dgamma, dbeta, geo, eps):

@@ -258,6 +258,7 @@ SYMBN_INLINE void symbn_forward_train_0_ahead(const struct symbn_forward_train_a
 SYMBN_INLINE void symbn_forward_train_group_1(double *gv, ptrdiff_t gs, int single)
 {
     const double anchor_g = gv[4 * gs];
+    const double beta_g = gv[2 * gs];
     const double eps_g = gv[3 * gs];
     const double gamma_g = gv[1 * gs];
     const double m = gv[0 * gs];
@@ -266,8 +267,8 @@ SYMBN_INLINE void symbn_forward_train_group_1(double *gv, ptrdiff_t gs, int sing
     const double mean_g = anchor_g + red_0/m;
     const double shift = single ? (double)(float)mean_g : mean_g;
     const double var_g = ((anchor_g - mean_g)*(anchor_g - mean_g)) + 2*red_0*(anchor_g - mean_g)/m + red_1/m;
-    const double c_0 = -mean_g + shift;
-    const double c_1 = gamma_g/sqrt(eps_g + var_g);
+    const double c_0 = gamma_g/sqrt(eps_g + var_g);
+    const double c_1 = beta_g + gamma_g*(-mean_g + shift)/sqrt(eps_g + var_g);
     gv[8 * gs] = mean_g;
     gv[5 * gs] = shift;
     gv[9 * gs] = var_g;
@@ -279,7 +280,6 @@ SYMBN_INLINE void symbn_forward_train_group_1(double *gv, ptrdiff_t gs, int sing
 /* forward_train, before pass 1: the values its element code reads in float */
 SYMBN_INLINE void symbn_forward_train_floats_1(const double *gv, float *fv, ptrdiff_t gs)
 {
-    fv[2 * gs] = (float)gv[2 * gs]; /* beta_g */
     fv[10 * gs] = (float)gv[10 * gs]; /* c_0 */
     fv[11 * gs] = (float)gv[11 * gs]; /* c_1 */
     fv[5 * gs] = (float)gv[5 * gs]; /* shift */
@@ -290,20 +290,18 @@ SYMBN_INLINE void symbn_forward_train_1(const struct symbn_forward_train_arrays 
                                        ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
     if (single) { /* in float: x measured from the shift, the group's values rounded once */
-        const float beta_g = fv[2 * gs];
         const float c_0 = fv[10 * gs];
         const float c_1 = fv[11 * gs];
         const float shift = fv[5 * gs];
         const float x_v = ((const float *)a->x)[idx] - shift;
-        ((float *)a->y)[idx] = beta_g + c_1*(c_0 + x_v);
+        ((float *)a->y)[idx] = c_0*x_v + c_1;
         return;
     }
-    const double beta_g = gv[2 * gs];
     const double c_0 = gv[10 * gs];
     const double c_1 = gv[11 * gs];
     const double shift = gv[5 * gs];
     const double x_v = symbn_load(a->x, idx, single) - shift;
-    symbn_store(a->y, idx, single, beta_g + c_1*(c_0 + x_v));
+    symbn_store(a->y, idx, single, c_0*x_v + c_1);
     (void)pidx; (void)sum; (void)ss; (void)param; (void)ps;
 }
 
@@ -444,13 +442,14 @@ struct symbn_forward_eval_arrays {
 /* forward_eval, before pass 0: the values of one group */
 SYMBN_INLINE void symbn_forward_eval_group_0(double *gv, ptrdiff_t gs, int single)
 {
+    const double beta_g = gv[2 * gs];
     const double eps_g = gv[3 * gs];
     const double gamma_g = gv[1 * gs];
     const double mean_g = gv[4 * gs];
     const double var_g = gv[5 * gs];
     const double shift = single ? (double)(float)mean_g : mean_g;
-    const double c_0 = -mean_g + shift;
-    const double c_1 = gamma_g/sqrt(eps_g + var_g);
+    const double c_0 = gamma_g/sqrt(eps_g + var_g);
+    const double c_1 = beta_g + gamma_g*(-mean_g + shift)/sqrt(eps_g + var_g);
     gv[6 * gs] = shift;
     gv[7 * gs] = c_0;
     gv[8 * gs] = c_1;
@@ -460,7 +459,6 @@ SYMBN_INLINE void symbn_forward_eval_group_0(double *gv, ptrdiff_t gs, int singl
 /* forward_eval, before pass 0: the values its element code reads in float */
 SYMBN_INLINE void symbn_forward_eval_floats_0(const double *gv, float *fv, ptrdiff_t gs)
 {
-    fv[2 * gs] = (float)gv[2 * gs]; /* beta_g */
     fv[7 * gs] = (float)gv[7 * gs]; /* c_0 */
     fv[8 * gs] = (float)gv[8 * gs]; /* c_1 */
     fv[6 * gs] = (float)gv[6 * gs]; /* shift */
@@ -471,20 +469,18 @@ SYMBN_INLINE void symbn_forward_eval_0(const struct symbn_forward_eval_arrays *a
                                       ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
     if (single) { /* in float: x measured from the shift, the group's values rounded once */
-        const float beta_g = fv[2 * gs];
         const float c_0 = fv[7 * gs];
         const float c_1 = fv[8 * gs];
         const float shift = fv[6 * gs];
         const float x_v = ((const float *)a->x)[idx] - shift;
-        ((float *)a->y)[idx] = beta_g + c_1*(c_0 + x_v);
+        ((float *)a->y)[idx] = c_0*x_v + c_1;
         return;
     }
-    const double beta_g = gv[2 * gs];
     const double c_0 = gv[7 * gs];
     const double c_1 = gv[8 * gs];
     const double shift = gv[6 * gs];
     const double x_v = symbn_load(a->x, idx, single) - shift;
-    symbn_store(a->y, idx, single, beta_g + c_1*(c_0 + x_v));
+    symbn_store(a->y, idx, single, c_0*x_v + c_1);
     (void)pidx; (void)sum; (void)ss; (void)param; (void)ps;
 }
 

@@ -36,6 +36,17 @@ DOUBLE = [  # the double backward: symbn's order-2 C kernel against PyTorch's, b
     ((8192, 1024), "float32"),
     ((32, 64, 56, 56), "float32"),
 ]
+WHOLE = ((256, 64), "float32")
+"""The whole-call case: symbn's Python call of its C kernels against PyTorch's Python API
+(``F.batch_norm``, and ``torch.autograd.grad`` of it), where the calls' overhead dominates."""
+TARGETS = {  # issue 13's targets: (what, bound, whether a measurement must be at most (True) or at least the bound)
+    "c_vs_torch": ("C time / PyTorch at its best, every case, forward and backward: the largest", 1.0, True),
+    "forward_of_triad": ("batch norm 8192x1024 float32 C forward, bandwidth / the triad's", 0.8, False),
+    "whole_256x64": ("batch norm 256x64 float32, symbn's whole call / F.batch_norm's (and its backward's): the larger", 0.6, True),
+    "numpy_vs_compact": ("generated NumPy time / the compact NumPy by hand, every batch norm case: the largest", 1.0, True),
+    "double_vs_torch": ("double backward / PyTorch's: the largest", 1.0, True),
+    "ops_vs_torch": ("symbn.torch op / torch.nn, every case, forward and backward: the largest", 1.0, True),
+}
 
 TRIAD = r"""
 #include <stddef.h>
@@ -207,14 +218,79 @@ def bench(quick: bool = False, threads: int = 2, progress=None) -> dict:
         if progress:
             progress(f"[double {number}/{len(DOUBLE)}] batchnorm double backward {'x'.join(map(str, shape))} {dtype}, {threads} threads")
         double.append(_double_case(100 + number, shape, np.dtype(dtype), threads, repeats))
-    return {"cases": results, "double_backward": double, "torch": _torch_section(threads, repeats, quick, progress),
-            "quick": quick, "repeats": repeats,
+    if progress:
+        progress(f"[whole] batchnorm {'x'.join(map(str, WHOLE[0]))} {WHOLE[1]}: whole calls, {threads} threads")
+    report = {"cases": results, "double_backward": double, "whole": _whole_case(threads, repeats),
+              "torch": _torch_section(threads, repeats, quick, progress), "quick": quick, "repeats": repeats,
             "allocation": "symbn: outputs preallocated (out=), reused every call; PyTorch: fresh outputs from its "
                           "allocator every call, NumPy by hand (compact, staged): fresh temporaries, " + (
                               "both on memory freed by the call before (glibc told to keep it: no page faults; ratios "
                               "are against this, PyTorch at its best); 'torch (fresh)': every output on fresh pages"
                               if glibc else "as the C library's allocator provides them (not glibc)"),
-            "bytes": "forward 3|x| (two passes over x, one write of y); backward 5|x| (two passes over x and dy, one write of dx)"}
+              "bytes": "forward 3|x| (two passes over x, one write of y); backward 5|x| (two passes over x and dy, one write of dx)"}
+    report["targets"] = targets(report)
+    return report
+
+
+def _whole_case(threads: int, repeats: int) -> dict | None:
+    """:data:`WHOLE`: symbn's forward_train and backward_train as a user calls them (C kernels,
+    through the compiled entry point where it is built), against ``F.batch_norm(x, None, None,
+    γ, β, training=True)`` and ``torch.autograd.grad`` of its output (graph built once), each a
+    whole call through the Python API; None without PyTorch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    shape, dtype = WHOLE
+    rng = np.random.default_rng(400)
+    x, dy = (rng.normal(size=shape).astype(dtype) for _ in range(2))
+    gamma, beta = rng.normal(1, 0.2, shape[1]).astype(dtype), rng.normal(size=shape[1]).astype(dtype)
+    calls = _symbn(load("batchnorm", "c", threads=threads), "symbn", x, dy, gamma, beta, {})
+    torch.set_num_threads(threads)
+    batch_norm = torch.nn.functional.batch_norm
+    tx, tg, tb, tdy = (torch.from_numpy(a.copy()) for a in (x, gamma, beta, dy))
+    leaves = [t.clone().requires_grad_() for t in (tx, tg, tb)]
+    y = batch_norm(leaves[0], None, None, leaves[1], leaves[2], training=True, eps=1e-5)
+    calls["torch", "forward"] = lambda: batch_norm(tx, None, None, tg, tb, training=True, eps=1e-5)
+    calls["torch", "backward"] = lambda: torch.autograd.grad(y, leaves, tdy, retain_graph=True)
+    ms = median_ms(calls, repeats)
+    return {"shape": list(shape), "dtype": dtype, "ms": {f"{name} {kind}": value for (name, kind), value in ms.items()},
+            **{f"{kind}_vs_torch": ms["symbn", kind] / ms["torch", kind] for kind in ("forward", "backward")}}
+
+
+def targets(report: dict) -> dict:
+    """Each of :data:`TARGETS` with what this run measured (None: not measured, as --quick or
+    without PyTorch leaves some), whether it is met, and where the extreme was found."""
+    def extreme(values: list[tuple[str, float]], largest: bool) -> tuple[float | None, str]:
+        values = [(where, v) for where, v in values if v is not None]
+        if not values:
+            return None, ""
+        where, value = (max if largest else min)(values, key=lambda item: item[1])
+        return value, where
+
+    def label(case: dict) -> str:
+        return f"{case['norm']} {'x'.join(map(str, case['shape']))} {case['dtype']}"
+
+    kinds = ("forward", "backward")
+    c = [(f"{label(case)} {kind}", case["results"]["c"][f"{kind}_vs_torch"]) for case in report["cases"] for kind in kinds]
+    triad = [(label(case), case["results"]["c"]["forward_of_triad"]) for case in report["cases"]
+             if label(case) == "batchnorm 8192x1024 float32"]
+    whole = report.get("whole") or {}
+    compact = [(f"{label(case)} {kind}", case["results"]["numpy"][f"{kind}_ms"] / case["results"]["compact numpy"][f"{kind}_ms"])
+               for case in report["cases"] if "compact numpy" in case["results"] for kind in kinds]
+    double = [("x".join(map(str, case["shape"])), case["double_vs_torch"]) for case in report["double_backward"]]
+    ops = [(f"{case['norm']} {'x'.join(map(str, case['shape']))} {kind}", case[f"{kind}_vs_torch"])
+           for case in (report.get("torch") or {}).get("ops", []) for kind in kinds]
+    measured = {"c_vs_torch": extreme(c, True), "forward_of_triad": extreme(triad, False),
+                "whole_256x64": extreme([(kind, whole.get(f"{kind}_vs_torch")) for kind in kinds], True),
+                "numpy_vs_compact": extreme(compact, True), "double_vs_torch": extreme(double, True),
+                "ops_vs_torch": extreme(ops, True)}
+    out = {}
+    for key, (what, bound, at_most) in TARGETS.items():
+        value, where = measured[key]
+        met = None if value is None else (value <= bound if at_most else value >= bound)
+        out[key] = {"what": what, "bound": bound, "at_most": at_most, "measured": value, "where": where, "met": met}
+    return out
 
 
 def _case(seed: int, norm: str, shape: tuple, options: dict, dtype: np.dtype, threads: int, triad, repeats: int,
@@ -317,7 +393,29 @@ def to_text(report: dict) -> str:
                      _cell(r["forward_vs_torch"], ".2f"), _cell(r["backward_vs_torch"], ".2f")]
             lines.append(f"{label:<42}{name:<15}" + "".join(f"{c:>{w}}" for c, w in zip(cells, (9, 9, 10, 10, 11, 11, 10, 10))))
             label = ""
-    return "\n".join(lines + _double_text(report) + _torch_text(report)) + "\n"
+    return "\n".join(lines + _double_text(report) + _whole_text(report) + _torch_text(report) + _targets_text(report)) + "\n"
+
+
+def _whole_text(report: dict) -> list[str]:
+    whole = report.get("whole")
+    if not whole:
+        return []
+    ms = whole["ms"]
+    return ["", f"whole calls, batch norm {'x'.join(map(str, whole['shape']))} {whole['dtype']} (symbn: forward_train, "
+                "backward_train on its C kernels; PyTorch: F.batch_norm, torch.autograd.grad of it)",
+            f"{'':<34}{'symbn ms':>10}{'torch ms':>10}{'ratio':>8}",
+            f"{'forward':<34}{ms['symbn forward']:>10.4f}{ms['torch forward']:>10.4f}{whole['forward_vs_torch']:>8.2f}",
+            f"{'backward':<34}{ms['symbn backward']:>10.4f}{ms['torch backward']:>10.4f}{whole['backward_vs_torch']:>8.2f}"]
+
+
+def _targets_text(report: dict) -> list[str]:
+    lines = ["", "targets (issue 13)"]
+    for t in report.get("targets", {}).values():
+        status = "not measured" if t["met"] is None else "met" if t["met"] else "not met"
+        value = "-" if t["measured"] is None else f"{t['measured']:.2f}"
+        where = f" ({t['where']})" if t["where"] else ""
+        lines.append(f"  {t['what']} {'<=' if t['at_most'] else '>='} {t['bound']}: {value}{where}: {status}")
+    return lines
 
 
 def _torch_text(report: dict) -> list[str]:

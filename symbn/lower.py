@@ -222,7 +222,7 @@ def _forward_kernel(p: Program, norm: Norm, mode: str, shift: str | None) -> Ker
     inputs = [_input(q) for q in p.inputs]
     one_read = _anchored_statistics(p, norm) if mode == "train" else None
     return _lower(kernel_name((), mode), mode, (), inputs, one_read or stats, outputs, {}, _renaming(p), shift,
-                  collect=False, anchored=one_read is not None)
+                  collect=False, anchored=one_read is not None, linear_in_x=True)
 
 
 def _anchored_statistics(p: Program, norm: Norm) -> list[Step] | None:
@@ -313,12 +313,15 @@ def _to_vars(expr: sp.Expr, names: dict[sp.Basic, str]) -> sp.Expr:
 
 
 def _lower(name: str, mode: str, transforms: tuple[str, ...], inputs: list[Arg], group_steps, outputs, elements: dict,
-           names: dict[sp.Basic, str], shift: str | None, collect: bool, anchored: bool = False) -> Kernel:
+           names: dict[sp.Basic, str], shift: str | None, collect: bool, anchored: bool = False,
+           linear_in_x: bool = False) -> Kernel:
     """Reductions, passes and hoisting for one kernel (see the module's docstring).
 
     ``group_steps``: the program's per-group steps (statistics) to compute; ``outputs``: (Arg,
     expression) pairs; ``elements``: per-element steps kept as named temporaries (x̂); ``names``:
-    program symbol -> quantity name; ``anchored``: the group steps read ANCHOR."""
+    program symbol -> quantity name; ``anchored``: the group steps read ANCHOR; ``linear_in_x``:
+    in framed passes, stores are collected in x too (the forward's y = k·(x − shift) + k'; a
+    derivative's dx keeps its factored form, whose differences cancel exactly)."""
     sums: list[Assign] = []
 
     def reduction(total: sp.Sum) -> sp.Symbol:
@@ -377,7 +380,7 @@ def _lower(name: str, mode: str, transforms: tuple[str, ...], inputs: list[Arg],
         groups = [g for g in group if ready[g.symbol] == number]
         wanted = [(f"sum:{r.name}", r.expr) for r in reductions if level[r.name] == number]
         wanted += [(f"{'param' if a.role == PARAM else 'store'}:{a.name}", e) for a, e in element_results if when[a.name] == number]
-        passes.append(_hoisted(number, groups, wanted, temporaries, framed, collect, coefficients))
+        passes.append(_hoisted(number, groups, wanted, temporaries, framed, collect, coefficients, linear_in_x and framed))
     final = [g for g in group if ready[g.symbol] >= count]
     final += [Assign(a.name, e) for a, e in results if a.kind == GROUP]
     return Kernel(name, mode, transforms, tuple(inputs), tuple(a for a, _ in outputs), tuple(passes), tuple(final), anchored)
@@ -393,7 +396,7 @@ def _group_vars(expr: sp.Expr, temporaries: list[Assign]) -> set[sp.Symbol]:
 
 
 def _hoisted(number: int, groups: list[Assign], wanted: list[tuple[str, sp.Expr]], temporaries: list[Assign],
-             framed: bool, collect: bool, coefficients: list[Assign]) -> Pass:
+             framed: bool, collect: bool, coefficients: list[Assign], in_x: bool = False) -> Pass:
     """One pass: ``wanted`` (tagged results) computed per member, with every per-group part
     hoisted into a coefficient and common subexpressions shared. ``coefficients`` holds those of
     the earlier passes (reused, not computed again); the pass adds its new ones.
@@ -408,7 +411,12 @@ def _hoisted(number: int, groups: list[Assign], wanted: list[tuple[str, sp.Expr]
     lifted = []
     for tag, expr in wanted:
         collected = varying - {X} if collect and not tag.startswith("sum:") else set()
-        lifted.append(hoist(expr.xreplace(frame), varying, coefficients, collected & expr.free_symbols).xreplace(written))
+        expr = expr.xreplace(frame)
+        if in_x and tag.startswith("store:") and expr.free_symbols & varying == {X} and sp.diff(expr, X, 2) == 0:
+            # a store linear in x alone (the forward's y): k·x + k', k' = expr at x = 0 (x − shift = 0),
+            # its differences as written (γ·(shift − μ), never γ·shift − γ·μ)
+            expr = sp.Add(sp.Mul(sp.diff(expr, X), X, evaluate=False), expr.xreplace({X: 0}), evaluate=False)
+        lifted.append(hoist(expr, varying, coefficients, collected & expr.free_symbols).xreplace(written))
     temps, finals = sp.cse(lifted, symbols=sp.numbered_symbols(f"t{number}_", real=True), order="none")
     out = {"sum": [], "param": [], "store": []}
     for (tag, _), value in zip(wanted, finals):
