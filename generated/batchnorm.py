@@ -12,8 +12,8 @@ Standalone kernels: NumPy is the only dependency (with ``_runtime.py`` beside th
 
 Statistics and reductions are computed in float64 whatever the input dtype; element outputs
 have the input's dtype, and so do parameter outputs; per-group outputs (statistics) are
-float64, one per group. The C kernels compute every element in double; the NumPy kernels of
-the first order compute element values in the input's dtype, measuring x from the group
+float64, one per group. The kernels of the first order compute element values in the input's
+dtype (C: the passes that only store; their sums in double), measuring x from the group
 mean rounded to that dtype (the small remainder is a per-group coefficient in float64), so
 float32 keeps its accuracy for data far from zero; higher orders compute in float64.
 forward_train updates running statistics in place when they are given (PyTorch's momentum
@@ -57,8 +57,7 @@ def _forward_train(x, gamma, beta, y, mean, var, geo, eps):
         x_v = _x[_block].astype(numpy.float64)
         t0_0 = numpy.add(x_v, -_anchor_g)
         red_0[_part] += _runtime.total(t0_0)
-        _s1 = numpy.positive(t0_0, dtype=numpy.float64)
-        numpy.multiply(_s1, _s1, out=_s1)
+        _s1 = numpy.multiply(t0_0, t0_0, dtype=numpy.float64)
         red_1[_part] += _runtime.total(_s1)
     # pass 1: x measured from the shift
     mean_g = anchor_g + red_0/m

@@ -34,6 +34,7 @@
 #define SYMBN_LANES 16
 #define SYMBN_STRANDS 16
 #define SYMBN_AHEAD_ROWS 2
+#define SYMBN_TILE 8
 #define SYMBN_SMALL 65536
 #define SYMBN_COLUMNS 10 /* per-group values of the widest kernel */
 #define SYMBN_REDUCED 4 /* sums and parameter gradients of the widest pass */
@@ -695,14 +696,54 @@ SYMBN_INLINE void symbn_lanes(const struct symbn_call *c, int step, int single, 
     }
 }
 
+/* ROWS, runs of one element and one q (x is (N, C)): rows u0..u1 of the `width` channels from p0,
+   the sums and parameter gradients in registers across the rows, then added into this thread's
+   part[j][g] and mine. Full blocks get a constant trip count. */
+SYMBN_INLINE void symbn_tile(const struct symbn_call *c, int step, int single, int ns, int np, ptrdiff_t u0, ptrdiff_t u1,
+                             ptrdiff_t p0, ptrdiff_t width, double *part, double *mine)
+{
+    double acc[SYMBN_REDUCED + 1][SYMBN_LANES];
+    for (int j = 0; j < ns + np; ++j)
+        for (int k = 0; k < SYMBN_LANES; ++k) acc[j][k] = 0.0;
+    if (width == SYMBN_LANES) {
+        for (ptrdiff_t u = u0; u < u1; ++u) {
+            SYMBN_PRAGMA(omp simd)
+            for (int k = 0; k < SYMBN_LANES; ++k)
+                symbn_member(step, c->arrays, single, c->table + p0 + k, c->ftable + p0 + k, c->groups, u * c->p_count + p0 + k, p0 + k,
+                             &acc[0][k], SYMBN_LANES, &acc[ns][k], SYMBN_LANES);
+        }
+    } else {
+        for (ptrdiff_t u = u0; u < u1; ++u) {
+            SYMBN_PRAGMA(omp simd)
+            for (ptrdiff_t k = 0; k < width; ++k)
+                symbn_member(step, c->arrays, single, c->table + p0 + k, c->ftable + p0 + k, c->groups, u * c->p_count + p0 + k, p0 + k,
+                             &acc[0][k], SYMBN_LANES, &acc[ns][k], SYMBN_LANES);
+        }
+    }
+    for (ptrdiff_t k = 0; k < width; ++k) {
+        for (int j = 0; j < ns; ++j) part[j * c->groups + p0 + k] += acc[j][k];
+        for (int j = 0; j < np; ++j) mine[j * c->pl + p0 + k] += acc[ns + j][k];
+    }
+}
+
 /* ROWS: one pass over this thread's rows (n, q); the sums into its partial[j][g], the parameter
-   gradients into mine. `ahead`: runs of one element ask for the row SYMBN_AHEAD_ROWS on. */
+   gradients into mine. Runs of one element: with one q and something to sum, tiles of SYMBN_TILE
+   rows, the sums in registers (symbn_tile); else row by row, `ahead` asking for the row
+   SYMBN_AHEAD_ROWS on. */
 SYMBN_INLINE void symbn_rows(const struct symbn_call *c, int step, int single, int ns, int np, int ahead, double *mine)
 {
     double *const part = c->partial + (ptrdiff_t)symbn_thread(c->team) * (c->sums + 1) * c->groups;
     ptrdiff_t first, last;
     symbn_share(c->team, c->units, &first, &last);
     for (ptrdiff_t k = 0; k < ns * c->groups; ++k) part[k] = 0.0;
+    if (c->ls == 1 && c->q_count == 1 && ns + np > 0) {
+        for (ptrdiff_t u0 = first; u0 < last; u0 += SYMBN_TILE) {
+            const ptrdiff_t u1 = last - u0 < SYMBN_TILE ? last : u0 + SYMBN_TILE;
+            for (ptrdiff_t p0 = 0; p0 < c->p_count; p0 += SYMBN_LANES)
+                symbn_tile(c, step, single, ns, np, u0, u1, p0, c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES, part, mine);
+        }
+        return;
+    }
     for (ptrdiff_t u = first; u < last; ++u) {
         const ptrdiff_t q = u % c->q_count;
         if (c->ls == 1) {

@@ -12,8 +12,8 @@ Standalone kernels: NumPy is the only dependency (with ``_runtime.py`` beside th
 
 Statistics and reductions are computed in float64 whatever the input dtype; element outputs
 have the input's dtype, and so do parameter outputs; per-group outputs (statistics) are
-float64, one per group. The C kernels compute every element in double; the NumPy kernels of
-the first order compute element values in the input's dtype; higher orders compute in float64.
+float64, one per group. The kernels of the first order compute element values in the input's
+dtype (C: the passes that only store; their sums in double); higher orders compute in float64.
 forward_train updates running statistics in place when they are given (PyTorch's momentum
 rule).
 """
@@ -50,8 +50,7 @@ def _forward_train(x, gamma, beta, y, ms, geo, eps):
     _work = _runtime.working(geo, _w)
     for _block, _part in _runtime.blocks(geo):
         x_v = _x[_block]
-        _s0 = numpy.positive(x_v, dtype=numpy.float64)
-        numpy.multiply(_s0, _s0, out=_s0)
+        _s0 = numpy.multiply(x_v, x_v, dtype=numpy.float64)
         red_0[_part] += _runtime.total(_s0)
     # pass 1
     ms_g = red_0/m

@@ -10,8 +10,8 @@ Standalone kernels: NumPy is the only dependency (with ``_runtime.py`` beside th
 
 Statistics and reductions are computed in float64 whatever the input dtype; element outputs
 have the input's dtype, and so do parameter outputs; per-group outputs (statistics) are
-float64, one per group. The C kernels compute every element in double; the NumPy kernels of
-the first order compute element values in the input's dtype; higher orders compute in float64.
+float64, one per group. The kernels of the first order compute element values in the input's
+dtype (C: the passes that only store; their sums in double); higher orders compute in float64.
 """
 import numpy
 

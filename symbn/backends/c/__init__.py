@@ -61,7 +61,8 @@ LANES = 16          # runs of one element (x is (N, C)), small problems: blocks 
 STRANDS = 16        # independent partial sums per reduction over a run
 AHEAD_ROWS = 2      # row-major read passes ask for the row this far ahead
 SMALL = 65536       # elements: a problem this small runs on one thread, with no OpenMP call
-TUNING = {"LONG_RUN": LONG_RUN, "LANES": LANES, "STRANDS": STRANDS, "AHEAD_ROWS": AHEAD_ROWS, "SMALL": SMALL}
+TILE = 8            # rows of (N, C) summed with the sums in registers (ROWS), then added to the thread's
+TUNING = {"LONG_RUN": LONG_RUN, "LANES": LANES, "STRANDS": STRANDS, "AHEAD_ROWS": AHEAD_ROWS, "SMALL": SMALL, "TILE": TILE}
 
 AUTO, GROUPS, LANES_SHAPE, ROWS = (SCHEDULES[k] for k in ("SYMBN_SCHEDULE_AUTO", "SYMBN_SCHEDULE_GROUPS",
                                                            "SYMBN_SCHEDULE_LANES", "SYMBN_SCHEDULE_ROWS"))

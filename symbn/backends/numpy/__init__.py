@@ -110,6 +110,8 @@ class NumPyKernelPrinter(NumPyPrinter):
                 lines.append(again(call, name))
             return lines + [again(call, a) for a in plain]
         if isinstance(expr, sp.Pow) and not moving(expr.exp):
+            if expr.exp == 2 and expr.base.is_Symbol:  # one call, not a copy then a product
+                return [first("numpy.multiply", *[self.doprint(expr.base)] * 2)]
             lines = self.statements(expr.base, target, varying, new, dtype)
             if expr.exp == 2:
                 return lines + [again("numpy.multiply", target)]
