@@ -18,6 +18,8 @@ from symbn import BUILTINS
 from symbn.cli import main
 from symbn.errors import CompilerError, LatexError, SpecError, TorchMissing
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def run(*args, cwd=None):
     """``python -m symbn ARGS`` in a subprocess."""
@@ -251,6 +253,40 @@ def test_bench_quick_reports_every_implementation(tmp_path):
         assert case["dtype"] == "float32" and case["results"]["compact numpy"]["forward_ms"] > 0
     assert "glibc told to keep it" in report["allocation"]
     assert (tmp_path / "bench.svg").read_text().startswith("<svg")
+    import symbn.bench
+
+    if torch:
+        whole = report["whole"]
+        assert whole["shape"] == [256, 64] and min(whole["ms"].values()) > 0 and whole["forward_vs_torch"] > 0
+    assert set(report["targets"]) == set(symbn.bench.TARGETS)
+    assert report["targets"]["double_vs_torch"]["met"] is (None if not torch else report["targets"]["double_vs_torch"]["measured"] <= 1.0)
+    assert "targets (issue 13)" in symbn.bench.to_text(report)
+
+
+def test_the_bench_targets_follow_the_measurements():
+    """Each target's status from a report: the extreme value, where it was, met or not; nothing
+    measured, None. The committed run (docs/bench.json) prints and gives the statuses it holds."""
+    import symbn.bench
+
+    def case(norm, shape, dtype, c, numpy=None, compact=None, triad=None):
+        results = {"c": {"forward_vs_torch": c[0], "backward_vs_torch": c[1], "forward_of_triad": triad}}
+        if numpy:
+            results["numpy"] = {"forward_ms": numpy[0], "backward_ms": numpy[1]}
+            results["compact numpy"] = {"forward_ms": compact[0], "backward_ms": compact[1]}
+        return {"norm": norm, "shape": list(shape), "dtype": dtype, "results": results}
+
+    report = {"cases": [case("batchnorm", (8192, 1024), "float32", (0.9, 1.2), (2.0, 3.0), (2.0, 4.0), triad=0.81),
+                        case("layernorm", (8192, 1024), "float32", (0.5, 0.7))],
+              "double_backward": [{"shape": [8192, 1024], "double_vs_torch": 0.2}], "whole": None, "torch": None}
+    t = symbn.bench.targets(report)
+    assert t["c_vs_torch"] == {**t["c_vs_torch"], "measured": 1.2, "where": "batchnorm 8192x1024 float32 backward", "met": False}
+    assert t["forward_of_triad"]["met"] is True and t["forward_of_triad"]["measured"] == 0.81
+    assert t["numpy_vs_compact"]["measured"] == 1.0 and t["numpy_vs_compact"]["met"] is True
+    assert t["double_vs_torch"]["met"] is True
+    assert t["whole_256x64"]["met"] is None and t["ops_vs_torch"]["met"] is None
+    committed = json.loads((ROOT / "docs" / "bench.json").read_text())
+    assert symbn.bench.targets(committed) == committed["targets"]
+    assert "targets (issue 13)" in symbn.bench.to_text(committed)
 
 
 @pytest.mark.parametrize("shape", [(64, 8), (4, 3, 5, 6)])
