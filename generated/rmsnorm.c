@@ -27,7 +27,9 @@
  *   LANES   runs of one element (x is (N, C)), small problems: a thread takes blocks of
  *           SYMBN_LANES channels of one q and makes every pass over a block, the sums in registers;
  *   ROWS    anything else: threads share the rows (n, q); partial sums per thread, added up
- *           between passes; forward passes ask for the row SYMBN_AHEAD_ROWS ahead.
+ *           between passes; for x of shape (N, C), a pass that sums takes tiles of SYMBN_TILE
+ *           rows and SYMBN_LANES channels, the sums in registers; other passes go row by row,
+ *           the forward's asking for the row SYMBN_AHEAD_ROWS ahead.
  * Problems of at most SYMBN_SMALL elements run on one thread, with no call into OpenMP.
  */
 #define SYMBN_LONG_RUN 32
@@ -557,63 +559,54 @@ SYMBN_INLINE void symbn_over_group(const struct symbn_call *c, int step, int sin
     for (int j = 0; j < ns; ++j) gv[red + j] = total[j];
 }
 
-/* LANES: one pass over the `width` groups of one q from p0, lane k the group of p0 + k; the sums
-   in registers, then into the table's columns red..; the parameter gradients into mine. Full
-   blocks get a constant trip count. */
-SYMBN_INLINE void symbn_lanes(const struct symbn_call *c, int step, int single, int ns, int np, int red,
-                              ptrdiff_t q, ptrdiff_t p0, ptrdiff_t width, double *mine)
+/* The `width` groups of one q from p0 over the rows n0..n1 (lane k the group of p0 + k): their sums
+   and parameter gradients in acc[j][k], in registers across the rows. Full blocks get a constant
+   trip count. */
+SYMBN_INLINE void symbn_block(const struct symbn_call *c, int step, int single, int ns, int np, ptrdiff_t q, ptrdiff_t n0,
+                              ptrdiff_t n1, ptrdiff_t p0, ptrdiff_t width, double acc[][SYMBN_LANES])
 {
     const ptrdiff_t g0 = q * c->p_count + p0;
-    const double *const gv = c->table + g0; /* LANES: [column][group] */
+    const double *const gv = c->table + g0; /* [column][group] */
     const float *const fv = c->ftable + g0;
-    double acc[SYMBN_REDUCED + 1][SYMBN_LANES];
     for (int j = 0; j < ns + np; ++j)
         for (int k = 0; k < SYMBN_LANES; ++k) acc[j][k] = 0.0;
     if (width == SYMBN_LANES) {
-        for (ptrdiff_t n = 0; n < c->outer; ++n) {
+        for (ptrdiff_t n = n0; n < n1; ++n) {
             const ptrdiff_t row = (n * c->q_count + q) * c->p_count + p0;
             SYMBN_PRAGMA(omp simd)
             for (int k = 0; k < SYMBN_LANES; ++k)
                 symbn_member(step, c->arrays, single, gv + k, fv + k, c->groups, row + k, p0 + k, &acc[0][k], SYMBN_LANES, &acc[ns][k], SYMBN_LANES);
         }
     } else {
-        for (ptrdiff_t n = 0; n < c->outer; ++n) {
+        for (ptrdiff_t n = n0; n < n1; ++n) {
             const ptrdiff_t row = (n * c->q_count + q) * c->p_count + p0;
             SYMBN_PRAGMA(omp simd)
             for (ptrdiff_t k = 0; k < width; ++k)
                 symbn_member(step, c->arrays, single, gv + k, fv + k, c->groups, row + k, p0 + k, &acc[0][k], SYMBN_LANES, &acc[ns][k], SYMBN_LANES);
         }
     }
+}
+
+/* LANES: one pass over the `width` groups of one q from p0, every n (symbn_block); the sums into
+   the table's columns red.., the parameter gradients into mine. */
+SYMBN_INLINE void symbn_lanes(const struct symbn_call *c, int step, int single, int ns, int np, int red,
+                              ptrdiff_t q, ptrdiff_t p0, ptrdiff_t width, double *mine)
+{
+    double acc[SYMBN_REDUCED + 1][SYMBN_LANES];
+    symbn_block(c, step, single, ns, np, q, 0, c->outer, p0, width, acc);
     for (ptrdiff_t k = 0; k < width; ++k) {
-        for (int j = 0; j < ns; ++j) symbn_group(c, g0 + k)[(red + j) * c->cs] = acc[j][k];
+        for (int j = 0; j < ns; ++j) symbn_group(c, q * c->p_count + p0 + k)[(red + j) * c->cs] = acc[j][k];
         for (int j = 0; j < np; ++j) mine[j * c->pl + p0 + k] += acc[ns + j][k];
     }
 }
 
-/* ROWS, runs of one element and one q (x is (N, C)): rows u0..u1 of the `width` channels from p0,
-   the sums and parameter gradients in registers across the rows, then added into this thread's
-   part[j][g] and mine. Full blocks get a constant trip count. */
+/* ROWS, runs of one element and one q (x is (N, C)): rows u0..u1 of the `width` channels from p0
+   (symbn_block), added into this thread's part[j][g] and mine. */
 SYMBN_INLINE void symbn_tile(const struct symbn_call *c, int step, int single, int ns, int np, ptrdiff_t u0, ptrdiff_t u1,
                              ptrdiff_t p0, ptrdiff_t width, double *part, double *mine)
 {
     double acc[SYMBN_REDUCED + 1][SYMBN_LANES];
-    for (int j = 0; j < ns + np; ++j)
-        for (int k = 0; k < SYMBN_LANES; ++k) acc[j][k] = 0.0;
-    if (width == SYMBN_LANES) {
-        for (ptrdiff_t u = u0; u < u1; ++u) {
-            SYMBN_PRAGMA(omp simd)
-            for (int k = 0; k < SYMBN_LANES; ++k)
-                symbn_member(step, c->arrays, single, c->table + p0 + k, c->ftable + p0 + k, c->groups, u * c->p_count + p0 + k, p0 + k,
-                             &acc[0][k], SYMBN_LANES, &acc[ns][k], SYMBN_LANES);
-        }
-    } else {
-        for (ptrdiff_t u = u0; u < u1; ++u) {
-            SYMBN_PRAGMA(omp simd)
-            for (ptrdiff_t k = 0; k < width; ++k)
-                symbn_member(step, c->arrays, single, c->table + p0 + k, c->ftable + p0 + k, c->groups, u * c->p_count + p0 + k, p0 + k,
-                             &acc[0][k], SYMBN_LANES, &acc[ns][k], SYMBN_LANES);
-        }
-    }
+    symbn_block(c, step, single, ns, np, 0, u0, u1, p0, width, acc);
     for (ptrdiff_t k = 0; k < width; ++k) {
         for (int j = 0; j < ns; ++j) part[j * c->groups + p0 + k] += acc[j][k];
         for (int j = 0; j < np; ++j) mine[j * c->pl + p0 + k] += acc[ns + j][k];

@@ -540,7 +540,7 @@ def probe_esize(targets: dict[str, Target]) -> int:
     for target in targets.values():
         for order, library in target.libraries.items():
             module = target.modules[order]
-            _, functions = module._runtime.bind(library, module.KERNELS)  # the C functions, their argument types set
+            _, functions, _ = module._runtime.bind(library, module.KERNELS)  # the C functions, their argument types set
             for (kernel, dtype), function in functions.items():
                 parameters = module.KERNELS[kernel].parameters
                 for sizes in OVERFLOWING + NONPOSITIVE:

@@ -61,7 +61,7 @@ _KERNEL_NAMES = frozenset("""
     simd size size_t spatial start stats status step suffix summand sums t team team_size text
     thread_id threads total totals u units updatable update_running v value values width work
     writable x_v xhat_v xv y_v yv acc always_inline call columns count cs extra first g0 gs gstride gv
-    keyed anchor anchor_g fv ftable u0 u1
+    keyed anchor anchor_g fv ftable u0 u1 n0 n1
     in_memory labels last limit mode ns outputs param parameters params ps red reduced rows single ss
     staticmethod strand symbols table flagged flags
 """.split())
