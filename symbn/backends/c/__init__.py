@@ -328,14 +328,28 @@ def _pass(k: Kernel, j: int, ps: Pass, index: dict[str, int], element_inputs: di
     }
 
 
+def _affine(expr: sp.Expr, ps: Pass, data: list[sp.Symbol]) -> bool:
+    """Whether ``expr`` (its temporaries written out) is of degree at most 1 in the element data
+    ``data`` (x, dy), the rest per group or per parameter position: y = k·x + k', dx = a·dy + b·x̂
+    + c. Its float rounding is then a few ulps of its terms; a higher power (a fourth-moment
+    norm's (x − μ)³) would lose more, and stays in double."""
+    for t in reversed(ps.element):
+        expr = expr.xreplace({t.symbol: t.expr})
+    try:
+        return sp.Poly(expr, *data).total_degree() <= 1 if data else True
+    except sp.PolynomialError:
+        return False
+
+
 def _single(k: Kernel, ps: Pass, loads: list, framed_x: bool) -> dict | None:
     """The pass's element code in float, for float32 x, or None where it runs in double: a pass
-    of the first order that only stores element outputs (y; dx), its inputs and outputs in x's
-    dtype, x measured from the shift. The sums and parameter gradients, and every order above
-    the first, stay in double."""
+    of the first order that only stores element outputs (y; dx), affine in the element data
+    (:func:`_affine`), its inputs and outputs in x's dtype, x measured from the shift. The sums
+    and parameter gradients, and every order above the first, stay in double."""
     outputs = [k.arg(s.name) for s in ps.stores]
     if len(k.transforms) > 1 or not ps.stores or ps.sums or ps.params or any(o.double for o in outputs) \
-            or any(a.double for _, a in loads) or (any(v == X for v, _ in loads) and not framed_x):
+            or any(a.double for _, a in loads) or (any(v == X for v, _ in loads) and not framed_x) \
+            or not all(_affine(s.expr, ps, [v for v, a in loads if a.role == DATA]) for s in ps.stores):
         return None
     doprint = _PRINT_FLOAT
 
