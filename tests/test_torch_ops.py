@@ -445,6 +445,30 @@ def test_zero_copy(monkeypatch, dtype):
           (1e-15 if dtype == F64 else 2e-3))
 
 
+def test_unrecorded_calls_skip_autograd(monkeypatch):
+    """A call autograd would not record (grad mode off, or no input requiring grad: inference, a
+    first backward's own kernel) runs the kernel without the autograd function, with the results of
+    a recorded call; a recorded one builds the graph."""
+    applied = []
+    apply = ops.Level.apply.__func__
+    monkeypatch.setattr(ops.Level, "apply", classmethod(lambda cls, *args: applied.append(1) or apply(cls, *args)))
+    x, w, b = torch.randn(16, 4, dtype=F64), torch.randn(4, dtype=F64), torch.randn(4, dtype=F64)
+    plain = SF.batch_norm(x, None, None, w, b, True)
+    with torch.no_grad():
+        quiet = SF.batch_norm(x.requires_grad_(), None, None, w, b, True)
+    assert not applied and plain.grad_fn is None and quiet.grad_fn is None
+    recorded = SF.batch_norm(x, None, None, w, b, True)
+    assert len(applied) == 1 and recorded.grad_fn is not None
+    assert torch.equal(plain, recorded) and torch.equal(quiet, recorded)
+    dy = torch.randn_like(x)
+    first, = torch.autograd.grad(recorded, x, dy)  # the backward's kernel, unrecorded
+    assert len(applied) == 1
+    again, = torch.autograd.grad(SF.batch_norm(x, None, None, w, b, True), x, dy, create_graph=True)
+    assert len(applied) == 3 and again.grad_fn is not None and torch.equal(first, again)
+    reference, = torch.autograd.grad(TF.batch_norm(x, None, None, w, b, True), x, dy)
+    close(first, reference, 1e-12)
+
+
 LAYOUTS = {  # x of 3 channels as a view of a contiguous base of this shape
     "channels_last": ((4, 5, 6, 3), lambda b: b.permute(0, 3, 1, 2)),
     "channels_last_3d": ((2, 4, 2, 3, 3), lambda b: b.permute(0, 4, 1, 2, 3)),

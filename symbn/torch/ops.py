@@ -34,6 +34,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.autograd.forward_ad as fw
+from torch._functorch.utils import unwrap_dead_wrappers
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..build import load
 from ..derive import adjoint_name, tangent_name
@@ -169,8 +171,6 @@ def _plain(inputs: Sequence) -> bool:
     """Whether the kernel can run on ``inputs`` as they are: real CPU tensors (no subclass such as
     the fake and functional tensors of tracing, no batched tensor of the legacy vmap that
     gradcheck's batched gradients use) and no dispatch mode recording the call."""
-    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-
     return (not is_in_torch_dispatch_mode() and
             all(type(t) in (torch.Tensor, torch.nn.Parameter) and torch._C._dispatch_keys(t).has(torch._C.DispatchKey.CPU)
                 for t in inputs if isinstance(t, torch.Tensor)))
@@ -375,9 +375,30 @@ class Level(torch.autograd.Function):
         outputs = tuple(torch.stack(column) for column in zip(*results))
         return outputs, (0,) * len(outputs)
 
+    @classmethod
+    def apply(cls, *args):
+        """``Function.apply`` less its per-call ``inspect.signature`` binding of defaults, which
+        ``forward`` does not have (every argument is positional): a third of a (256, 64) call. Under
+        functorch transforms (vmap, jvp, grad) ``Function.apply`` itself, which routes through them."""
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))  # autograd's C apply
+
     @staticmethod
     def call(spec: Spec, args: Sequence, normalized_shape, num_groups) -> tuple[torch.Tensor, ...]:
-        return Level.apply(spec, _shape(normalized_shape), num_groups, *args)
+        """The level on ``args``: through autograd where it records (a tensor requiring grad with
+        grad mode on, a forward-mode or functorch level), else the kernel alone (a first backward's
+        own kernel call, inference), which is what autograd would have run."""
+        if _recorded(args) or not _plain(args):
+            return Level.apply(spec, _shape(normalized_shape), num_groups, *args)
+        return tuple(_run(spec, args, _shape(normalized_shape), num_groups))
+
+
+def _recorded(args: Sequence) -> bool:
+    """Whether autograd records a call on ``args``: grad mode on and a tensor requiring grad, or a
+    forward-mode level or functorch transform active."""
+    return (fw._current_level >= 0 or torch._C._are_functorch_transforms_active() or
+            (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)))
 
 
 _LEVELS: dict[tuple, tuple[str | Norm, Spec]] = {}
