@@ -271,7 +271,7 @@ SYMBN_INLINE void symbn_backward2_train_0(const struct symbn_backward2_train_arr
     const double d2_dgamma_v = symbn_load(a->d2_dgamma, pidx, single);
     const double dy_v = symbn_load(a->dy, idx, single);
     const double x_v = symbn_load(a->x, idx, single);
-    const double gamma_v = a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0;
+    const double gamma_v = (a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0);
     const double t0_0 = c_0*(-mean_g + x_v);
     const double t0_1 = dy_v*gamma_v;
     const double t0_2 = d2_dgamma_v*dy_v;
@@ -339,7 +339,7 @@ SYMBN_INLINE void symbn_backward2_train_1(const struct symbn_backward2_train_arr
     const double d2_dbeta_v = symbn_load(a->d2_dbeta, pidx, single);
     const double dy_v = symbn_load(a->dy, idx, single);
     const double x_v = symbn_load(a->x, idx, single);
-    const double gamma_v = a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0;
+    const double gamma_v = (a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0);
     const double t1_0 = c_0*(-mean_g + x_v);
     const double t1_1 = c_0*dy_v;
     const double t1_2 = c_5*t1_0;
@@ -398,7 +398,7 @@ SYMBN_INLINE void symbn_backward2_eval_0(const struct symbn_backward2_eval_array
     const double d2_dbeta_v = symbn_load(a->d2_dbeta, pidx, single);
     const double dy_v = symbn_load(a->dy, idx, single);
     const double x_v = symbn_load(a->x, idx, single);
-    const double gamma_v = a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0;
+    const double gamma_v = (a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0);
     const double t0_0 = c_0*dy_v;
     param[0 * ps] += d2_dx_v*t0_0; /* d2_gamma */
     symbn_store(a->d2_x, idx, single, d2_dgamma_v*t0_0);

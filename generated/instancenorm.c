@@ -806,8 +806,8 @@ SYMBN_INLINE void symbn_forward_train_load(const struct symbn_call *c, int singl
 {
     const struct symbn_forward_train_arrays *a = c->arrays;
     gv[0] = c->m;
-    gv[1 * gs] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
-    gv[2 * gs] = a->beta ? symbn_load(a->beta, p, single) : 0.0; /* beta_g */
+    gv[1 * gs] = (a->gamma ? symbn_load(a->gamma, p, single) : 1.0); /* gamma_g */
+    gv[2 * gs] = (a->beta ? symbn_load(a->beta, p, single) : 0.0); /* beta_g */
     gv[3 * gs] = a->eps; /* eps_g */
     gv[4 * gs] = symbn_load(a->x, g * c->ls, single); /* anchor_g: x of the group's first member */
     (void)a; (void)g; (void)p; (void)single; (void)gs;
@@ -914,7 +914,7 @@ SYMBN_INLINE void symbn_backward_train_load(const struct symbn_call *c, int sing
 {
     const struct symbn_backward_train_arrays *a = c->arrays;
     gv[0] = c->m;
-    gv[1 * gs] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
+    gv[1 * gs] = (a->gamma ? symbn_load(a->gamma, p, single) : 1.0); /* gamma_g */
     gv[2 * gs] = a->eps; /* eps_g */
     gv[3 * gs] = a->mean[g]; /* mean_g */
     gv[4 * gs] = a->var[g]; /* var_g */
@@ -1032,8 +1032,8 @@ SYMBN_INLINE void symbn_forward_eval_load(const struct symbn_call *c, int single
 {
     const struct symbn_forward_eval_arrays *a = c->arrays;
     gv[0] = c->m;
-    gv[1 * gs] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
-    gv[2 * gs] = a->beta ? symbn_load(a->beta, p, single) : 0.0; /* beta_g */
+    gv[1 * gs] = (a->gamma ? symbn_load(a->gamma, p, single) : 1.0); /* gamma_g */
+    gv[2 * gs] = (a->beta ? symbn_load(a->beta, p, single) : 0.0); /* beta_g */
     gv[3 * gs] = a->eps; /* eps_g */
     gv[4 * gs] = a->mean[p]; /* mean_g */
     gv[5 * gs] = a->var[p]; /* var_g */
@@ -1125,7 +1125,7 @@ SYMBN_INLINE void symbn_backward_eval_load(const struct symbn_call *c, int singl
 {
     const struct symbn_backward_eval_arrays *a = c->arrays;
     gv[0] = c->m;
-    gv[1 * gs] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
+    gv[1 * gs] = (a->gamma ? symbn_load(a->gamma, p, single) : 1.0); /* gamma_g */
     gv[2 * gs] = a->eps; /* eps_g */
     gv[3 * gs] = a->mean[p]; /* mean_g */
     gv[4 * gs] = a->var[p]; /* var_g */

@@ -654,7 +654,7 @@ SYMBN_INLINE void symbn_backward2_train_load(const struct symbn_call *c, int sin
     gv[0] = c->m;
     gv[1 * gs] = symbn_load(a->d2_dgamma, p, single); /* d2_dgamma_g */
     gv[2 * gs] = symbn_load(a->d2_dbeta, p, single); /* d2_dbeta_g */
-    gv[3 * gs] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
+    gv[3 * gs] = (a->gamma ? symbn_load(a->gamma, p, single) : 1.0); /* gamma_g */
     gv[4 * gs] = a->eps; /* eps_g */
     gv[5 * gs] = a->mean[g]; /* mean_g */
     gv[6 * gs] = a->var[g]; /* var_g */
@@ -773,7 +773,7 @@ SYMBN_INLINE void symbn_backward2_eval_load(const struct symbn_call *c, int sing
     gv[0] = c->m;
     gv[1 * gs] = symbn_load(a->d2_dgamma, p, single); /* d2_dgamma_g */
     gv[2 * gs] = symbn_load(a->d2_dbeta, p, single); /* d2_dbeta_g */
-    gv[3 * gs] = a->gamma ? symbn_load(a->gamma, p, single) : 1.0; /* gamma_g */
+    gv[3 * gs] = (a->gamma ? symbn_load(a->gamma, p, single) : 1.0); /* gamma_g */
     gv[4 * gs] = a->eps; /* eps_g */
     gv[5 * gs] = a->mean[p]; /* mean_g */
     gv[6 * gs] = a->var[p]; /* var_g */

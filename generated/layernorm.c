@@ -311,8 +311,8 @@ SYMBN_INLINE void symbn_forward_train_1(const struct symbn_forward_train_arrays 
     const double c_1 = gv[9 * gs];
     const double shift = gv[3 * gs];
     const double x_v = symbn_load(a->x, idx, single) - shift;
-    const double gamma_v = a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0;
-    const double beta_v = a->beta ? symbn_load(a->beta, pidx, single) : 0.0;
+    const double gamma_v = (a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0);
+    const double beta_v = (a->beta ? symbn_load(a->beta, pidx, single) : 0.0);
     symbn_store(a->y, idx, single, beta_v + c_1*gamma_v*(c_0 + x_v));
     (void)sum; (void)ss; (void)param; (void)ps;
 }
@@ -363,7 +363,7 @@ SYMBN_INLINE void symbn_backward_train_0(const struct symbn_backward_train_array
     const double shift = gv[4 * gs];
     const double dy_v = symbn_load(a->dy, idx, single);
     const double x_v = symbn_load(a->x, idx, single) - shift;
-    const double gamma_v = a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0;
+    const double gamma_v = (a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0);
     const double t0_0 = dy_v*gamma_v;
     const double t0_1 = c_1*(c_0 + x_v);
     sum[0 * ss] += t0_0; /* red_0 */
@@ -431,7 +431,7 @@ SYMBN_INLINE void symbn_backward_train_1(const struct symbn_backward_train_array
     const double shift = gv[4 * gs];
     const double dy_v = symbn_load(a->dy, idx, single);
     const double x_v = symbn_load(a->x, idx, single) - shift;
-    const double gamma_v = a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0;
+    const double gamma_v = (a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0);
     symbn_store(a->dx, idx, single, c_2*(-c_1*red_1*(c_0 + x_v) + dy_v*gamma_v*m - red_0));
     (void)sum; (void)ss; (void)param; (void)ps;
 }
@@ -498,8 +498,8 @@ SYMBN_INLINE void symbn_forward_eval_0(const struct symbn_forward_eval_arrays *a
     const double c_1 = gv[6 * gs];
     const double shift = gv[4 * gs];
     const double x_v = symbn_load(a->x, idx, single) - shift;
-    const double gamma_v = a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0;
-    const double beta_v = a->beta ? symbn_load(a->beta, pidx, single) : 0.0;
+    const double gamma_v = (a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0);
+    const double beta_v = (a->beta ? symbn_load(a->beta, pidx, single) : 0.0);
     symbn_store(a->y, idx, single, beta_v + c_1*gamma_v*(c_0 + x_v));
     (void)sum; (void)ss; (void)param; (void)ps;
 }
@@ -550,7 +550,7 @@ SYMBN_INLINE void symbn_backward_eval_0(const struct symbn_backward_eval_arrays 
     const double shift = gv[4 * gs];
     const double dy_v = symbn_load(a->dy, idx, single);
     const double x_v = symbn_load(a->x, idx, single) - shift;
-    const double gamma_v = a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0;
+    const double gamma_v = (a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0);
     const double t0_0 = c_1*dy_v;
     param[0 * ps] += t0_0*(c_0 + x_v); /* dgamma */
     param[1 * ps] += dy_v; /* dbeta */

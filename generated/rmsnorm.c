@@ -279,8 +279,8 @@ SYMBN_INLINE void symbn_forward_train_1(const struct symbn_forward_train_arrays 
 {
     const double c_0 = gv[4 * gs];
     const double x_v = symbn_load(a->x, idx, single);
-    const double gamma_v = a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0;
-    const double beta_v = a->beta ? symbn_load(a->beta, pidx, single) : 0.0;
+    const double gamma_v = (a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0);
+    const double beta_v = (a->beta ? symbn_load(a->beta, pidx, single) : 0.0);
     symbn_store(a->y, idx, single, beta_v + c_0*gamma_v*x_v);
     (void)fv; (void)sum; (void)ss; (void)param; (void)ps;
 }
@@ -323,7 +323,7 @@ SYMBN_INLINE void symbn_backward_train_0(const struct symbn_backward_train_array
     const double c_0 = gv[3 * gs];
     const double dy_v = symbn_load(a->dy, idx, single);
     const double x_v = symbn_load(a->x, idx, single);
-    const double gamma_v = a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0;
+    const double gamma_v = (a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0);
     const double t0_0 = c_0*dy_v*x_v;
     sum[0 * ss] += gamma_v*t0_0; /* red_0 */
     param[0 * ps] += t0_0; /* dgamma */
@@ -359,7 +359,7 @@ SYMBN_INLINE void symbn_backward_train_1(const struct symbn_backward_train_array
     const double c_1 = gv[5 * gs];
     const double dy_v = symbn_load(a->dy, idx, single);
     const double x_v = symbn_load(a->x, idx, single);
-    const double gamma_v = a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0;
+    const double gamma_v = (a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0);
     symbn_store(a->dx, idx, single, c_0*c_1*x_v + c_0*dy_v*gamma_v);
     (void)fv; (void)sum; (void)ss; (void)param; (void)ps;
 }
@@ -400,8 +400,8 @@ SYMBN_INLINE void symbn_forward_eval_0(const struct symbn_forward_eval_arrays *a
 {
     const double c_0 = gv[3 * gs];
     const double x_v = symbn_load(a->x, idx, single);
-    const double gamma_v = a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0;
-    const double beta_v = a->beta ? symbn_load(a->beta, pidx, single) : 0.0;
+    const double gamma_v = (a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0);
+    const double beta_v = (a->beta ? symbn_load(a->beta, pidx, single) : 0.0);
     symbn_store(a->y, idx, single, beta_v + c_0*gamma_v*x_v);
     (void)fv; (void)sum; (void)ss; (void)param; (void)ps;
 }
@@ -444,7 +444,7 @@ SYMBN_INLINE void symbn_backward_eval_0(const struct symbn_backward_eval_arrays 
     const double c_0 = gv[3 * gs];
     const double dy_v = symbn_load(a->dy, idx, single);
     const double x_v = symbn_load(a->x, idx, single);
-    const double gamma_v = a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0;
+    const double gamma_v = (a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0);
     const double t0_0 = c_0*dy_v;
     param[0 * ps] += t0_0*x_v; /* dgamma */
     param[1 * ps] += dy_v; /* dbeta */

@@ -182,19 +182,6 @@ def _kernel(norm: str, k: Kernel, shift: str | None) -> dict:
     if len(index) != len(columns):
         raise ValueError(f"{k.name}: a per-group value is defined twice: {columns}")
 
-    def load_group(a: Arg) -> str:
-        """C for one per-group input, in ``begin`` (g: the group, p: its parameter)."""
-        if a.role == SCALAR:
-            return f"a->{a.name}"
-        at = "g" if a.role == DATA else "p"
-        value = f"a->{a.name}[{at}]" if a.double else f"symbn_load(a->{a.name}, {at}, single)"
-        return f"a->{a.name} ? {value} : {DEFAULTS[a.name]!r}" if a.name in OPTIONAL else value
-
-    def load_element(a: Arg) -> str:
-        at = "idx" if a.role == DATA else "pidx"
-        value = f"a->{a.name}[{at}]" if a.double else f"symbn_load(a->{a.name}, {at}, single)"
-        return f"a->{a.name} ? {value} : {DEFAULTS[a.name]!r}" if a.name in OPTIONAL else value
-
     element_inputs = {a.var: a for a in k.inputs if a.kind == ELEMENT}
     element_params_out = [a for ps in k.passes for a in ps.params]
     param_index = {}
@@ -206,7 +193,7 @@ def _kernel(norm: str, k: Kernel, shift: str | None) -> dict:
         red = index[ps.sums[0].name] if ps.sums else 0
         if ps.sums and [index[s.name] for s in ps.sums] != list(range(red, red + len(ps.sums))):
             raise AssertionError("a pass's sums take consecutive columns")
-        passes.append(_pass(k, j, ps, index, element_inputs, load_element, red, pbase,
+        passes.append(_pass(k, j, ps, index, element_inputs, red, pbase,
                             group_var(shift).name if j == first_framed else None))
         pbase += len(ps.params)
     del first_column
@@ -245,7 +232,7 @@ def _kernel(norm: str, k: Kernel, shift: str | None) -> dict:
         "inputs": [_describe(a, False) for a in k.inputs],
         "outputs": [_describe(a, True) for a in k.outputs],
         "columns": columns, "nv": len(columns),
-        "loads": [{"column": index[a.var.name], "name": a.var.name, "code": load_group(a)} for a in group_inputs]
+        "loads": [{"column": index[a.var.name], "name": a.var.name, "code": _load(a, element=False)} for a in group_inputs]
         + ([{"column": index[ANCHOR.name], "name": f"{ANCHOR.name}: x of the group's first member",
              "code": "symbn_load(a->x, g * c->ls, single)"}] if k.anchored else []),
         "passes": passes, "final": final,
@@ -265,7 +252,7 @@ def _reads(exprs, defined: set[str], index: dict[str, int], what: str) -> list[d
     return [{"name": n, "column": index[n]} for n in names]
 
 
-def _pass(k: Kernel, j: int, ps: Pass, index: dict[str, int], element_inputs: dict, load_element, red: int, pbase: int,
+def _pass(k: Kernel, j: int, ps: Pass, index: dict[str, int], element_inputs: dict, red: int, pbase: int,
           shift_from: str | None) -> dict:
     """One pass: its per-group function and its member function. ``shift_from``: the statistic
     this pass's group function rounds into the frame's shift (the first framed pass only)."""
@@ -313,7 +300,7 @@ def _pass(k: Kernel, j: int, ps: Pass, index: dict[str, int], element_inputs: di
         "index": j, "kernel": k.name, "step": f"SYMBN_STEP_{k.name.upper()}_{j}", "function": name,
         "what": ", ".join(what) or "nothing",
         "group": group,
-        "loads": [{"name": v.name, "code": f"{load_element(a)} - shift" if v == X and framed_x else load_element(a)} for v, a in loads],
+        "loads": [{"name": v.name, "code": _load(a, framed=v == X and framed_x)} for v, a in loads],
         "reads": reads,
         "element": [{"name": a.name, "code": doprint(a.expr)} for a in ps.element],
         "sums": [{"name": a.name, "code": doprint(a.expr)} for a in ps.sums],
@@ -352,16 +339,25 @@ def _single(k: Kernel, ps: Pass, loads: list, framed_x: bool) -> dict | None:
             or not all(_affine(s.expr, ps, [v for v, a in loads if a.role == DATA]) for s in ps.stores):
         return None
     doprint = _PRINT_FLOAT
-
-    def load(v: sp.Symbol, a: Arg) -> str:
-        value = f"((const float *)a->{a.name})[{'idx' if a.role == DATA else 'pidx'}]"
-        if a.name in OPTIONAL:
-            value = f"(a->{a.name} ? {value} : {DEFAULTS[a.name]!r}F)"
-        return f"{value} - shift" if v == X else value
-
-    return {"loads": [{"name": v.name, "code": load(v, a)} for v, a in loads],
+    return {"loads": [{"name": v.name, "code": _load(a, single=True, framed=v == X)} for v, a in loads],
             "element": [{"name": a.name, "code": doprint(a.expr)} for a in ps.element],
             "stores": [f"((float *)a->{s.name})[idx] = {doprint(s.expr)};" for s in ps.stores]}
+
+
+def _load(a: Arg, element: bool = True, single: bool = False, framed: bool = False) -> str:
+    """C that reads input ``a``: an element input at idx (its parameter at pidx), a per-group one
+    in ``begin`` at g (its parameter at p); a double array as it is, one in x's dtype through
+    symbn_load, or as the float it is (``single``: the element code in float); an optional input
+    given as NULL reads its default; ``framed``: x measured from the shift."""
+    if a.role == SCALAR:
+        return f"a->{a.name}"
+    at = ("idx" if element else "g") if a.role == DATA else ("pidx" if element else "p")
+    if single:
+        value, default = f"((const float *)a->{a.name})[{at}]", f"{DEFAULTS.get(a.name)!r}F"
+    else:
+        value, default = (f"a->{a.name}[{at}]" if a.double else f"symbn_load(a->{a.name}, {at}, single)"), repr(DEFAULTS.get(a.name))
+    value = f"(a->{a.name} ? {value} : {default})" if a.name in OPTIONAL else value
+    return f"{value} - shift" if framed else value
 
 
 def _final(k: Kernel, index: dict[str, int], outputs: set[str]) -> dict:
