@@ -13,7 +13,9 @@ every kernel, train and eval, float32 and float64, random shapes per layout (a g
 tiny and odd sizes, many channels, problems big enough for the thread team, empty arrays,
 which must be refused), C-contiguous, strided, reversed, Fortran-order and read-only inputs,
 gamma and beta given or None, ``out=`` buffers, running statistics, a NaN now and then, one
-or two threads and every value of the ``schedule`` argument. Each result is compared with the
+or two threads and every value of the ``schedule`` argument, half the calls through ctypes and half
+through symbn's compiled entry point (``symbn/backends/c/entry.c``, built with the same sanitizers:
+it reads the arrays' memory itself and calls the kernels' packed forms). Each result is compared with the
 same call on the NumPy backend: dtypes, shapes and refusals with the call itself, values with
 the call in float64 (the C computes every element in double), so that a wrong answer is a
 failure too, and so is a refusal by one backend only. Every C entry point is also called directly with sizes whose product
@@ -144,11 +146,11 @@ def units(norms: list[str], orders: tuple[int, ...]) -> list[Unit]:
     return found
 
 
-def compile_sanitized(source: Path, folder: Path) -> Path:
+def compile_sanitized(source: Path, folder: Path, extra: tuple[str, ...] = ()) -> Path:
     """``source`` compiled by build.py (its flags and variants, with OpenMP always: the threads are
     under test) with the sanitizers after them (their -O1 over its -O3), into ``folder``."""
     try:
-        return build.compile_library(source, extra=(*SANITIZE, "-fopenmp"), directory=folder)
+        return build.compile_library(source, extra=(*extra, *SANITIZE, "-fopenmp"), directory=folder)
     except build.CompilerError as err:
         raise build.CompilerError(f"with the sanitizers: {err}") from None
 
@@ -203,19 +205,27 @@ def print_summary(summary: dict, seconds: float) -> None:
         print(f"  {norm:14}" + "".join(f"{calls.get(f'{norm}.{k}', 0):>16}" for k in kernels))
     print(f"  refused by both backends alike: {summary['refused']}; threads: {summary['threads']}; "
           f"schedules: {summary['schedules']}")
+    print(f"  through the compiled entry point: {summary['entered']}, of which it ran {summary['taken']} itself and handed "
+          "the rest to ctypes (evaluation kernels, and calls it does not take: other layouts, options, a parameter "
+          "given as None, a refusal); the other calls through ctypes alone")
     print(f"  SYMBN_ESIZE probes (direct ctypes calls with overflowing sizes): {summary['probes']}, all refused")
     print("sanitizer reports: 0")
 
 
-def build_libraries(args: argparse.Namespace, folder: Path) -> list[list]:
-    """[norm, order, library] for every unit asked for, or the canary's library alone (``--canary``)."""
+def build_libraries(args: argparse.Namespace, folder: Path) -> tuple[list[list], str | None]:
+    """[norm, order, library] for every unit asked for, or the canary's library alone (``--canary``);
+    and the entry point's library (None without Python's headers, or for the canary)."""
     if args.canary:
         source = folder / "canary.c"
         source.write_text(CANARY)
-        return [["canary", 0, str(compile_sanitized(source, folder))]]
+        return [["canary", 0, str(compile_sanitized(source, folder))]], None
     found = units(args.norms, tuple(args.orders))
-    print(f"compiling {len(found)} kernel libraries with {CC} {' '.join(SANITIZE)} ...", flush=True)
-    return [[unit.norm, unit.order, str(path)] for unit, path in compile_all(found, folder).items()]
+    print(f"compiling {len(found)} kernel libraries and the entry point with {CC} {' '.join(SANITIZE)} ...", flush=True)
+    flags = build.entry_flags()
+    if flags is None:
+        print("sanitize: no Python.h: the compiled entry point is not built, every call goes through ctypes", flush=True)
+    entry = None if flags is None else str(compile_sanitized(build.ENTRY, folder, flags))
+    return [[unit.norm, unit.order, str(path)] for unit, path in compile_all(found, folder).items()], entry
 
 
 def failure(done: subprocess.CompletedProcess | None, current: Path, seed: int) -> str | None:
@@ -240,14 +250,14 @@ def parent(args: argparse.Namespace) -> int:
         os.environ["SYMBN_CACHE_DIR"] = str(folder / "cache")  # a spec's sources go here, never into the user's cache
         os.environ["CC"] = CC  # build.py compiles with the compiler whose runtimes the child preloads
         try:
-            libraries = build_libraries(args, folder)
+            libraries, entry = build_libraries(args, folder)
             child_environment()  # the runtimes exist, before any call
         except (build.CompilerError, subprocess.TimeoutExpired, OSError) as err:
             print(f"sanitize: {err}", file=sys.stderr)
             return 2
         print(f"compiled in {time.time() - start:.0f} s; calling the kernels ...", flush=True)
         plan, summary, current = folder / "plan.json", folder / "summary.json", folder / "current.txt"
-        plan.write_text(json.dumps({"libraries": libraries, "calls": args.calls, "seed": args.seed, "seconds": args.seconds,
+        plan.write_text(json.dumps({"libraries": libraries, "entry": entry, "calls": args.calls, "seed": args.seed, "seconds": args.seconds,
                                     "canary": args.canary,
                                     "summary": str(summary), "current": str(current)}))
         why = failure(run_child(plan, args.seconds), current, args.seed)
@@ -266,11 +276,13 @@ def parent(args: argparse.Namespace) -> int:
 
 @dataclass
 class Target:
-    """One norm: per order, its generated module, its kernels on the sanitized library and on NumPy."""
+    """One norm: per order, its generated module, its kernels on the sanitized library (through ctypes,
+    and through the sanitized entry point where there is one) and on NumPy."""
 
     name: str
     modules: dict[int, types.ModuleType] = field(default_factory=dict)
     c: dict[int, object] = field(default_factory=dict)
+    entered: dict[int, object] = field(default_factory=dict)
     numpy: dict[int, object] = field(default_factory=dict)
     libraries: dict[int, str] = field(default_factory=dict)
 
@@ -283,8 +295,9 @@ class Target:
         return [(order, name) for order in sorted(self.c) for name in self.modules[order].KERNELS]
 
 
-def load_targets(libraries: list[list]) -> dict[str, Target]:
-    """Each library bound as ``symbn.load`` binds it (``Kernels(library)``), and the NumPy kernels beside it."""
+def load_targets(libraries: list[list], entry: types.ModuleType | None) -> dict[str, Target]:
+    """Each library bound as ``symbn.load`` binds it (``Kernels(library)``, and with ``entry``), and the
+    NumPy kernels beside it."""
     targets: dict[str, Target] = {}
     for name, order, path in libraries:
         target = targets.setdefault(name, Target(name))
@@ -292,6 +305,8 @@ def load_targets(libraries: list[list]) -> dict[str, Target]:
             target.modules[level] = build.module(norm_of(name), order=level)
             target.numpy[level] = target.modules[level].Kernels()
         target.c[order], target.libraries[order] = target.modules[order].Kernels(path), path
+        if entry is not None:
+            target.entered[order] = target.modules[order].Kernels(path, entry=entry)
     return targets
 
 
@@ -311,12 +326,14 @@ class Case:
     running: dict | None = None
     momentum: float = 0.1
     out: bool = False
+    entered: bool = False  # through the compiled entry point (else ctypes)
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         layouts = {label: layout_name(value) for label, value in self.inputs.items() if isinstance(value, np.ndarray)}
         return (f"{self.target.name}.{self.kernel} x{self.shape} {self.dtype} {self.options} threads={self.threads} "
                 f"schedule={self.schedule} inputs={layouts} running={self.running is not None} out={self.out} "
+                f"entered={self.entered} "
                 f"{' '.join(self.notes)}")
 
 
@@ -396,13 +413,15 @@ def statistics(case: Case, x: np.ndarray, eps: float) -> dict[str, np.ndarray]:
 
 
 def fill_inputs(rng: np.random.Generator, case: Case) -> None:
-    """The kernel's arguments, by the Python names its table gives them, in random layouts."""
+    """The kernel's arguments, by the Python names its table gives them, in random layouts; for a call
+    through the entry point mostly as it runs them itself (C-contiguous, statistics in float64, gamma
+    and beta given), else it hands the call back to ctypes."""
     module = case.target.modules[case.order]
     table = module.KERNELS[case.kernel]
     eps = pick(rng, [1e-5, 1e-3, 0.1])
     x = sample(rng, case.shape, case.dtype, offset=pick(rng, [0.0, 0.0, 3.0, 100.0]))
     geo = None if x.size == 0 else module.geometry(case.shape, None, **case.options)
-    stats = None
+    stats, usual = None, case.entered and rng.random() < 0.8
     for (name, kind, role, double), label in zip(table.inputs, table.labels):
         if role == "scalar":
             case.inputs[label] = eps
@@ -412,14 +431,14 @@ def fill_inputs(rng: np.random.Generator, case: Case) -> None:
         elif kind == "group" and double:  # saved statistics (train) or running ones (eval)
             stats = stats if stats is not None else statistics(case, x, eps)
             value = stats[name] if role == "data" else running(rng, stats[name], geo)
-            value = value.astype(pick(rng, DTYPES))
-        elif name in module._runtime.OPTIONAL and rng.random() < 0.25:  # gamma, beta: None is 1, 0
+            value = value.astype(np.float64 if usual else pick(rng, DTYPES))
+        elif name in module._runtime.OPTIONAL and not usual and rng.random() < 0.25:  # gamma, beta: None is 1, 0
             case.inputs[label] = None
             continue
         else:
             shape = case.shape if role != "param" else geo.param_shape if kind == "element" else (geo.p,)
             value = sample(rng, shape, case.dtype, offset=1.0 if name == "gamma" else 0.0)
-        case.inputs[label] = relayout(rng, value)
+        case.inputs[label] = value if usual else relayout(rng, value)
     if case.kernel == "forward_train" and geo is not None and rng.random() < 0.3:
         stats = stats if stats is not None else statistics(case, x, eps)
         case.running = {f"running_{s}": running(rng, stats[s], geo).astype(pick(rng, DTYPES)) for s in module.STATS}
@@ -447,7 +466,7 @@ def poison(rng: np.random.Generator, case: Case) -> None:
 def make_case(rng: np.random.Generator, target: Target, order: int, kernel: str) -> Case:
     shape, options = random_problem(rng, target.layout)
     case = Case(target, order, kernel, shape, pick(rng, DTYPES), options, threads=pick(rng, THREADS),
-                schedule=pick(rng, SCHEDULES))
+                schedule=pick(rng, SCHEDULES), entered=bool(order in target.entered and rng.random() < 0.5))
     fill_inputs(rng, case)
     case.out = bool(rng.random() < 0.3)
     return case
@@ -510,7 +529,7 @@ def check_case(case: Case) -> tuple[str | None, bool]:
     """Run ``case`` on the sanitized C and on NumPy: (what differs or None, whether both refused it).
     Refusals must agree (the same exception; the same message unless an input was poisoned, where
     the backends may meet another error first) and leave the running statistics untouched."""
-    c = case.target.c[case.order]
+    c = (case.target.entered if case.entered else case.target.c)[case.order]
     c.set_threads(case.threads)
     c.schedule = case.schedule
     numpy_ = case.target.numpy[case.order]
@@ -572,7 +591,7 @@ def armed() -> None:
 def run_calls(targets: dict[str, Target], plan: dict) -> dict | str:
     """The plan's random calls, each kernel in turn: the summary, or what went wrong."""
     combos = [(target, order, kernel) for target in targets.values() for order, kernel in target.kernels()]
-    calls, threads, schedules, refused = Counter(), Counter(), Counter(), 0
+    calls, threads, schedules, refused, entered = Counter(), Counter(), Counter(), 0, 0
     start = time.time()
     for index in range(plan["calls"]):
         if time.time() > start + plan["seconds"]:
@@ -586,9 +605,10 @@ def run_calls(targets: dict[str, Target], plan: dict) -> dict | str:
             return f"WRONG ANSWER at call {index} (seed {plan['seed']}): {case.describe()}: {why}"
         calls[f"{target.name}.{kernel}"] += 1
         refused += refusal
+        entered += case.entered
         threads[case.threads] += 1
         schedules[case.schedule] += 1
-    return {"calls": calls, "seed": plan["seed"], "refused": refused, "seconds": time.time() - start,
+    return {"calls": calls, "seed": plan["seed"], "refused": refused, "entered": entered, "seconds": time.time() - start,
             "threads": dict(sorted(threads.items())), "schedules": dict(sorted(schedules.items()))}
 
 
@@ -600,14 +620,33 @@ def child(plan_path: Path) -> int:
         getattr(ctypes.CDLL(plan["libraries"][0][2]), f"canary_{plan['canary']}")(ctypes.c_int(4))
         print(f"sanitize: the {plan['canary']} canary's fault went unreported", file=sys.stderr)
         return 1
-    targets = load_targets(plan["libraries"])
+    entry, taken = counted(plan["entry"] and build.import_entry(Path(plan["entry"])))
+    targets = load_targets(plan["libraries"], entry)
     probes = probe_esize(targets)
     summary = run_calls(targets, plan)
     if isinstance(summary, str):
         print(f"sanitize: {summary}", file=sys.stderr)
         return 1
-    Path(plan["summary"]).write_text(json.dumps({**summary, "probes": probes}))
+    if entry is not None and summary["entered"] and not taken[True]:
+        print("sanitize: FAILED: the compiled entry point handed every call back to ctypes", file=sys.stderr)
+        return 1
+    Path(plan["summary"]).write_text(json.dumps({**summary, "probes": probes, "taken": taken[True]}))
     return 0
+
+
+def counted(entry: types.ModuleType | None) -> tuple[types.ModuleType | None, Counter]:
+    """``entry`` with its calls counted: taken (True: it ran the kernel) or handed back (False)."""
+    taken: Counter = Counter()
+    if entry is not None:
+        call = entry.call
+
+        def counting(*args):
+            result = call(*args)
+            taken[result is not None] += 1
+            return result
+
+        entry.call = counting
+    return entry, taken
 
 
 # ============================================================================ the command line

@@ -331,24 +331,37 @@ ENTRY = Path(__file__).resolve().parent / "backends" / "c" / "entry.c"
 
 
 @cache
+def entry_flags() -> tuple[str, ...] | None:
+    """The flags that compile ``ENTRY`` beside the kernels' (Python's headers); None without them."""
+    import sysconfig
+
+    include = sysconfig.get_paths().get("include")
+    return ("-I", include) if include and (Path(include) / "Python.h").is_file() else None
+
+
 def entry_point() -> types.ModuleType | None:
     """symbn's compiled entry point: ``ENTRY`` built like the kernels (the same compiler, flags
     and cache, with Python's headers) and imported; it calls the C kernels on the common calls
     with none of the Python around ctypes. None where it cannot be built (no ``Python.h``, no
     compiler): the kernels then run through ctypes alone, with the same results."""
+    flags = entry_flags()
+    if flags is None:
+        return None
+    try:
+        library = compile_library(ENTRY, extra=flags)
+    except CompilerError:
+        return None
+    return import_entry(library)
+
+
+def import_entry(library: Path) -> types.ModuleType:
+    """The entry point built into ``library`` (by :func:`entry_point`, or with other flags, as the
+    sanitizer run builds it), imported and bound to NumPy's arrays."""
     import importlib.machinery
     import importlib.util
-    import sysconfig
 
     import numpy
 
-    include = sysconfig.get_paths().get("include")
-    if not include or not (Path(include) / "Python.h").is_file():
-        return None
-    try:
-        library = compile_library(ENTRY, extra=("-I", include))
-    except CompilerError:
-        return None
     loader = importlib.machinery.ExtensionFileLoader("symbn_entry", str(library))
     spec = importlib.util.spec_from_file_location("symbn_entry", str(library), loader=loader)
     entry = importlib.util.module_from_spec(spec)
