@@ -53,6 +53,8 @@ def framed(transforms: tuple[str, ...]) -> bool:
     Higher orders compute every element in double: unframed, their outputs collected into a few
     multiply-adds per element."""
     return len(transforms) == 1
+
+
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 # The schedule: tuned and measured on the old template (README, issue 13); one place for C and Python.
