@@ -4,7 +4,8 @@ the Python calls a user makes, in the same process and rounds.
 - ops: each functional (``symbn.torch.functional`` against ``torch.nn.functional``) at the bench's
   shapes, forward (inputs requiring grad, so the autograd graph is built as in training) and
   backward (``torch.autograd.grad`` of y with a given cotangent); at (256, 64) the whole call is
-  what it costs, the per-call overhead;
+  what it costs, the per-call overhead; beside them, in the same rounds, the floor of any op
+  written in Python (:class:`Nothing`: an autograd function that computes nothing);
 - the training step of a small CNN (convolutions with batch norm, a group-norm block, a layer-norm
   head; batch 64, 32x32 inputs): SGD step with ``torch.nn`` layers and with ``convert``'s;
 - a DDP training step of the same CNN over two processes (gloo, loopback) with its batch norms
@@ -53,6 +54,22 @@ def _functionals(norm: str, options: dict):
             lambda x, w, b: nn.functional.rms_norm(x, x.shape[-1:], w, 1e-5))
 
 
+class Nothing(torch.autograd.Function):
+    """The least an op written in Python costs, the floor of symbn.torch's path: an autograd
+    function that saves its inputs and allocates its outputs as a norm's does (y; dx, dγ, dβ)
+    and computes nothing."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w, b)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, b = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(w), torch.empty_like(b)
+
+
 def _op_case(median_ms, seed: int, norm: str, shape: tuple, options: dict, repeats: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen).requires_grad_()
@@ -60,14 +77,16 @@ def _op_case(median_ms, seed: int, norm: str, shape: tuple, options: dict, repea
     w, b = torch.randn(channels, generator=gen).requires_grad_(), torch.randn(channels, generator=gen).requires_grad_()
     dy = torch.randn(shape, generator=gen)
     calls = {}
-    for name, f in zip(("symbn", "torch"), _functionals(norm, options)):
+    for name, f in zip(("symbn", "torch", "floor"), (*_functionals(norm, options), Nothing.apply)):
         y = f(x, w, b)
         calls[name, "forward"] = lambda f=f: f(x, w, b)
         calls[name, "backward"] = lambda y=y: torch.autograd.grad(y, (x, w, b), dy, retain_graph=True, allow_unused=True)
     ms = median_ms(calls, repeats)
     return {"norm": norm, "shape": list(shape), "dtype": "float32", "ms": {f"{n} {k}": v for (n, k), v in ms.items()},
             "forward_vs_torch": ms["symbn", "forward"] / ms["torch", "forward"],
-            "backward_vs_torch": ms["symbn", "backward"] / ms["torch", "backward"]}
+            "backward_vs_torch": ms["symbn", "backward"] / ms["torch", "backward"],
+            "floor_forward_vs_torch": ms["floor", "forward"] / ms["torch", "forward"],
+            "floor_backward_vs_torch": ms["floor", "backward"] / ms["torch", "backward"]}
 
 
 class CNN(nn.Module):
@@ -148,12 +167,15 @@ def section(median_ms, threads: int, repeats: int, quick: bool, progress=None) -
 def to_text(section: dict) -> list[str]:
     lines = ["", "PyTorch path (symbn.torch against torch.nn, float32, through autograd as a user calls them)",
              f"{'case':<34}{'symbn fwd ms':>13}{'torch fwd ms':>13}{'symbn bwd ms':>13}{'torch bwd ms':>13}"
-             f"{'fwd/torch':>10}{'bwd/torch':>10}"]
+             f"{'fwd/torch':>10}{'bwd/torch':>10}{'floor fwd':>10}{'floor bwd':>10}"]
     for c in section["ops"]:
         ms = c["ms"]
         lines.append(f"{c['norm'] + ' ' + 'x'.join(map(str, c['shape'])):<34}{ms['symbn forward']:>13.3f}"
                      f"{ms['torch forward']:>13.3f}{ms['symbn backward']:>13.3f}{ms['torch backward']:>13.3f}"
-                     f"{c['forward_vs_torch']:>10.2f}{c['backward_vs_torch']:>10.2f}")
+                     f"{c['forward_vs_torch']:>10.2f}{c['backward_vs_torch']:>10.2f}"
+                     f"{c.get('floor_forward_vs_torch', float('nan')):>10.2f}{c.get('floor_backward_vs_torch', float('nan')):>10.2f}")
+    lines.append("floor: an autograd.Function that allocates its outputs and computes nothing (the least an op "
+                 "written in Python costs), over PyTorch's time")
     lines.append(f"{'CNN step, batch 64, 32x32':<34}{'symbn ms':>13}{'torch ms':>13}{'ratio':>10}")
     for key, s in section["steps"].items():
         lines.append(f"{key.replace('_', ' '):<34}{s['symbn_ms']:>13.2f}{s['torch_ms']:>13.2f}{s['vs_torch']:>10.2f}")
