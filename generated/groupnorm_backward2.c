@@ -438,8 +438,7 @@ SYMBN_INLINE void symbn_member(int step, const void *arrays, int single, const d
 /* Ask for the `count` members of step's arrays from idx, a cache line at a time. */
 SYMBN_INLINE void symbn_ahead(int step, const void *arrays, int single, ptrdiff_t idx, ptrdiff_t count)
 {
-    const ptrdiff_t line = (ptrdiff_t)(single ? 64 / sizeof(float) : 64 / sizeof(double));
-    for (ptrdiff_t k = 0; k < count; k += line)
+    for (ptrdiff_t k = 0; k < count; k += (ptrdiff_t)(single ? 64 / sizeof(float) : 64 / sizeof(double)))
         switch (step) {
         case SYMBN_STEP_BACKWARD2_TRAIN_0: symbn_backward2_train_0_ahead(arrays, single, idx + k); break;
         case SYMBN_STEP_BACKWARD2_TRAIN_1: symbn_backward2_train_1_ahead(arrays, single, idx + k); break;
@@ -479,9 +478,8 @@ SYMBN_INLINE void symbn_strands(const struct symbn_call *c, int step, int single
             symbn_member(step, c->arrays, single, gv, fv, 1, first + i + k, in_memory ? pidx + i + k : pidx, &strand[0][k],
                          SYMBN_STRANDS, in_memory ? param + pidx + i + k : &strand[ns][k], pl);
     }
-    const ptrdiff_t rest = count - i;
     SYMBN_PRAGMA(omp simd)
-    for (ptrdiff_t k = 0; k < rest; ++k)
+    for (ptrdiff_t k = 0; k < count - i; ++k)
         symbn_member(step, c->arrays, single, gv, fv, 1, first + i + k, in_memory ? pidx + i + k : pidx, &strand[0][k],
                      SYMBN_STRANDS, in_memory ? param + pidx + i + k : &strand[ns][k], pl);
     for (int j = 0; j < reduced; ++j) {
