@@ -38,7 +38,7 @@
 #define SYMBN_AHEAD_ROWS 2
 #define SYMBN_TILE 8
 #define SYMBN_SMALL 65536
-#define SYMBN_COLUMNS 13 /* per-group values of the widest kernel */
+#define SYMBN_COLUMNS 15 /* per-group values of the widest kernel */
 #define SYMBN_REDUCED 2 /* sums and parameter gradients of the widest pass */
 
 #ifdef _OPENMP
@@ -380,21 +380,27 @@ SYMBN_INLINE void symbn_backward_train_group_1(double *gv, ptrdiff_t gs, int sin
     const double eps_g = gv[2 * gs];
     const double gamma_g = gv[1 * gs];
     const double m = gv[0 * gs];
+    const double mean_g = gv[3 * gs];
+    const double red_0 = gv[8 * gs];
+    const double red_1 = gv[9 * gs];
+    const double shift = gv[5 * gs];
     const double var_g = gv[4 * gs];
-    const double c_2 = gamma_g/(m*sqrt(eps_g + var_g));
+    const double c_2 = -red_1/sqrt(eps_g + var_g);
+    const double c_3 = -red_0 - red_1*(-mean_g + shift)/sqrt(eps_g + var_g);
+    const double c_4 = gamma_g/(m*sqrt(eps_g + var_g));
     gv[10 * gs] = c_2;
+    gv[11 * gs] = c_3;
+    gv[12 * gs] = c_4;
     (void)single;
 }
 
 /* backward_train, before pass 1: the values its element code reads in float */
 SYMBN_INLINE void symbn_backward_train_floats_1(const double *gv, float *fv, ptrdiff_t gs)
 {
-    fv[6 * gs] = (float)gv[6 * gs]; /* c_0 */
-    fv[7 * gs] = (float)gv[7 * gs]; /* c_1 */
     fv[10 * gs] = (float)gv[10 * gs]; /* c_2 */
+    fv[11 * gs] = (float)gv[11 * gs]; /* c_3 */
+    fv[12 * gs] = (float)gv[12 * gs]; /* c_4 */
     fv[0 * gs] = (float)gv[0 * gs]; /* m */
-    fv[8 * gs] = (float)gv[8 * gs]; /* red_0 */
-    fv[9 * gs] = (float)gv[9 * gs]; /* red_1 */
     fv[5 * gs] = (float)gv[5 * gs]; /* shift */
 }
 
@@ -403,28 +409,24 @@ SYMBN_INLINE void symbn_backward_train_1(const struct symbn_backward_train_array
                                         ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
     if (single) { /* in float: x measured from the shift, the group's values rounded once */
-        const float c_0 = fv[6 * gs];
-        const float c_1 = fv[7 * gs];
         const float c_2 = fv[10 * gs];
+        const float c_3 = fv[11 * gs];
+        const float c_4 = fv[12 * gs];
         const float m = fv[0 * gs];
-        const float red_0 = fv[8 * gs];
-        const float red_1 = fv[9 * gs];
         const float shift = fv[5 * gs];
         const float dy_v = ((const float *)a->dy)[idx];
         const float x_v = ((const float *)a->x)[idx] - shift;
-        ((float *)a->dx)[idx] = c_2*(-c_1*red_1*(c_0 + x_v) + dy_v*m - red_0);
+        ((float *)a->dx)[idx] = c_4*(c_2*x_v + c_3 + dy_v*m);
         return;
     }
-    const double c_0 = gv[6 * gs];
-    const double c_1 = gv[7 * gs];
     const double c_2 = gv[10 * gs];
+    const double c_3 = gv[11 * gs];
+    const double c_4 = gv[12 * gs];
     const double m = gv[0 * gs];
-    const double red_0 = gv[8 * gs];
-    const double red_1 = gv[9 * gs];
     const double shift = gv[5 * gs];
     const double dy_v = symbn_load(a->dy, idx, single);
     const double x_v = symbn_load(a->x, idx, single) - shift;
-    symbn_store(a->dx, idx, single, c_2*(-c_1*red_1*(c_0 + x_v) + dy_v*m - red_0));
+    symbn_store(a->dx, idx, single, c_4*(c_2*x_v + c_3 + dy_v*m));
     (void)pidx; (void)sum; (void)ss; (void)param; (void)ps;
 }
 
@@ -926,8 +928,8 @@ SYMBN_INLINE int symbn_backward_train_final(const struct symbn_call *c, double *
     const struct symbn_backward_train_arrays *a = c->arrays;
     const double red_0 = gv[8 * gs];
     const double red_1 = gv[9 * gs];
-    gv[11 * gs] = red_1; /* dgamma, summed over q by end */
-    gv[12 * gs] = red_0; /* dbeta, summed over q by end */
+    gv[13 * gs] = red_1; /* dgamma, summed over q by end */
+    gv[14 * gs] = red_0; /* dbeta, summed over q by end */
     (void)a; (void)g;
     return !(isfinite(gv[8 * gs]) && isfinite(gv[9 * gs]));
 }
@@ -999,7 +1001,7 @@ static int symbn_backward_train_begin(struct symbn_call *c, const struct symbn_b
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
 {
     if (!a->dy || !a->x || !a->mean || !a->var || !a->dx) return SYMBN_ENULL;
-    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 13, 2, 0);
+    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 15, 2, 0);
     (void)single;
     return status;
 }
@@ -1010,10 +1012,10 @@ static int symbn_backward_train_end(struct symbn_call *c, int single)
     const struct symbn_backward_train_arrays *a = c->arrays;
     if (a->dgamma)
         for (ptrdiff_t q = 0; q < c->q_count; ++q)
-            for (ptrdiff_t p = 0; p < c->p_count; ++p) a->dgamma[p] += symbn_group(c, q * c->p_count + p)[11 * c->cs];
+            for (ptrdiff_t p = 0; p < c->p_count; ++p) a->dgamma[p] += symbn_group(c, q * c->p_count + p)[13 * c->cs];
     if (a->dbeta)
         for (ptrdiff_t q = 0; q < c->q_count; ++q)
-            for (ptrdiff_t p = 0; p < c->p_count; ++p) a->dbeta[p] += symbn_group(c, q * c->p_count + p)[12 * c->cs];
+            for (ptrdiff_t p = 0; p < c->p_count; ++p) a->dbeta[p] += symbn_group(c, q * c->p_count + p)[14 * c->cs];
     const int finite = symbn_unflagged(c)
                        & symbn_all_finite(a->gamma, c->p_count, single)
                        & symbn_all_finite(a->mean, c->groups, 0)

@@ -77,30 +77,20 @@ def _backward2_train(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, 
         _s4 = numpy.multiply(d2_dx_v, dy_v)
         red_4[_part] += _runtime.total(_s4)
     # pass 1: x measured from the shift
-    c_2 = d2_dgamma_g*m**2*numpy.sqrt(eps_g + var_g)
-    c_3 = gamma_g*red_1*red_3
+    c_2 = -d2_dgamma_g*m*red_2 - gamma_g*m*red_4/numpy.sqrt(eps_g + var_g) + 3*gamma_g*red_0*red_2/numpy.sqrt(eps_g + var_g) + gamma_g*red_1*red_3/numpy.sqrt(eps_g + var_g)
+    c_3 = d2_dgamma_g*m**2*numpy.sqrt(eps_g + var_g)
     c_4 = -gamma_g*m*red_2
     c_5 = -gamma_g*m*red_0
-    c_6 = -gamma_g*m*red_4
-    c_7 = 3*gamma_g*red_0*red_2
-    c_8 = -d2_dgamma_g*m*red_2*numpy.sqrt(eps_g + var_g)
-    c_9 = -d2_dgamma_g*m*red_1*numpy.sqrt(eps_g + var_g) + gamma_g*red_0*red_1 + gamma_g*red_2*red_3
-    c_10 = 1/(m**2*(eps_g + var_g))
-    c_11 = gamma_g*m
-    c_12 = -gamma_g*red_0
-    c_13 = d2_dgamma_g*m*numpy.sqrt(eps_g + var_g)
-    c_14 = d2_dbeta_g*m*numpy.sqrt(eps_g + var_g) - gamma_g*red_3
-    c_15 = 1/(m*numpy.sqrt(eps_g + var_g))
-    _work = _runtime.working(geo, _w, c_0=c_0, c_1=c_1, c_10=c_10, c_11=c_11, c_12=c_12, c_13=c_13, c_14=c_14, c_15=c_15, c_2=c_2, c_3=c_3, c_4=c_4, c_5=c_5, c_6=c_6, c_7=c_7, c_8=c_8, c_9=c_9, shift=shift)
+    c_6 = -d2_dgamma_g*m*red_1*numpy.sqrt(eps_g + var_g) - d2_dgamma_g*m*red_2*(-mean_g + shift) - gamma_g*m*red_4*(-mean_g + shift)/numpy.sqrt(eps_g + var_g) + gamma_g*red_0*red_1 + 3*gamma_g*red_0*red_2*(-mean_g + shift)/numpy.sqrt(eps_g + var_g) + gamma_g*red_1*red_3*(-mean_g + shift)/numpy.sqrt(eps_g + var_g) + gamma_g*red_2*red_3
+    c_7 = 1/(m**2*(eps_g + var_g))
+    c_8 = d2_dgamma_g*m - gamma_g*red_0/numpy.sqrt(eps_g + var_g)
+    c_9 = gamma_g*m
+    c_10 = d2_dbeta_g*m*numpy.sqrt(eps_g + var_g) + d2_dgamma_g*m*(-mean_g + shift) - gamma_g*red_0*(-mean_g + shift)/numpy.sqrt(eps_g + var_g) - gamma_g*red_3
+    c_11 = 1/(m*numpy.sqrt(eps_g + var_g))
+    _work = _runtime.working(geo, _w, c_10=c_10, c_11=c_11, c_2=c_2, c_3=c_3, c_4=c_4, c_5=c_5, c_6=c_6, c_7=c_7, c_8=c_8, c_9=c_9, shift=shift)
     for _block, _part in _runtime.blocks(geo):
-        _c_0 = _work['c_0'][_part]
-        _c_1 = _work['c_1'][_part]
         _c_10 = _work['c_10'][_part]
         _c_11 = _work['c_11'][_part]
-        _c_12 = _work['c_12'][_part]
-        _c_13 = _work['c_13'][_part]
-        _c_14 = _work['c_14'][_part]
-        _c_15 = _work['c_15'][_part]
         _c_2 = _work['c_2'][_part]
         _c_3 = _work['c_3'][_part]
         _c_4 = _work['c_4'][_part]
@@ -113,33 +103,23 @@ def _backward2_train(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, 
         d2_dx_v = _d2_dx[_block].astype(numpy.float64)
         dy_v = _dy[_block].astype(numpy.float64)
         x_v = _x[_block] - _shift
-        t1_0 = numpy.add(x_v, _c_0)
-        numpy.multiply(t1_0, _c_1, out=t1_0)
         d2_x_v = _runtime.scratch(_d2_x, _block, _w)
-        numpy.multiply(dy_v, _c_2, out=d2_x_v)
-        d2_x_v_0 = numpy.multiply(t1_0, _c_3)
+        numpy.multiply(x_v, _c_2, out=d2_x_v)
+        d2_x_v_0 = numpy.multiply(dy_v, _c_3)
         numpy.add(d2_x_v, d2_x_v_0, out=d2_x_v)
         d2_x_v_1 = numpy.multiply(d2_dx_v, _c_4)
         numpy.add(d2_x_v, d2_x_v_1, out=d2_x_v)
         d2_x_v_2 = numpy.multiply(dy_v, _c_5)
         numpy.add(d2_x_v, d2_x_v_2, out=d2_x_v)
-        d2_x_v_3 = numpy.multiply(t1_0, _c_6)
-        numpy.add(d2_x_v, d2_x_v_3, out=d2_x_v)
-        d2_x_v_4 = numpy.multiply(t1_0, _c_7)
-        numpy.add(d2_x_v, d2_x_v_4, out=d2_x_v)
-        d2_x_v_5 = numpy.multiply(t1_0, _c_8)
-        numpy.add(d2_x_v, d2_x_v_5, out=d2_x_v)
-        numpy.add(d2_x_v, _c_9, out=d2_x_v)
-        numpy.multiply(d2_x_v, _c_10, out=d2_x_v)
+        numpy.add(d2_x_v, _c_6, out=d2_x_v)
+        numpy.multiply(d2_x_v, _c_7, out=d2_x_v)
         _runtime.store(_d2_x, _block, d2_x_v)
         d2_dy_v = _runtime.scratch(_d2_dy, _block, _w)
-        numpy.multiply(d2_dx_v, _c_11, out=d2_dy_v)
-        d2_dy_v_0 = numpy.multiply(t1_0, _c_12)
+        numpy.multiply(x_v, _c_8, out=d2_dy_v)
+        d2_dy_v_0 = numpy.multiply(d2_dx_v, _c_9)
         numpy.add(d2_dy_v, d2_dy_v_0, out=d2_dy_v)
-        d2_dy_v_1 = numpy.multiply(t1_0, _c_13)
-        numpy.add(d2_dy_v, d2_dy_v_1, out=d2_dy_v)
-        numpy.add(d2_dy_v, _c_14, out=d2_dy_v)
-        numpy.multiply(d2_dy_v, _c_15, out=d2_dy_v)
+        numpy.add(d2_dy_v, _c_10, out=d2_dy_v)
+        numpy.multiply(d2_dy_v, _c_11, out=d2_dy_v)
         _runtime.store(_d2_dy, _block, d2_dy_v)
     d2_gamma += _runtime.param_total((m*red_4 - red_0*red_2 - red_1*red_3)/(m*numpy.sqrt(eps_g + var_g)), geo)
 
@@ -164,16 +144,14 @@ def _backward2_eval(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, d
     c_0 = -mean_g + shift
     c_1 = 1/numpy.sqrt(eps_g + var_g)
     c_2 = d2_dgamma_g/numpy.sqrt(eps_g + var_g)
-    c_3 = d2_dgamma_g*numpy.sqrt(eps_g + var_g)
-    c_4 = d2_dbeta_g*numpy.sqrt(eps_g + var_g)
+    c_3 = d2_dbeta_g*numpy.sqrt(eps_g + var_g) + d2_dgamma_g*(-mean_g + shift)
     red_0 = _runtime.zeros(geo)
-    _work = _runtime.working(geo, _w, c_0=c_0, c_1=c_1, c_2=c_2, c_3=c_3, c_4=c_4, gamma_g=gamma_g, shift=shift)
+    _work = _runtime.working(geo, _w, c_1=c_1, c_2=c_2, c_3=c_3, d2_dgamma_g=d2_dgamma_g, gamma_g=gamma_g, shift=shift)
     for _block, _part in _runtime.blocks(geo):
-        _c_0 = _work['c_0'][_part]
         _c_1 = _work['c_1'][_part]
         _c_2 = _work['c_2'][_part]
         _c_3 = _work['c_3'][_part]
-        _c_4 = _work['c_4'][_part]
+        _d2_dgamma_g = _work['d2_dgamma_g'][_part]
         _gamma_g = _work['gamma_g'][_part]
         _shift = _work['shift'][_part]
         d2_dx_v = _d2_dx[_block].astype(numpy.float64)
@@ -184,11 +162,10 @@ def _backward2_eval(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, d
         d2_x_v = _d2_x[_block]
         numpy.multiply(dy_v, _c_2, out=d2_x_v)
         d2_dy_v = _runtime.scratch(_d2_dy, _block, _w)
-        numpy.multiply(d2_dx_v, _gamma_g, out=d2_dy_v)
-        d2_dy_v_0 = numpy.add(x_v, _c_0)
-        numpy.multiply(d2_dy_v_0, _c_1*_c_3, out=d2_dy_v_0)
+        numpy.multiply(x_v, _d2_dgamma_g, out=d2_dy_v)
+        d2_dy_v_0 = numpy.multiply(d2_dx_v, _gamma_g)
         numpy.add(d2_dy_v, d2_dy_v_0, out=d2_dy_v)
-        numpy.add(d2_dy_v, _c_4, out=d2_dy_v)
+        numpy.add(d2_dy_v, _c_3, out=d2_dy_v)
         numpy.multiply(d2_dy_v, _c_1, out=d2_dy_v)
         _runtime.store(_d2_dy, _block, d2_dy_v)
     d2_gamma += _runtime.param_total(red_0/numpy.sqrt(eps_g + var_g), geo)

@@ -38,7 +38,7 @@
 #define SYMBN_AHEAD_ROWS 2
 #define SYMBN_TILE 8
 #define SYMBN_SMALL 65536
-#define SYMBN_COLUMNS 10 /* per-group values of the widest kernel */
+#define SYMBN_COLUMNS 12 /* per-group values of the widest kernel */
 #define SYMBN_REDUCED 4 /* sums and parameter gradients of the widest pass */
 
 #ifdef _OPENMP
@@ -386,21 +386,27 @@ SYMBN_INLINE void symbn_backward_train_group_1(double *gv, ptrdiff_t gs, int sin
 {
     const double eps_g = gv[1 * gs];
     const double m = gv[0 * gs];
+    const double mean_g = gv[2 * gs];
+    const double red_0 = gv[7 * gs];
+    const double red_1 = gv[8 * gs];
+    const double shift = gv[4 * gs];
     const double var_g = gv[3 * gs];
-    const double c_2 = 1/(m*sqrt(eps_g + var_g));
+    const double c_2 = -red_1/sqrt(eps_g + var_g);
+    const double c_3 = -red_0 - red_1*(-mean_g + shift)/sqrt(eps_g + var_g);
+    const double c_4 = 1/(m*sqrt(eps_g + var_g));
     gv[9 * gs] = c_2;
+    gv[10 * gs] = c_3;
+    gv[11 * gs] = c_4;
     (void)single;
 }
 
 /* backward_train, before pass 1: the values its element code reads in float */
 SYMBN_INLINE void symbn_backward_train_floats_1(const double *gv, float *fv, ptrdiff_t gs)
 {
-    fv[5 * gs] = (float)gv[5 * gs]; /* c_0 */
-    fv[6 * gs] = (float)gv[6 * gs]; /* c_1 */
     fv[9 * gs] = (float)gv[9 * gs]; /* c_2 */
+    fv[10 * gs] = (float)gv[10 * gs]; /* c_3 */
+    fv[11 * gs] = (float)gv[11 * gs]; /* c_4 */
     fv[0 * gs] = (float)gv[0 * gs]; /* m */
-    fv[7 * gs] = (float)gv[7 * gs]; /* red_0 */
-    fv[8 * gs] = (float)gv[8 * gs]; /* red_1 */
     fv[4 * gs] = (float)gv[4 * gs]; /* shift */
 }
 
@@ -409,30 +415,26 @@ SYMBN_INLINE void symbn_backward_train_1(const struct symbn_backward_train_array
                                         ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
 {
     if (single) { /* in float: x measured from the shift, the group's values rounded once */
-        const float c_0 = fv[5 * gs];
-        const float c_1 = fv[6 * gs];
         const float c_2 = fv[9 * gs];
+        const float c_3 = fv[10 * gs];
+        const float c_4 = fv[11 * gs];
         const float m = fv[0 * gs];
-        const float red_0 = fv[7 * gs];
-        const float red_1 = fv[8 * gs];
         const float shift = fv[4 * gs];
         const float dy_v = ((const float *)a->dy)[idx];
         const float x_v = ((const float *)a->x)[idx] - shift;
         const float gamma_v = (a->gamma ? ((const float *)a->gamma)[pidx] : 1.0F);
-        ((float *)a->dx)[idx] = c_2*(-c_1*red_1*(c_0 + x_v) + dy_v*gamma_v*m - red_0);
+        ((float *)a->dx)[idx] = c_4*(c_2*x_v + c_3 + dy_v*gamma_v*m);
         return;
     }
-    const double c_0 = gv[5 * gs];
-    const double c_1 = gv[6 * gs];
     const double c_2 = gv[9 * gs];
+    const double c_3 = gv[10 * gs];
+    const double c_4 = gv[11 * gs];
     const double m = gv[0 * gs];
-    const double red_0 = gv[7 * gs];
-    const double red_1 = gv[8 * gs];
     const double shift = gv[4 * gs];
     const double dy_v = symbn_load(a->dy, idx, single);
     const double x_v = symbn_load(a->x, idx, single) - shift;
     const double gamma_v = (a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0);
-    symbn_store(a->dx, idx, single, c_2*(-c_1*red_1*(c_0 + x_v) + dy_v*gamma_v*m - red_0));
+    symbn_store(a->dx, idx, single, c_4*(c_2*x_v + c_3 + dy_v*gamma_v*m));
     (void)sum; (void)ss; (void)param; (void)ps;
 }
 
@@ -999,7 +1001,7 @@ static int symbn_backward_train_begin(struct symbn_call *c, const struct symbn_b
                                     ptrdiff_t q_count, ptrdiff_t p_count, ptrdiff_t l_count, ptrdiff_t s_count, int schedule)
 {
     if (!a->dy || !a->x || !a->mean || !a->var || !a->dx) return SYMBN_ENULL;
-    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 10, 2, 2);
+    const int status = symbn_start(c, a, outer, q_count, p_count, l_count, s_count, schedule, 12, 2, 2);
     (void)single;
     return status;
 }

@@ -115,25 +115,24 @@ def _backward_train(dy, x, gamma, mean, var, dx, dgamma, dbeta, geo, eps):
         _p1 = numpy.positive(dy_v)
         dbeta += _runtime.param_sum(_p1, _x[_block].shape)
     # pass 1: x measured from the shift
-    c_2 = 1/(m*numpy.sqrt(eps_g + var_g))
-    _work = _runtime.working(geo, _w, c_0=c_0, c_1=c_1, c_2=c_2, red_0=red_0, red_1=red_1, shift=shift)
+    c_2 = -red_1/numpy.sqrt(eps_g + var_g)
+    c_3 = -red_0 - red_1*(-mean_g + shift)/numpy.sqrt(eps_g + var_g)
+    c_4 = 1/(m*numpy.sqrt(eps_g + var_g))
+    _work = _runtime.working(geo, _w, c_2=c_2, c_3=c_3, c_4=c_4, shift=shift)
     for _block, _part in _runtime.blocks(geo):
-        _c_0 = _work['c_0'][_part]
-        _c_1 = _work['c_1'][_part]
         _c_2 = _work['c_2'][_part]
-        _red_0 = _work['red_0'][_part]
-        _red_1 = _work['red_1'][_part]
+        _c_3 = _work['c_3'][_part]
+        _c_4 = _work['c_4'][_part]
         _shift = _work['shift'][_part]
         dy_v = _dy[_block]
         x_v = _x[_block] - _shift
         dx_v = _dx[_block]
-        numpy.multiply(dy_v, gamma_v, out=dx_v)
-        numpy.multiply(dx_v, m, out=dx_v)
-        dx_v_0 = numpy.add(x_v, _c_0)
-        numpy.multiply(dx_v_0, -_c_1*_red_1, out=dx_v_0)
+        numpy.multiply(x_v, _c_2, out=dx_v)
+        dx_v_0 = numpy.multiply(dy_v, gamma_v)
+        numpy.multiply(dx_v_0, m, out=dx_v_0)
         numpy.add(dx_v, dx_v_0, out=dx_v)
-        numpy.add(dx_v, -_red_0, out=dx_v)
-        numpy.multiply(dx_v, _c_2, out=dx_v)
+        numpy.add(dx_v, _c_3, out=dx_v)
+        numpy.multiply(dx_v, _c_4, out=dx_v)
 
 
 def _forward_eval(x, gamma, beta, mean, var, y, geo, eps):

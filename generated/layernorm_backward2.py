@@ -84,24 +84,18 @@ def _backward2_train(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, 
         _s6 = numpy.multiply(t0_0, t0_2)
         red_6[_part] += _runtime.total(_s6)
     # pass 1: x measured from the shift
-    c_2 = red_1*red_3
+    c_2 = -m*red_5/numpy.sqrt(eps_g + var_g) - m*red_6 + 3*red_0*red_2/numpy.sqrt(eps_g + var_g) + red_1*red_3/numpy.sqrt(eps_g + var_g)
     c_3 = -m*red_2
-    c_4 = -m*red_5
-    c_5 = 3*red_0*red_2
-    c_6 = m**2*numpy.sqrt(eps_g + var_g)
-    c_7 = -m*red_0
-    c_8 = -m*red_6*numpy.sqrt(eps_g + var_g)
-    c_9 = -m*red_4*numpy.sqrt(eps_g + var_g) + red_0*red_1 + red_2*red_3
-    c_10 = 1/(m**2*(eps_g + var_g))
-    c_11 = 1/(m*numpy.sqrt(eps_g + var_g))
-    c_12 = m*numpy.sqrt(eps_g + var_g)
-    _work = _runtime.working(geo, _w, c_0=c_0, c_1=c_1, c_10=c_10, c_11=c_11, c_12=c_12, c_2=c_2, c_3=c_3, c_4=c_4, c_5=c_5, c_6=c_6, c_7=c_7, c_8=c_8, c_9=c_9, red_0=red_0, red_3=red_3, shift=shift)
+    c_4 = m**2*numpy.sqrt(eps_g + var_g)
+    c_5 = -m*red_0
+    c_6 = -m*red_4*numpy.sqrt(eps_g + var_g) - m*red_5*(-mean_g + shift)/numpy.sqrt(eps_g + var_g) - m*red_6*(-mean_g + shift) + red_0*red_1 + 3*red_0*red_2*(-mean_g + shift)/numpy.sqrt(eps_g + var_g) + red_1*red_3*(-mean_g + shift)/numpy.sqrt(eps_g + var_g) + red_2*red_3
+    c_7 = 1/(m**2*(eps_g + var_g))
+    c_8 = 1/(m*numpy.sqrt(eps_g + var_g))
+    c_9 = m*numpy.sqrt(eps_g + var_g)
+    _work = _runtime.working(geo, _w, c_0=c_0, c_1=c_1, c_2=c_2, c_3=c_3, c_4=c_4, c_5=c_5, c_6=c_6, c_7=c_7, c_8=c_8, c_9=c_9, red_0=red_0, red_3=red_3, shift=shift)
     for _block, _part in _runtime.blocks(geo):
         _c_0 = _work['c_0'][_part]
         _c_1 = _work['c_1'][_part]
-        _c_10 = _work['c_10'][_part]
-        _c_11 = _work['c_11'][_part]
-        _c_12 = _work['c_12'][_part]
         _c_2 = _work['c_2'][_part]
         _c_3 = _work['c_3'][_part]
         _c_4 = _work['c_4'][_part]
@@ -124,41 +118,35 @@ def _backward2_train(d2_dx, d2_dgamma, d2_dbeta, dy, x, gamma, mean, var, d2_x, 
         numpy.add(_p0, _p0_0, out=_p0)
         numpy.add(_p0, -_red_3, out=_p0)
         numpy.multiply(_p0, dy_v, out=_p0)
-        numpy.multiply(_p0, _c_11, out=_p0)
+        numpy.multiply(_p0, _c_8, out=_p0)
         d2_gamma += _runtime.param_sum(_p0, _x[_block].shape)
         d2_x_v = _runtime.scratch(_d2_x, _block, _w)
-        numpy.multiply(t1_0, _c_2, out=d2_x_v)
+        numpy.multiply(x_v, _c_2, out=d2_x_v)
         d2_x_v_0 = numpy.multiply(d2_dx_v, _c_3)
         numpy.add(d2_x_v, d2_x_v_0, out=d2_x_v)
-        d2_x_v_1 = numpy.multiply(t1_0, _c_4)
+        d2_x_v_1 = numpy.multiply(d2_dgamma_v, dy_v)
+        numpy.multiply(d2_x_v_1, _c_4, out=d2_x_v_1)
         numpy.add(d2_x_v, d2_x_v_1, out=d2_x_v)
-        d2_x_v_2 = numpy.multiply(t1_0, _c_5)
+        d2_x_v_2 = numpy.multiply(dy_v, gamma_v)
+        numpy.multiply(d2_x_v_2, _c_5, out=d2_x_v_2)
         numpy.add(d2_x_v, d2_x_v_2, out=d2_x_v)
-        d2_x_v_3 = numpy.multiply(t1_0, _c_8)
-        numpy.add(d2_x_v, d2_x_v_3, out=d2_x_v)
-        d2_x_v_4 = numpy.multiply(d2_dgamma_v, dy_v)
-        numpy.multiply(d2_x_v_4, _c_6, out=d2_x_v_4)
-        numpy.add(d2_x_v, d2_x_v_4, out=d2_x_v)
-        d2_x_v_5 = numpy.multiply(dy_v, gamma_v)
-        numpy.multiply(d2_x_v_5, _c_7, out=d2_x_v_5)
-        numpy.add(d2_x_v, d2_x_v_5, out=d2_x_v)
-        numpy.add(d2_x_v, _c_9, out=d2_x_v)
-        numpy.multiply(d2_x_v, _c_10, out=d2_x_v)
+        numpy.add(d2_x_v, _c_6, out=d2_x_v)
+        numpy.multiply(d2_x_v, _c_7, out=d2_x_v)
         _runtime.store(_d2_x, _block, d2_x_v)
         d2_dy_v = _runtime.scratch(_d2_dy, _block, _w)
-        numpy.multiply(d2_dbeta_v, _c_12, out=d2_dy_v)
+        numpy.multiply(d2_dbeta_v, _c_9, out=d2_dy_v)
         d2_dy_v_0 = numpy.multiply(gamma_v, -_red_3)
         numpy.add(d2_dy_v, d2_dy_v_0, out=d2_dy_v)
         d2_dy_v_1 = numpy.multiply(gamma_v, t1_1)
         numpy.multiply(d2_dy_v_1, -1, out=d2_dy_v_1)
         numpy.add(d2_dy_v, d2_dy_v_1, out=d2_dy_v)
         d2_dy_v_2 = numpy.multiply(d2_dgamma_v, t1_0)
-        numpy.multiply(d2_dy_v_2, _c_12, out=d2_dy_v_2)
+        numpy.multiply(d2_dy_v_2, _c_9, out=d2_dy_v_2)
         numpy.add(d2_dy_v, d2_dy_v_2, out=d2_dy_v)
         d2_dy_v_3 = numpy.multiply(d2_dx_v, gamma_v)
         numpy.multiply(d2_dy_v_3, m, out=d2_dy_v_3)
         numpy.add(d2_dy_v, d2_dy_v_3, out=d2_dy_v)
-        numpy.multiply(d2_dy_v, _c_11, out=d2_dy_v)
+        numpy.multiply(d2_dy_v, _c_8, out=d2_dy_v)
         _runtime.store(_d2_dy, _block, d2_dy_v)
 
 

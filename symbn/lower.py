@@ -222,7 +222,7 @@ def _forward_kernel(p: Program, norm: Norm, mode: str, shift: str | None) -> Ker
     inputs = [_input(q) for q in p.inputs]
     one_read = _anchored_statistics(p, norm) if mode == "train" else None
     return _lower(kernel_name((), mode), mode, (), inputs, one_read or stats, outputs, {}, _renaming(p), shift,
-                  collect=False, anchored=one_read is not None, linear_in_x=True)
+                  collect=False, anchored=one_read is not None, linear_in_x="whole")
 
 
 def _anchored_statistics(p: Program, norm: Norm) -> list[Step] | None:
@@ -268,7 +268,7 @@ def _derived_kernel(d: Derivation, shift: str | None) -> Kernel:
     inputs = [_input(q) for level in reversed(d.levels) for q in level.program.inputs if q not in level.source.inputs]
     inputs += [_input(q) for q in d.levels[0].source.inputs] + saved
     return _lower(kernel_name(d.transforms, d.mode), d.mode, d.transforms, inputs, [], outputs,
-                  {xhat.target: xhat.definition}, _renaming(p), shift, collect=shift is None)
+                  {xhat.target: xhat.definition}, _renaming(p), shift, collect=shift is None, linear_in_x="inside")
 
 
 def _input(q: Input) -> Arg:
@@ -314,14 +314,15 @@ def _to_vars(expr: sp.Expr, names: dict[sp.Basic, str]) -> sp.Expr:
 
 def _lower(name: str, mode: str, transforms: tuple[str, ...], inputs: list[Arg], group_steps, outputs, elements: dict,
            names: dict[sp.Basic, str], shift: str | None, collect: bool, anchored: bool = False,
-           linear_in_x: bool = False) -> Kernel:
+           linear_in_x: str | None = None) -> Kernel:
     """Reductions, passes and hoisting for one kernel (see the module's docstring).
 
     ``group_steps``: the program's per-group steps (statistics) to compute; ``outputs``: (Arg,
     expression) pairs; ``elements``: per-element steps kept as named temporaries (x̂); ``names``:
     program symbol -> quantity name; ``anchored``: the group steps read ANCHOR; ``linear_in_x``:
-    in framed passes, stores are collected in x too (the forward's y = k·(x − shift) + k'; a
-    derivative's dx keeps its factored form, whose differences cancel exactly)."""
+    in framed passes, how a store linear in x is collected in x (:func:`_linear_in_x`): "whole"
+    (the forward's y = k·(x − shift) + k′) or "inside" its per-group factor (a derivative's
+    dx = c·(k·(x − shift) + m·dy + r), which keeps the differences of the factored form)."""
     sums: list[Assign] = []
 
     def reduction(total: sp.Sum) -> sp.Symbol:
@@ -380,7 +381,8 @@ def _lower(name: str, mode: str, transforms: tuple[str, ...], inputs: list[Arg],
         groups = [g for g in group if ready[g.symbol] == number]
         wanted = [(f"sum:{r.name}", r.expr) for r in reductions if level[r.name] == number]
         wanted += [(f"{'param' if a.role == PARAM else 'store'}:{a.name}", e) for a, e in element_results if when[a.name] == number]
-        passes.append(_hoisted(number, groups, wanted, temporaries, framed, collect, coefficients, linear_in_x and framed))
+        passes.append(_hoisted(number, groups, wanted, temporaries, framed, collect, coefficients,
+                               linear_in_x if framed else None))
     final = [g for g in group if ready[g.symbol] >= count]
     final += [Assign(a.name, e) for a, e in results if a.kind == GROUP]
     return Kernel(name, mode, transforms, tuple(inputs), tuple(a for a, _ in outputs), tuple(passes), tuple(final), anchored)
@@ -396,7 +398,7 @@ def _group_vars(expr: sp.Expr, temporaries: list[Assign]) -> set[sp.Symbol]:
 
 
 def _hoisted(number: int, groups: list[Assign], wanted: list[tuple[str, sp.Expr]], temporaries: list[Assign],
-             framed: bool, collect: bool, coefficients: list[Assign], in_x: bool = False) -> Pass:
+             framed: bool, collect: bool, coefficients: list[Assign], in_x: str | None = None) -> Pass:
     """One pass: ``wanted`` (tagged results) computed per member, with every per-group part
     hoisted into a coefficient and common subexpressions shared. ``coefficients`` holds those of
     the earlier passes (reused, not computed again); the pass adds its new ones.
@@ -407,15 +409,15 @@ def _hoisted(number: int, groups: list[Assign], wanted: list[tuple[str, sp.Expr]
     varying = {v for _, e in wanted for v in _expanded(e, temporaries).free_symbols if v.name.endswith("_v")}
     varying |= {t.symbol for t in temporaries}
     known = len(coefficients)
-    written = {t.symbol: hoist(t.expr.xreplace(frame), varying, coefficients) for t in temporaries}
+    framed_temporaries = {t.symbol: t.expr.xreplace(frame) for t in temporaries}
+    written = {symbol: hoist(expr, varying, coefficients) for symbol, expr in framed_temporaries.items()}
     lifted = []
     for tag, expr in wanted:
         collected = varying - {X} if collect and not tag.startswith("sum:") else set()
         expr = expr.xreplace(frame)
-        if in_x and tag.startswith("store:") and expr.free_symbols & varying == {X} and sp.diff(expr, X, 2) == 0:
-            # a store linear in x alone (the forward's y): k·x + k', k' = expr at x = 0 (x − shift = 0),
-            # its differences as written (γ·(shift − μ), never γ·shift − γ·μ)
-            expr = sp.Add(sp.Mul(sp.diff(expr, X), X, evaluate=False), expr.xreplace({X: 0}), evaluate=False)
+        if in_x and tag.startswith("store:"):
+            data = varying - set(framed_temporaries)
+            expr = _linear_in_x(expr.xreplace(framed_temporaries), data, in_x == "inside") or expr
         lifted.append(hoist(expr, varying, coefficients, collected & expr.free_symbols).xreplace(written))
     temps, finals = sp.cse(lifted, symbols=sp.numbered_symbols(f"t{number}_", real=True), order="none")
     out = {"sum": [], "param": [], "store": []}
@@ -425,6 +427,28 @@ def _hoisted(number: int, groups: list[Assign], wanted: list[tuple[str, sp.Expr]
             out[kind].append(Assign(name, value))
     return Pass(tuple(groups) + tuple(coefficients[known:]), tuple(Assign(str(t), e) for t, e in temps),
                 tuple(out["sum"]), tuple(out["param"]), tuple(out["store"]), framed)
+
+
+def _linear_in_x(expr: sp.Expr, data: set[sp.Symbol], inside: bool) -> sp.Expr | None:
+    """``expr`` collected in x where it is linear in x with a slope free of the element ``data``,
+    else None. Whole: k·x + r (the forward's y = k·(x − shift) + k′, two operations per element).
+    Inside: ``expr`` must be per-group factors times one such part, which alone is collected:
+    c·(k·x + r), so that r's differences still cancel before the scaling (batch norm's dx =
+    c·(k·(x − shift) + m·dy + r′): m·dy + r′ is exactly 0 in a group of one, where c·m·dy + c·r′,
+    each rounded first, is an error the size of c (1.5e-5 measured in float32); five per-group
+    values read per element where the fully factored form reads seven). r is ``expr`` at
+    x − shift = 0, its differences as written (γ·(shift − μ), never γ·shift − γ·μ)."""
+    if inside:
+        factors = sp.Mul.make_args(expr)
+        moving = [f for f in factors if f.free_symbols & data]
+        if len(moving) != 1 or len(factors) == 1:
+            return None
+        part = _linear_in_x(moving[0], data, False)
+        return None if part is None else sp.Mul(*(f for f in factors if f is not moving[0]), part, evaluate=False)
+    slope = sp.diff(expr, X)
+    if X not in expr.free_symbols or slope.free_symbols & data:
+        return None
+    return sp.Add(sp.Mul(slope, X, evaluate=False), expr.xreplace({X: 0}), evaluate=False)
 
 
 def hoist(expr: sp.Expr, varying: set[sp.Symbol], coefficients: list[Assign], collect: set[sp.Symbol] = frozenset()) -> sp.Expr:
