@@ -502,8 +502,7 @@ SYMBN_INLINE void symbn_ahead(int step, const void *arrays, int single, ptrdiff_
 }
 
 /* `count` consecutive members from `first`, the sums on SYMBN_STRANDS independent partial sums
-   (one addition need not wait for the last; enough of them that the loads and stores of the
-   partial sums, which the compiler keeps in memory, are not one chain of latencies), added into
+   (one addition need not wait for the last; kept in registers, see SYMBN_OPAQUE), added into
    total[0..ns). Parameter gradients: `in_memory` (one parameter per member: s_count == 1), into
    param[j * pl + pidx + i]; else (one parameter for the run, at pidx) summed like the sums, into
    total[ns + j]. Every SYMBN_STRANDS members, ask for the next SYMBN_STRANDS `ahead` further on
