@@ -11,9 +11,8 @@ import json
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch.multiprocessing as mp  # noqa: E402
-
 import distributed_workers as workers  # noqa: E402
+from symbn.torch.bench import spawn_world  # noqa: E402
 
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5}
 
@@ -22,16 +21,14 @@ TOLERANCE = {"float64": 1e-12, "float32": 1e-5}
 def results(request, tmp_path_factory):
     """Every case's results, per process: {case: [rank 0's, rank 1's, ...]}."""
     world = request.param
-    for attempt in range(2):
-        folder = tmp_path_factory.mktemp(f"world{world}")
-        try:
-            mp.spawn(workers.main, args=(world, str(folder)), nprocs=world, join=True)
-            break
-        except mp.ProcessExitedException as err:
-            # a gloo process aborting at exit ("terminate called without an active exception", upstream:
-            # pytorch#179291, DDP imports torch._dynamo) is run again, once; any other failure fails at once
-            if attempt or err.exit_code != -6:
-                raise
+    folders = []
+
+    def arguments():  # a fresh folder per try (a world aborting at exit, upstream, runs again once)
+        folders.append(tmp_path_factory.mktemp(f"world{world}"))
+        return world, str(folders[-1])
+
+    spawn_world(workers.main, arguments, world)
+    folder = folders[-1]
     out = {}
     for case in workers.CASES:
         out[case] = [json.loads((folder / f"{case}-{rank}.json").read_text()) for rank in range(world)]
