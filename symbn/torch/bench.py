@@ -164,36 +164,6 @@ def section(median_ms, threads: int, repeats: int, quick: bool, progress=None) -
                                                         "met": None if v is None else v <= TARGETS[k]} for k, v in status.items()}}
 
 
-def to_text(section: dict) -> list[str]:
-    lines = ["", "PyTorch path (symbn.torch against torch.nn, float32, through autograd as a user calls them)",
-             f"{'case':<34}{'symbn fwd ms':>13}{'torch fwd ms':>13}{'symbn bwd ms':>13}{'torch bwd ms':>13}"
-             f"{'fwd/torch':>10}{'bwd/torch':>10}{'floor fwd':>10}{'floor bwd':>10}"]
-    for c in section["ops"]:
-        ms = c["ms"]
-        lines.append(f"{c['norm'] + ' ' + 'x'.join(map(str, c['shape'])):<34}{ms['symbn forward']:>13.3f}"
-                     f"{ms['torch forward']:>13.3f}{ms['symbn backward']:>13.3f}{ms['torch backward']:>13.3f}"
-                     f"{c['forward_vs_torch']:>10.2f}{c['backward_vs_torch']:>10.2f}"
-                     f"{c.get('floor_forward_vs_torch', float('nan')):>10.2f}{c.get('floor_backward_vs_torch', float('nan')):>10.2f}")
-    lines.append("floor: an autograd.Function that allocates its outputs and computes nothing (the least an op "
-                 "written in Python costs), over PyTorch's time")
-    lines.append(f"{'CNN step, batch 64, 32x32':<34}{'symbn ms':>13}{'torch ms':>13}{'ratio':>10}")
-    for key, s in section["steps"].items():
-        lines.append(f"{key.replace('_', ' '):<34}{s['symbn_ms']:>13.2f}{s['torch_ms']:>13.2f}{s['vs_torch']:>10.2f}")
-    if section.get("sync"):
-        c = section["sync"]
-        lines.append(f"{'DDP step, ' + str(c['processes']) + ' processes x ' + str(c['batch_per_process']):<34}"
-                     f"{'sync ms':>13}{'plain ms':>13}{'ratio':>10}")
-        lines.append(f"{'synchronized batch norm (' + str(c['bn_layers']) + ' layers)':<34}{c['sync_ms']:>13.2f}"
-                     f"{c['plain_ms']:>13.2f}{c['vs_plain']:>10.2f}")
-        lines.append(f"bytes per process per step: symbn sends {c['symbn_forward_bytes']} (forward all-gather) + "
-                     f"{c['symbn_backward_bytes']} (backward all-reduce); PyTorch's SyncBatchNorm algorithm "
-                     f"{c['torch_forward_bytes']} + {c['torch_backward_bytes']}")
-    lines.append("targets: " + "; ".join(
-        f"{k.replace('_', ' ')} <= {t['target']}x: {'-' if t['measured'] is None else format(t['measured'], '.2f')}"
-        f" ({'met' if t['met'] else 'not met' if t['met'] is not None else 'not measured'})" for k, t in section["targets"].items()))
-    return lines
-
-
 # ----------------------------------------------------------------------------- synchronized batch norm
 
 SYNC_PROCESSES = 2
