@@ -330,7 +330,6 @@ ENTRY = Path(__file__).resolve().parent / "backends" / "c" / "entry.c"
 """The compiled entry point's source (a CPython extension; see its comment)."""
 
 
-@cache
 def entry_flags() -> tuple[str, ...] | None:
     """The flags that compile ``ENTRY`` beside the kernels' (Python's headers); None without them."""
     import sysconfig
@@ -339,6 +338,7 @@ def entry_flags() -> tuple[str, ...] | None:
     return ("-I", include) if include and (Path(include) / "Python.h").is_file() else None
 
 
+@cache
 def entry_point() -> types.ModuleType | None:
     """symbn's compiled entry point: ``ENTRY`` built like the kernels (the same compiler, flags
     and cache, with Python's headers) and imported; it calls the C kernels on the common calls
