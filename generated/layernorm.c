@@ -37,6 +37,7 @@
 #define SYMBN_STRANDS 16
 #define SYMBN_AHEAD_ROWS 2
 #define SYMBN_TILE 8
+#define SYMBN_FLOAT_TERMS 16
 #define SYMBN_SMALL 65536
 #define SYMBN_COLUMNS 12 /* per-group values of the widest kernel */
 #define SYMBN_REDUCED 4 /* sums and parameter gradients of the widest pass */
@@ -79,6 +80,7 @@ struct symbn_call {
                                         [group][column] (GROUPS: a group's values in one or two cache lines) */
     double *partial;                 /* ROWS: [thread][sum][group] partial sums */
     double *pgrad;                   /* [thread][parameter gradient][p * l_count + l] */
+    float *fpgrad;                   /* the same, summed in float over at most SYMBN_FLOAT_TERMS groups (GROUPS, fl) */
     double *flags;                   /* [thread]: 1 where a sum the thread made was not finite */
     const void *arrays;              /* the kernel's struct symbn_<kernel>_arrays */
 };
@@ -153,14 +155,16 @@ static int symbn_start(struct symbn_call *c, const void *arrays, ptrdiff_t outer
     c->gstride = c->shape == SYMBN_SCHEDULE_GROUPS ? columns : 1;
     if (!symbn_times(columns, c->groups, limit, &table) || !symbn_times((ptrdiff_t)c->team * (sums + 1), c->groups, limit, &partial) ||
         !symbn_times((ptrdiff_t)c->team * (params + 1), c->pl, limit, &pgrad) || table > limit / 2 - partial ||
-        2 * table + partial > limit - pgrad - c->team) return SYMBN_ESIZE;
+        2 * table + partial > limit - 2 * pgrad - c->team) return SYMBN_ESIZE;
     if (c->shape != SYMBN_SCHEDULE_ROWS) partial = 0;
-    /* begin fills the table; ROWS zeroes its partial sums per pass */
-    c->table = malloc((size_t)(2 * table + partial + pgrad + c->team) * sizeof(double)); /* ftable: a float per double of table */
+    /* begin fills the table; ROWS zeroes its partial sums per pass; ftable and fpgrad: a float per
+       double of table and pgrad */
+    c->table = malloc((size_t)(2 * table + partial + 2 * pgrad + c->team) * sizeof(double));
     if (!c->table) return SYMBN_ENOMEM;
     c->partial = c->table + table, c->pgrad = c->partial + partial, c->flags = c->pgrad + pgrad;
-    c->ftable = (float *)(c->flags + c->team);
+    c->ftable = (float *)(c->flags + c->team), c->fpgrad = (float *)(c->flags + c->team + table);
     for (ptrdiff_t k = 0; k < pgrad + c->team; ++k) c->pgrad[k] = 0.0;
+    for (ptrdiff_t k = 0; k < pgrad; ++k) c->fpgrad[k] = 0.0f;
     return SYMBN_OK;
 }
 
@@ -198,6 +202,18 @@ static void symbn_share(int team, ptrdiff_t count, ptrdiff_t *first, ptrdiff_t *
     *last = *first + base + (t < extra ? 1 : 0);
 }
 
+/* This thread's parameter gradients: [parameter gradient][p * l_count + l] */
+static double *symbn_mine(const struct symbn_call *c)
+{
+    return c->pgrad + (ptrdiff_t)symbn_thread(c->team) * (c->params + 1) * c->pl;
+}
+
+/* The same, summed in float (fl) */
+static float *symbn_fmine(const struct symbn_call *c)
+{
+    return c->fpgrad + (ptrdiff_t)symbn_thread(c->team) * (c->params + 1) * c->pl;
+}
+
 /* One element of a float (single) or double array, as a double; `single` is a constant where it is inlined. */
 SYMBN_INLINE double symbn_load(const void *array, ptrdiff_t i, int single)
 {
@@ -228,9 +244,11 @@ static inline int symbn_unflagged(const struct symbn_call *c)
 }
 
 /* ---- the element code of each pass, for one member ----
-   symbn_<kernel>_<pass>(a, single, gv, gs, idx, pidx, sum, ss, param, ps): the member at idx, its
-   parameter at pidx; the group's values gv[column * gs]; its sums into sum[j * ss], its parameter
-   gradients into param[j * ps]; its stores. */
+   symbn_<kernel>_<pass>(a, single, fl, gv, fv, gs, idx, pidx, sum, fsum, ss, param, fparam, ps): the
+   member at idx, its parameter at pidx; the group's values gv[column * gs] (fv: rounded to float);
+   its sums into sum[j * ss], its parameter gradients into param[j * ps], or where `fl` (float x, a
+   pass whose sums may be float, a loop shape that adds them up in double: GROUPS) computed in float
+   into fsum[j * ss] and fparam[j * ps]; its stores. */
 
 /* ---- forward_train ---- */
 
@@ -246,15 +264,16 @@ struct symbn_forward_train_arrays {
 };
 
 /* forward_train, pass 0, one member: red_0 +=, red_1 += */
-SYMBN_INLINE void symbn_forward_train_0(const struct symbn_forward_train_arrays *a, int single, const double *gv, const float *fv,
-                                       ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
+SYMBN_INLINE void symbn_forward_train_0(const struct symbn_forward_train_arrays *a, int single, int fl, const double *gv, const float *fv,
+                                       ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, float *fsum, ptrdiff_t ss,
+                                       double *param, float *fparam, ptrdiff_t ps)
 {
     const double anchor_g = gv[2 * gs];
     const double x_v = symbn_load(a->x, idx, single);
     const double t0_0 = -anchor_g + x_v;
     sum[0 * ss] += t0_0; /* red_0 */
     sum[1 * ss] += (t0_0*t0_0); /* red_1 */
-    (void)fv; (void)pidx; (void)param; (void)ps;
+    (void)fl; (void)fv; (void)pidx; (void)fsum; (void)param; (void)fparam; (void)ps;
 }
 
 /* forward_train, pass 0: ask for the member at idx */
@@ -294,8 +313,9 @@ SYMBN_INLINE void symbn_forward_train_floats_1(const double *gv, float *fv, ptrd
 }
 
 /* forward_train, pass 1, one member: y = */
-SYMBN_INLINE void symbn_forward_train_1(const struct symbn_forward_train_arrays *a, int single, const double *gv, const float *fv,
-                                       ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
+SYMBN_INLINE void symbn_forward_train_1(const struct symbn_forward_train_arrays *a, int single, int fl, const double *gv, const float *fv,
+                                       ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, float *fsum, ptrdiff_t ss,
+                                       double *param, float *fparam, ptrdiff_t ps)
 {
     if (single) { /* in float: x measured from the shift, the group's values rounded once */
         const float c_0 = fv[8 * gs];
@@ -314,7 +334,7 @@ SYMBN_INLINE void symbn_forward_train_1(const struct symbn_forward_train_arrays 
     const double gamma_v = (a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0);
     const double beta_v = (a->beta ? symbn_load(a->beta, pidx, single) : 0.0);
     symbn_store(a->y, idx, single, beta_v + c_1*gamma_v*(c_0 + x_v));
-    (void)sum; (void)ss; (void)param; (void)ps;
+    (void)fl; (void)sum; (void)fsum; (void)ss; (void)param; (void)fparam; (void)ps;
 }
 
 /* forward_train, pass 1: ask for the member at idx */
@@ -354,10 +374,34 @@ SYMBN_INLINE void symbn_backward_train_group_0(double *gv, ptrdiff_t gs, int sin
     (void)single;
 }
 
-/* backward_train, pass 0, one member: red_0 +=, red_1 +=, dgamma +=, dbeta += */
-SYMBN_INLINE void symbn_backward_train_0(const struct symbn_backward_train_arrays *a, int single, const double *gv, const float *fv,
-                                        ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
+/* backward_train, before pass 0: the values its element code reads in float */
+SYMBN_INLINE void symbn_backward_train_floats_0(const double *gv, float *fv, ptrdiff_t gs)
 {
+    fv[5 * gs] = (float)gv[5 * gs]; /* c_0 */
+    fv[6 * gs] = (float)gv[6 * gs]; /* c_1 */
+    fv[4 * gs] = (float)gv[4 * gs]; /* shift */
+}
+
+/* backward_train, pass 0, one member: red_0 +=, red_1 +=, dgamma +=, dbeta += */
+SYMBN_INLINE void symbn_backward_train_0(const struct symbn_backward_train_arrays *a, int single, int fl, const double *gv, const float *fv,
+                                        ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, float *fsum, ptrdiff_t ss,
+                                        double *param, float *fparam, ptrdiff_t ps)
+{
+    if (fl) { /* in float: x measured from the shift, the group's values rounded once */
+        const float c_0 = fv[5 * gs];
+        const float c_1 = fv[6 * gs];
+        const float shift = fv[4 * gs];
+        const float dy_v = ((const float *)a->dy)[idx];
+        const float x_v = ((const float *)a->x)[idx] - shift;
+        const float gamma_v = (a->gamma ? ((const float *)a->gamma)[pidx] : 1.0F);
+        const float t0_0 = dy_v*gamma_v;
+        const float t0_1 = c_1*(c_0 + x_v);
+        fsum[0 * ss] += t0_0; /* red_0 */
+        fsum[1 * ss] += t0_0*t0_1; /* red_1 */
+        fparam[0 * ps] += dy_v*t0_1; /* dgamma */
+        fparam[1 * ps] += dy_v; /* dbeta */
+        return;
+    }
     const double c_0 = gv[5 * gs];
     const double c_1 = gv[6 * gs];
     const double shift = gv[4 * gs];
@@ -370,7 +414,6 @@ SYMBN_INLINE void symbn_backward_train_0(const struct symbn_backward_train_array
     sum[1 * ss] += t0_0*t0_1; /* red_1 */
     param[0 * ps] += dy_v*t0_1; /* dgamma */
     param[1 * ps] += dy_v; /* dbeta */
-    (void)fv;
 }
 
 /* backward_train, pass 0: ask for the member at idx */
@@ -411,8 +454,9 @@ SYMBN_INLINE void symbn_backward_train_floats_1(const double *gv, float *fv, ptr
 }
 
 /* backward_train, pass 1, one member: dx = */
-SYMBN_INLINE void symbn_backward_train_1(const struct symbn_backward_train_arrays *a, int single, const double *gv, const float *fv,
-                                        ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
+SYMBN_INLINE void symbn_backward_train_1(const struct symbn_backward_train_arrays *a, int single, int fl, const double *gv, const float *fv,
+                                        ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, float *fsum, ptrdiff_t ss,
+                                        double *param, float *fparam, ptrdiff_t ps)
 {
     if (single) { /* in float: x measured from the shift, the group's values rounded once */
         const float c_2 = fv[9 * gs];
@@ -435,7 +479,7 @@ SYMBN_INLINE void symbn_backward_train_1(const struct symbn_backward_train_array
     const double x_v = symbn_load(a->x, idx, single) - shift;
     const double gamma_v = (a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0);
     symbn_store(a->dx, idx, single, c_4*(c_2*x_v + c_3 + dy_v*gamma_v*m));
-    (void)sum; (void)ss; (void)param; (void)ps;
+    (void)fl; (void)sum; (void)fsum; (void)ss; (void)param; (void)fparam; (void)ps;
 }
 
 /* backward_train, pass 1: ask for the member at idx */
@@ -483,8 +527,9 @@ SYMBN_INLINE void symbn_forward_eval_floats_0(const double *gv, float *fv, ptrdi
 }
 
 /* forward_eval, pass 0, one member: y = */
-SYMBN_INLINE void symbn_forward_eval_0(const struct symbn_forward_eval_arrays *a, int single, const double *gv, const float *fv,
-                                      ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
+SYMBN_INLINE void symbn_forward_eval_0(const struct symbn_forward_eval_arrays *a, int single, int fl, const double *gv, const float *fv,
+                                      ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, float *fsum, ptrdiff_t ss,
+                                      double *param, float *fparam, ptrdiff_t ps)
 {
     if (single) { /* in float: x measured from the shift, the group's values rounded once */
         const float c_0 = fv[5 * gs];
@@ -503,7 +548,7 @@ SYMBN_INLINE void symbn_forward_eval_0(const struct symbn_forward_eval_arrays *a
     const double gamma_v = (a->gamma ? symbn_load(a->gamma, pidx, single) : 1.0);
     const double beta_v = (a->beta ? symbn_load(a->beta, pidx, single) : 0.0);
     symbn_store(a->y, idx, single, beta_v + c_1*gamma_v*(c_0 + x_v));
-    (void)sum; (void)ss; (void)param; (void)ps;
+    (void)fl; (void)sum; (void)fsum; (void)ss; (void)param; (void)fparam; (void)ps;
 }
 
 /* forward_eval, pass 0: ask for the member at idx */
@@ -543,10 +588,32 @@ SYMBN_INLINE void symbn_backward_eval_group_0(double *gv, ptrdiff_t gs, int sing
     (void)single;
 }
 
-/* backward_eval, pass 0, one member: dgamma +=, dbeta +=, dx = */
-SYMBN_INLINE void symbn_backward_eval_0(const struct symbn_backward_eval_arrays *a, int single, const double *gv, const float *fv,
-                                       ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
+/* backward_eval, before pass 0: the values its element code reads in float */
+SYMBN_INLINE void symbn_backward_eval_floats_0(const double *gv, float *fv, ptrdiff_t gs)
 {
+    fv[5 * gs] = (float)gv[5 * gs]; /* c_0 */
+    fv[6 * gs] = (float)gv[6 * gs]; /* c_1 */
+    fv[4 * gs] = (float)gv[4 * gs]; /* shift */
+}
+
+/* backward_eval, pass 0, one member: dgamma +=, dbeta +=, dx = */
+SYMBN_INLINE void symbn_backward_eval_0(const struct symbn_backward_eval_arrays *a, int single, int fl, const double *gv, const float *fv,
+                                       ptrdiff_t gs, ptrdiff_t idx, ptrdiff_t pidx, double *sum, float *fsum, ptrdiff_t ss,
+                                       double *param, float *fparam, ptrdiff_t ps)
+{
+    if (fl) { /* in float: x measured from the shift, the group's values rounded once */
+        const float c_0 = fv[5 * gs];
+        const float c_1 = fv[6 * gs];
+        const float shift = fv[4 * gs];
+        const float dy_v = ((const float *)a->dy)[idx];
+        const float x_v = ((const float *)a->x)[idx] - shift;
+        const float gamma_v = (a->gamma ? ((const float *)a->gamma)[pidx] : 1.0F);
+        const float t0_0 = c_1*dy_v;
+        fparam[0 * ps] += t0_0*(c_0 + x_v); /* dgamma */
+        fparam[1 * ps] += dy_v; /* dbeta */
+        ((float *)a->dx)[idx] = gamma_v*t0_0;
+        return;
+    }
     const double c_0 = gv[5 * gs];
     const double c_1 = gv[6 * gs];
     const double shift = gv[4 * gs];
@@ -557,7 +624,7 @@ SYMBN_INLINE void symbn_backward_eval_0(const struct symbn_backward_eval_arrays 
     param[0 * ps] += t0_0*(c_0 + x_v); /* dgamma */
     param[1 * ps] += dy_v; /* dbeta */
     symbn_store(a->dx, idx, single, gamma_v*t0_0);
-    (void)fv; (void)sum; (void)ss;
+    (void)sum; (void)fsum; (void)ss;
 }
 
 /* backward_eval, pass 0: ask for the member at idx */
@@ -580,16 +647,17 @@ enum symbn_step {
 };
 
 /* The member step `step` (a constant where a driver is inlined into a kernel: the switch folds away). */
-SYMBN_INLINE void symbn_member(int step, const void *arrays, int single, const double *gv, const float *fv, ptrdiff_t gs,
-                               ptrdiff_t idx, ptrdiff_t pidx, double *sum, ptrdiff_t ss, double *param, ptrdiff_t ps)
+SYMBN_INLINE void symbn_member(int step, const void *arrays, int single, int fl, const double *gv, const float *fv, ptrdiff_t gs,
+                               ptrdiff_t idx, ptrdiff_t pidx, double *sum, float *fsum, ptrdiff_t ss, double *param, float *fparam,
+                               ptrdiff_t ps)
 {
     switch (step) {
-    case SYMBN_STEP_FORWARD_TRAIN_0: symbn_forward_train_0(arrays, single, gv, fv, gs, idx, pidx, sum, ss, param, ps); break;
-    case SYMBN_STEP_FORWARD_TRAIN_1: symbn_forward_train_1(arrays, single, gv, fv, gs, idx, pidx, sum, ss, param, ps); break;
-    case SYMBN_STEP_BACKWARD_TRAIN_0: symbn_backward_train_0(arrays, single, gv, fv, gs, idx, pidx, sum, ss, param, ps); break;
-    case SYMBN_STEP_BACKWARD_TRAIN_1: symbn_backward_train_1(arrays, single, gv, fv, gs, idx, pidx, sum, ss, param, ps); break;
-    case SYMBN_STEP_FORWARD_EVAL_0: symbn_forward_eval_0(arrays, single, gv, fv, gs, idx, pidx, sum, ss, param, ps); break;
-    case SYMBN_STEP_BACKWARD_EVAL_0: symbn_backward_eval_0(arrays, single, gv, fv, gs, idx, pidx, sum, ss, param, ps); break;
+    case SYMBN_STEP_FORWARD_TRAIN_0: symbn_forward_train_0(arrays, single, fl, gv, fv, gs, idx, pidx, sum, fsum, ss, param, fparam, ps); break;
+    case SYMBN_STEP_FORWARD_TRAIN_1: symbn_forward_train_1(arrays, single, fl, gv, fv, gs, idx, pidx, sum, fsum, ss, param, fparam, ps); break;
+    case SYMBN_STEP_BACKWARD_TRAIN_0: symbn_backward_train_0(arrays, single, fl, gv, fv, gs, idx, pidx, sum, fsum, ss, param, fparam, ps); break;
+    case SYMBN_STEP_BACKWARD_TRAIN_1: symbn_backward_train_1(arrays, single, fl, gv, fv, gs, idx, pidx, sum, fsum, ss, param, fparam, ps); break;
+    case SYMBN_STEP_FORWARD_EVAL_0: symbn_forward_eval_0(arrays, single, fl, gv, fv, gs, idx, pidx, sum, fsum, ss, param, fparam, ps); break;
+    case SYMBN_STEP_BACKWARD_EVAL_0: symbn_backward_eval_0(arrays, single, fl, gv, fv, gs, idx, pidx, sum, fsum, ss, param, fparam, ps); break;
     default: break;
     }
 }
@@ -609,15 +677,28 @@ SYMBN_INLINE void symbn_ahead(int step, const void *arrays, int single, ptrdiff_
         }
 }
 
+/* Partial sums in float, strand[j][k] for j < reduced: added up in double into total[j], and zeroed. */
+SYMBN_INLINE void symbn_fold(float strand[][SYMBN_STRANDS], int reduced, double *total)
+{
+    for (int j = 0; j < reduced; ++j) {
+        double sum = 0.0;
+        for (int k = 0; k < SYMBN_STRANDS; ++k) sum += strand[j][k], strand[j][k] = 0.0f;
+        total[j] += sum;
+    }
+}
+
 /* `count` consecutive members from `first`, the sums on SYMBN_STRANDS independent partial sums
    (one addition need not wait for the last; kept in registers, see SYMBN_OPAQUE), added into
    total[0..ns). Parameter gradients: `in_memory` (one parameter per member: s_count == 1), into
    param[j * pl + pidx + i]; else (one parameter for the run, at pidx) summed like the sums, into
-   total[ns + j]. Every SYMBN_STRANDS members, ask for the next SYMBN_STRANDS `ahead` further on
-   (0: none). The last members, fewer than SYMBN_STRANDS, go on the first strands. */
-SYMBN_INLINE void symbn_strands(const struct symbn_call *c, int step, int single, int ns, int np, int in_memory,
+   total[ns + j]. `fl`: the element code in float, the partial sums float (at most SYMBN_FLOAT_TERMS
+   additions each: symbn_span), then added into total in double; parameter gradients in memory into
+   fparam, which the caller adds up (symbn_flush). Every SYMBN_STRANDS members, ask for the next
+   SYMBN_STRANDS `ahead` further on (0: none). The last members, fewer than SYMBN_STRANDS, go on the
+   first strands. */
+SYMBN_INLINE void symbn_strands(const struct symbn_call *c, int step, int single, int fl, int ns, int np, int in_memory,
                                 const double *gv, const float *fv, ptrdiff_t first, ptrdiff_t count, ptrdiff_t pidx,
-                                ptrdiff_t ahead, double *total, double *param)
+                                ptrdiff_t ahead, double *total, double *param, float *fparam)
 {
     const int reduced = in_memory ? ns : ns + np;
     const ptrdiff_t pl = in_memory ? c->pl : SYMBN_STRANDS;
@@ -625,24 +706,33 @@ SYMBN_INLINE void symbn_strands(const struct symbn_call *c, int step, int single
     if (reduced == 0) {
         SYMBN_PRAGMA(omp simd)
         for (i = 0; i < count; ++i)
-            symbn_member(step, c->arrays, single, gv, fv, 1, first + i, in_memory ? pidx + i : pidx, total, 1, param + pidx + i, c->pl);
+            symbn_member(step, c->arrays, single, fl, gv, fv, 1, first + i, in_memory ? pidx + i : pidx, total, NULL, 1,
+                         param + pidx + i, fparam + pidx + i, c->pl);
         return;
     }
     double strand[SYMBN_REDUCED + 1][SYMBN_STRANDS];
+    float fstrand[SYMBN_REDUCED + 1][SYMBN_STRANDS];
     for (int j = 0; j < reduced; ++j)
-        for (int k = 0; k < SYMBN_STRANDS; ++k) strand[j][k] = 0.0;
-    SYMBN_OPAQUE(strand);
+        for (int k = 0; k < SYMBN_STRANDS; ++k) strand[j][k] = 0.0, fstrand[j][k] = 0.0f;
+    if (fl) SYMBN_OPAQUE(fstrand);
+    else SYMBN_OPAQUE(strand);
     for (; i + SYMBN_STRANDS <= count; i += SYMBN_STRANDS) {
         if (ahead) symbn_ahead(step, c->arrays, single, first + i + ahead, SYMBN_STRANDS);
         SYMBN_PRAGMA(omp simd)
         for (int k = 0; k < SYMBN_STRANDS; ++k)
-            symbn_member(step, c->arrays, single, gv, fv, 1, first + i + k, in_memory ? pidx + i + k : pidx, &strand[0][k],
-                         SYMBN_STRANDS, in_memory ? param + pidx + i + k : &strand[ns][k], pl);
+            symbn_member(step, c->arrays, single, fl, gv, fv, 1, first + i + k, in_memory ? pidx + i + k : pidx, &strand[0][k],
+                         &fstrand[0][k], SYMBN_STRANDS, in_memory ? param + pidx + i + k : &strand[ns][k],
+                         in_memory ? fparam + pidx + i + k : &fstrand[ns][k], pl);
     }
     SYMBN_PRAGMA(omp simd)
     for (ptrdiff_t k = 0; k < count - i; ++k)
-        symbn_member(step, c->arrays, single, gv, fv, 1, first + i + k, in_memory ? pidx + i + k : pidx, &strand[0][k],
-                     SYMBN_STRANDS, in_memory ? param + pidx + i + k : &strand[ns][k], pl);
+        symbn_member(step, c->arrays, single, fl, gv, fv, 1, first + i + k, in_memory ? pidx + i + k : pidx, &strand[0][k],
+                     &fstrand[0][k], SYMBN_STRANDS, in_memory ? param + pidx + i + k : &strand[ns][k],
+                     in_memory ? fparam + pidx + i + k : &fstrand[ns][k], pl);
+    if (fl) {
+        symbn_fold(fstrand, reduced, total);
+        return;
+    }
     for (int j = 0; j < reduced; ++j) {
         double sum = 0.0;
         for (int k = 0; k < SYMBN_STRANDS; ++k) sum += strand[j][k];
@@ -650,32 +740,46 @@ SYMBN_INLINE void symbn_strands(const struct symbn_call *c, int step, int single
     }
 }
 
-/* One run: the ls members of one (n, q, p) from `row`; sums into total, parameter gradients into mine. */
-SYMBN_INLINE void symbn_run(const struct symbn_call *c, int step, int single, int ns, int np, const double *gv,
-                            const float *fv, ptrdiff_t row, ptrdiff_t p, ptrdiff_t ahead, double *total, double *mine)
+/* symbn_strands over `count` members from `first`, where the sums are float (fl) in stretches of at
+   most SYMBN_FLOAT_TERMS additions per partial sum. */
+SYMBN_INLINE void symbn_span(const struct symbn_call *c, int step, int single, int fl, int ns, int np, int in_memory,
+                             const double *gv, const float *fv, ptrdiff_t first, ptrdiff_t count, ptrdiff_t pidx,
+                             ptrdiff_t ahead, double *total, double *param, float *fparam)
+{
+    const ptrdiff_t stretch = fl ? (ptrdiff_t)SYMBN_FLOAT_TERMS * SYMBN_STRANDS : count;
+    for (ptrdiff_t b = 0; b < count; b += stretch)
+        symbn_strands(c, step, single, fl, ns, np, in_memory, gv, fv, first + b, count - b < stretch ? count - b : stretch,
+                      in_memory ? pidx + b : pidx, ahead, total, param, fparam);
+}
+
+/* One run: the ls members of one (n, q, p) from `row`; sums into total, parameter gradients into
+   mine (fmine: those summed in float, fl). */
+SYMBN_INLINE void symbn_run(const struct symbn_call *c, int step, int single, int fl, int ns, int np, const double *gv,
+                            const float *fv, ptrdiff_t row, ptrdiff_t p, ptrdiff_t ahead, double *total, double *mine, float *fmine)
 {
     if (c->s_count == 1) {
-        symbn_strands(c, step, single, ns, np, 1, gv, fv, row, c->ls, p * c->l_count, ahead, total, mine);
+        symbn_span(c, step, single, fl, ns, np, 1, gv, fv, row, c->ls, p * c->l_count, ahead, total, mine, fmine);
         return;
     }
     for (ptrdiff_t l = 0; l < c->l_count; ++l) {
         double part[SYMBN_REDUCED + 1] = {0.0};
-        symbn_strands(c, step, single, ns, np, 0, gv, fv, row + l * c->s_count, c->s_count, p * c->l_count + l, ahead, part, mine);
+        symbn_span(c, step, single, fl, ns, np, 0, gv, fv, row + l * c->s_count, c->s_count, p * c->l_count + l, ahead, part,
+                   mine, fmine);
         for (int j = 0; j < ns; ++j) total[j] += part[j];
         for (int j = 0; j < np; ++j) mine[j * c->pl + p * c->l_count + l] += part[ns + j];
     }
 }
 
 /* GROUPS: one pass over group g, every n, its run; the group's values in gv[column] (a local
-   array), its sums into gv[red..]; the parameter gradients into mine. `ahead`: ask for the next
-   group on the way. */
-SYMBN_INLINE void symbn_over_group(const struct symbn_call *c, int step, int single, int ns, int np, int red,
-                                   ptrdiff_t g, double *gv, const float *fv, int ahead, double *mine)
+   array), its sums into gv[red..]; the parameter gradients into mine (fmine, fl). `ahead`: ask for
+   the next group on the way. */
+SYMBN_INLINE void symbn_over_group(const struct symbn_call *c, int step, int single, int fl, int ns, int np, int red,
+                                   ptrdiff_t g, double *gv, const float *fv, int ahead, double *mine, float *fmine)
 {
     const ptrdiff_t p = g % c->p_count, q = g / c->p_count, next = ahead && g + 1 < c->groups ? c->ls : 0;
     double total[SYMBN_REDUCED + 1] = {0.0};
     for (ptrdiff_t n = 0; n < c->outer; ++n)
-        symbn_run(c, step, single, ns, np, gv, fv, ((n * c->q_count + q) * c->p_count + p) * c->ls, p, next, total, mine);
+        symbn_run(c, step, single, fl, ns, np, gv, fv, ((n * c->q_count + q) * c->p_count + p) * c->ls, p, next, total, mine, fmine);
     for (int j = 0; j < ns; ++j) gv[red + j] = total[j];
 }
 
@@ -695,14 +799,16 @@ SYMBN_INLINE void symbn_block(const struct symbn_call *c, int step, int single, 
             const ptrdiff_t row = (n * c->q_count + q) * c->p_count + p0;
             SYMBN_PRAGMA(omp simd)
             for (int k = 0; k < SYMBN_LANES; ++k)
-                symbn_member(step, c->arrays, single, gv + k, fv + k, c->groups, row + k, p0 + k, &acc[0][k], SYMBN_LANES, &acc[ns][k], SYMBN_LANES);
+                symbn_member(step, c->arrays, single, 0, gv + k, fv + k, c->groups, row + k, p0 + k, &acc[0][k], NULL, SYMBN_LANES,
+                             &acc[ns][k], NULL, SYMBN_LANES);
         }
     } else {
         for (ptrdiff_t n = n0; n < n1; ++n) {
             const ptrdiff_t row = (n * c->q_count + q) * c->p_count + p0;
             SYMBN_PRAGMA(omp simd)
             for (ptrdiff_t k = 0; k < width; ++k)
-                symbn_member(step, c->arrays, single, gv + k, fv + k, c->groups, row + k, p0 + k, &acc[0][k], SYMBN_LANES, &acc[ns][k], SYMBN_LANES);
+                symbn_member(step, c->arrays, single, 0, gv + k, fv + k, c->groups, row + k, p0 + k, &acc[0][k], NULL, SYMBN_LANES,
+                             &acc[ns][k], NULL, SYMBN_LANES);
         }
     }
 }
@@ -758,8 +864,8 @@ SYMBN_INLINE void symbn_rows(const struct symbn_call *c, int step, int single, i
             SYMBN_PRAGMA(omp simd)
             for (ptrdiff_t p = 0; p < c->p_count; ++p) {
                 const ptrdiff_t g = q * c->p_count + p;
-                symbn_member(step, c->arrays, single, c->table + g, c->ftable + g, c->groups, u * c->p_count + p, p, part + g, c->groups,
-                             mine + p, c->pl);
+                symbn_member(step, c->arrays, single, 0, c->table + g, c->ftable + g, c->groups, u * c->p_count + p, p, part + g, NULL,
+                             c->groups, mine + p, NULL, c->pl);
             }
         } else {
             for (ptrdiff_t p = 0; p < c->p_count; ++p) {
@@ -767,7 +873,7 @@ SYMBN_INLINE void symbn_rows(const struct symbn_call *c, int step, int single, i
                 double gv[SYMBN_COLUMNS], total[SYMBN_REDUCED + 1] = {0.0};
                 float fv[SYMBN_COLUMNS];
                 for (int v = 0; v < c->columns; ++v) gv[v] = symbn_group(c, g)[v * c->cs], fv[v] = symbn_fgroup(c, g)[v * c->cs];
-                symbn_run(c, step, single, ns, np, gv, fv, (u * c->p_count + p) * c->ls, p, 0, total, mine);
+                symbn_run(c, step, single, 0, ns, np, gv, fv, (u * c->p_count + p) * c->ls, p, 0, total, mine, symbn_fmine(c));
                 for (int j = 0; j < ns; ++j) part[j * c->groups + g] += total[j];
             }
         }
@@ -789,10 +895,10 @@ static inline void symbn_add_up(const struct symbn_call *c, int ns, int red)
         }
 }
 
-/* This thread's parameter gradients: [parameter gradient][p * l_count + l] */
-static double *symbn_mine(const struct symbn_call *c)
+/* This thread's parameter gradients summed in float, added into its double ones, and zeroed. */
+static inline void symbn_flush(const struct symbn_call *c, double *mine, float *fmine)
 {
-    return c->pgrad + (ptrdiff_t)symbn_thread(c->team) * (c->params + 1) * c->pl;
+    for (ptrdiff_t k = 0; k < c->params * c->pl; ++k) mine[k] += fmine[k], fmine[k] = 0.0f;
 }
 
 /* Each parameter gradient summed over the threads, added into `out` (NULL: not wanted). */
@@ -838,18 +944,20 @@ SYMBN_INLINE void symbn_forward_train_run(const struct symbn_call *c, int single
     ptrdiff_t first, last;
     int flagged = 0;
     if (c->shape == SYMBN_SCHEDULE_GROUPS) {
+        float *const fmine = symbn_fmine(c);
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) {
             double gv[SYMBN_COLUMNS] = {0.0}; /* the group's values, here while it is made; then in the table for end */
             float fv[SYMBN_COLUMNS] = {0.0f}; /* those the element code reads in float */
             symbn_forward_train_load(c, single, gv, 1, g, g % c->p_count);
-            symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_0, single, 2, 0, 4, g, gv, fv, 1, mine + 0 * c->pl);
+            symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_0, single, 0, 2, 0, 4, g, gv, fv, 1, mine + 0 * c->pl, fmine + 0 * c->pl);
             symbn_forward_train_group_1(gv, 1, single);
             if (single) symbn_forward_train_floats_1(gv, fv, 1);
-            symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_1, single, 0, 0, 0, g, gv, fv, 0, mine + 0 * c->pl);
+            symbn_over_group(c, SYMBN_STEP_FORWARD_TRAIN_1, single, 0, 0, 0, 0, g, gv, fv, 0, mine + 0 * c->pl, fmine + 0 * c->pl);
             flagged |= symbn_forward_train_final(c, gv, 1, g);
             for (int v = 0; v < c->columns; ++v) symbn_group(c, g)[v] = gv[v];
         }
+        (void)fmine;
     } else if (c->shape == SYMBN_SCHEDULE_LANES) {
         const ptrdiff_t blocks = (c->p_count + SYMBN_LANES - 1) / SYMBN_LANES;
         symbn_share(c->team, c->q_count * blocks, &first, &last);
@@ -940,19 +1048,33 @@ SYMBN_INLINE void symbn_backward_train_run(const struct symbn_call *c, int singl
     ptrdiff_t first, last;
     int flagged = 0;
     if (c->shape == SYMBN_SCHEDULE_GROUPS) {
+        float *const fmine = symbn_fmine(c);
+        /* parameter gradients in float (fl_params): summed over a run (s_count > 1), or in memory where a
+           group adds one term to each (an outer of one, one p: layer norm's layout), added up in double
+           every SYMBN_FLOAT_TERMS groups (flushed) */
+        const int fl_params = single && (c->s_count > 1 || (c->outer == 1 && c->p_count == 1));
+        const int flushed = fl_params && c->s_count == 1;
+        int since = 0; /* groups since */
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) {
             double gv[SYMBN_COLUMNS] = {0.0}; /* the group's values, here while it is made; then in the table for end */
             float fv[SYMBN_COLUMNS] = {0.0f}; /* those the element code reads in float */
             symbn_backward_train_load(c, single, gv, 1, g, g % c->p_count);
             symbn_backward_train_group_0(gv, 1, single);
-            symbn_over_group(c, SYMBN_STEP_BACKWARD_TRAIN_0, single, 2, 2, 7, g, gv, fv, 1, mine + 0 * c->pl);
+            if (single) symbn_backward_train_floats_0(gv, fv, 1);
+            if (fl_params) /* fl a constant in each call: a branch per member would keep it from vectorizing */
+                symbn_over_group(c, SYMBN_STEP_BACKWARD_TRAIN_0, single, 1, 2, 2, 7, g, gv, fv, 1, mine + 0 * c->pl, fmine + 0 * c->pl);
+            else
+                symbn_over_group(c, SYMBN_STEP_BACKWARD_TRAIN_0, single, 0, 2, 2, 7, g, gv, fv, 1, mine + 0 * c->pl, fmine + 0 * c->pl);
             symbn_backward_train_group_1(gv, 1, single);
             if (single) symbn_backward_train_floats_1(gv, fv, 1);
-            symbn_over_group(c, SYMBN_STEP_BACKWARD_TRAIN_1, single, 0, 0, 0, g, gv, fv, 0, mine + 2 * c->pl);
+            symbn_over_group(c, SYMBN_STEP_BACKWARD_TRAIN_1, single, 0, 0, 0, 0, g, gv, fv, 0, mine + 2 * c->pl, fmine + 2 * c->pl);
             flagged |= symbn_backward_train_final(c, gv, 1, g);
             for (int v = 0; v < c->columns; ++v) symbn_group(c, g)[v] = gv[v];
+            if (flushed && ++since == SYMBN_FLOAT_TERMS) symbn_flush(c, mine, fmine), since = 0;
         }
+        if (flushed) symbn_flush(c, mine, fmine);
+        (void)fmine;
     } else if (c->shape == SYMBN_SCHEDULE_LANES) {
         const ptrdiff_t blocks = (c->p_count + SYMBN_LANES - 1) / SYMBN_LANES;
         symbn_share(c->team, c->q_count * blocks, &first, &last);
@@ -960,6 +1082,9 @@ SYMBN_INLINE void symbn_backward_train_run(const struct symbn_call *c, int singl
             const ptrdiff_t q = b / blocks, p0 = b % blocks * SYMBN_LANES, width = c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES;
             for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_train_load(c, single, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k, p0 + k);
             for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_train_group_0(symbn_group(c, q * c->p_count + p0 + k), c->cs, single);
+            if (single)
+                for (ptrdiff_t k = 0; k < width; ++k)
+                    symbn_backward_train_floats_0(symbn_group(c, q * c->p_count + p0 + k), symbn_fgroup(c, q * c->p_count + p0 + k), c->cs);
             symbn_lanes(c, SYMBN_STEP_BACKWARD_TRAIN_0, single, 2, 2, 7, q, p0, width, mine + 0 * c->pl);
             for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_train_group_1(symbn_group(c, q * c->p_count + p0 + k), c->cs, single);
             if (single)
@@ -973,6 +1098,7 @@ SYMBN_INLINE void symbn_backward_train_run(const struct symbn_call *c, int singl
         for (ptrdiff_t g = first; g < last; ++g) {
             symbn_backward_train_load(c, single, c->table + g, c->groups, g, g % c->p_count);
             symbn_backward_train_group_0(symbn_group(c, g), c->cs, single);
+            if (single) symbn_backward_train_floats_0(symbn_group(c, g), symbn_fgroup(c, g), c->cs);
         }
         SYMBN_BARRIER(c->team);
         symbn_rows(c, SYMBN_STEP_BACKWARD_TRAIN_0, single, 2, 2, 0, mine + 0 * c->pl);
@@ -1048,6 +1174,7 @@ SYMBN_INLINE void symbn_forward_eval_run(const struct symbn_call *c, int single)
     ptrdiff_t first, last;
     int flagged = 0;
     if (c->shape == SYMBN_SCHEDULE_GROUPS) {
+        float *const fmine = symbn_fmine(c);
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) {
             double gv[SYMBN_COLUMNS] = {0.0}; /* the group's values, here while it is made; then in the table for end */
@@ -1055,10 +1182,11 @@ SYMBN_INLINE void symbn_forward_eval_run(const struct symbn_call *c, int single)
             symbn_forward_eval_load(c, single, gv, 1, g, g % c->p_count);
             symbn_forward_eval_group_0(gv, 1, single);
             if (single) symbn_forward_eval_floats_0(gv, fv, 1);
-            symbn_over_group(c, SYMBN_STEP_FORWARD_EVAL_0, single, 0, 0, 0, g, gv, fv, 0, mine + 0 * c->pl);
+            symbn_over_group(c, SYMBN_STEP_FORWARD_EVAL_0, single, 0, 0, 0, 0, g, gv, fv, 0, mine + 0 * c->pl, fmine + 0 * c->pl);
             flagged |= symbn_forward_eval_final(c, gv, 1, g);
             for (int v = 0; v < c->columns; ++v) symbn_group(c, g)[v] = gv[v];
         }
+        (void)fmine;
     } else if (c->shape == SYMBN_SCHEDULE_LANES) {
         const ptrdiff_t blocks = (c->p_count + SYMBN_LANES - 1) / SYMBN_LANES;
         symbn_share(c->team, c->q_count * blocks, &first, &last);
@@ -1139,16 +1267,30 @@ SYMBN_INLINE void symbn_backward_eval_run(const struct symbn_call *c, int single
     ptrdiff_t first, last;
     int flagged = 0;
     if (c->shape == SYMBN_SCHEDULE_GROUPS) {
+        float *const fmine = symbn_fmine(c);
+        /* parameter gradients in float (fl_params): summed over a run (s_count > 1), or in memory where a
+           group adds one term to each (an outer of one, one p: layer norm's layout), added up in double
+           every SYMBN_FLOAT_TERMS groups (flushed) */
+        const int fl_params = single && (c->s_count > 1 || (c->outer == 1 && c->p_count == 1));
+        const int flushed = fl_params && c->s_count == 1;
+        int since = 0; /* groups since */
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) {
             double gv[SYMBN_COLUMNS] = {0.0}; /* the group's values, here while it is made; then in the table for end */
             float fv[SYMBN_COLUMNS] = {0.0f}; /* those the element code reads in float */
             symbn_backward_eval_load(c, single, gv, 1, g, g % c->p_count);
             symbn_backward_eval_group_0(gv, 1, single);
-            symbn_over_group(c, SYMBN_STEP_BACKWARD_EVAL_0, single, 0, 2, 0, g, gv, fv, 0, mine + 0 * c->pl);
+            if (single) symbn_backward_eval_floats_0(gv, fv, 1);
+            if (fl_params) /* fl a constant in each call: a branch per member would keep it from vectorizing */
+                symbn_over_group(c, SYMBN_STEP_BACKWARD_EVAL_0, single, 1, 0, 2, 0, g, gv, fv, 0, mine + 0 * c->pl, fmine + 0 * c->pl);
+            else
+                symbn_over_group(c, SYMBN_STEP_BACKWARD_EVAL_0, single, 0, 0, 2, 0, g, gv, fv, 0, mine + 0 * c->pl, fmine + 0 * c->pl);
             flagged |= symbn_backward_eval_final(c, gv, 1, g);
             for (int v = 0; v < c->columns; ++v) symbn_group(c, g)[v] = gv[v];
+            if (flushed && ++since == SYMBN_FLOAT_TERMS) symbn_flush(c, mine, fmine), since = 0;
         }
+        if (flushed) symbn_flush(c, mine, fmine);
+        (void)fmine;
     } else if (c->shape == SYMBN_SCHEDULE_LANES) {
         const ptrdiff_t blocks = (c->p_count + SYMBN_LANES - 1) / SYMBN_LANES;
         symbn_share(c->team, c->q_count * blocks, &first, &last);
@@ -1156,6 +1298,9 @@ SYMBN_INLINE void symbn_backward_eval_run(const struct symbn_call *c, int single
             const ptrdiff_t q = b / blocks, p0 = b % blocks * SYMBN_LANES, width = c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES;
             for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_eval_load(c, single, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k, p0 + k);
             for (ptrdiff_t k = 0; k < width; ++k) symbn_backward_eval_group_0(symbn_group(c, q * c->p_count + p0 + k), c->cs, single);
+            if (single)
+                for (ptrdiff_t k = 0; k < width; ++k)
+                    symbn_backward_eval_floats_0(symbn_group(c, q * c->p_count + p0 + k), symbn_fgroup(c, q * c->p_count + p0 + k), c->cs);
             symbn_lanes(c, SYMBN_STEP_BACKWARD_EVAL_0, single, 0, 2, 0, q, p0, width, mine + 0 * c->pl);
             for (ptrdiff_t k = 0; k < width; ++k) flagged |= symbn_backward_eval_final(c, c->table + q * c->p_count + p0 + k, c->groups, q * c->p_count + p0 + k);
         }
@@ -1164,6 +1309,7 @@ SYMBN_INLINE void symbn_backward_eval_run(const struct symbn_call *c, int single
         for (ptrdiff_t g = first; g < last; ++g) {
             symbn_backward_eval_load(c, single, c->table + g, c->groups, g, g % c->p_count);
             symbn_backward_eval_group_0(symbn_group(c, g), c->cs, single);
+            if (single) symbn_backward_eval_floats_0(symbn_group(c, g), symbn_fgroup(c, g), c->cs);
         }
         SYMBN_BARRIER(c->team);
         symbn_rows(c, SYMBN_STEP_BACKWARD_EVAL_0, single, 0, 2, 0, mine + 0 * c->pl);

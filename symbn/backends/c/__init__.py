@@ -63,8 +63,10 @@ LANES = 16          # runs of one element (x is (N, C)), small problems: blocks 
 STRANDS = 16        # independent partial sums per reduction over a run
 AHEAD_ROWS = 2      # row-major read passes ask for the row this far ahead
 SMALL = 65536       # elements: a problem this small runs on one thread, with no OpenMP call
-TILE = 8            # rows of (N, C) summed with the sums in registers (ROWS), then added to the thread's
-TUNING = {"LONG_RUN": LONG_RUN, "LANES": LANES, "STRANDS": STRANDS, "AHEAD_ROWS": AHEAD_ROWS, "SMALL": SMALL, "TILE": TILE}
+TILE = 8            # rows of (N, C) summed with the sums in registers (ROWS), then added to the thread's partial sums
+FLOAT_TERMS = 16    # most additions into one float partial sum before it is added into double (GROUPS, fl)
+TUNING = {"LONG_RUN": LONG_RUN, "LANES": LANES, "STRANDS": STRANDS, "AHEAD_ROWS": AHEAD_ROWS, "SMALL": SMALL, "TILE": TILE,
+          "FLOAT_TERMS": FLOAT_TERMS}
 
 AUTO, GROUPS, LANES_SHAPE, ROWS = (SCHEDULES[k] for k in ("SYMBN_SCHEDULE_AUTO", "SYMBN_SCHEDULE_GROUPS",
                                                            "SYMBN_SCHEDULE_LANES", "SYMBN_SCHEDULE_ROWS"))
@@ -241,6 +243,7 @@ def _kernel(norm: str, k: Kernel, shift: str | None) -> dict:
         "nsums": max([p["ns"] for p in passes] + [0]),
         "params": [{"name": name, "index": j} for name, j in param_index.items()],
         "finite": finite, "checked": sums_checked,
+        "float_params": any(p["fl"] == "fl_params" for p in passes),
         "ahead_rows": not k.transforms,
     }
 
@@ -285,12 +288,14 @@ def _pass(k: Kernel, j: int, ps: Pass, index: dict[str, int], element_inputs: di
     single = _single(k, ps, loads, framed_x)
     floats = reads if single else []
     typed = any(not a.double for _, a in loads) or any(not k.arg(s.name).double for s in ps.stores)  # reads `single`
+    in_float = bool(single and single["accumulates"])  # sums into fsum, fparam where fl
     used_params = {
-        "a": bool(loads) or bool(ps.stores), "single": typed,
+        "a": bool(loads) or bool(ps.stores), "single": typed, "fl": in_float,
         "gv": bool(reads), "fv": bool(floats), "gs": bool(reads),
         "idx": any(a.role == DATA for _, a in loads) or bool(ps.stores),
         "pidx": any(a.role == PARAM for _, a in loads),
-        "sum": bool(ps.sums), "ss": bool(ps.sums), "param": bool(ps.params), "ps": bool(ps.params),
+        "sum": bool(ps.sums), "fsum": in_float and bool(ps.sums), "ss": bool(ps.sums),
+        "param": bool(ps.params), "fparam": in_float and bool(ps.params), "ps": bool(ps.params),
     }
     prefetch = []
     for _, a in loads:
@@ -309,6 +314,9 @@ def _pass(k: Kernel, j: int, ps: Pass, index: dict[str, int], element_inputs: di
         "params": [{"name": a.name, "code": doprint(a.expr)} for a in ps.params],
         "stores": stores,
         "single": single, "floats": floats,
+        # the drivers' fl for this pass in GROUPS: sums in float for float x, parameter gradients
+        # where the layout allows (the kernel's fl_params)
+        "fl": ("fl_params" if ps.params else "single") if in_float else "0",
         "unused": " ".join(f"(void){n};" for n, u in used_params.items() if not u),
         "ns": len(ps.sums), "np": len(ps.params), "red": red, "pbase": pbase,
         "prefetch": prefetch,
@@ -317,33 +325,52 @@ def _pass(k: Kernel, j: int, ps: Pass, index: dict[str, int], element_inputs: di
     }
 
 
-def _affine(expr: sp.Expr, ps: Pass, data: list[sp.Symbol]) -> bool:
-    """Whether ``expr`` (its temporaries written out) is of degree at most 1 in the element data
-    ``data`` (x, dy), the rest per group or per parameter position: y = k·x + k', dx = a·dy + b·x̂
-    + c. Its float rounding is then a few ulps of its terms; a higher power (a fourth-moment
-    norm's (x − μ)³) would lose more, and stays in double."""
+def _degree(expr: sp.Expr, ps: Pass, data: list[sp.Symbol]) -> int | None:
+    """The total degree of ``expr`` (its temporaries written out) in the element data ``data`` (x,
+    dy), the rest per group or per parameter position; None where it is no polynomial in them."""
     for t in reversed(ps.element):
         expr = expr.xreplace({t.symbol: t.expr})
     try:
-        return sp.Poly(expr, *data).total_degree() <= 1 if data else True
+        return sp.Poly(expr, *data).total_degree() if data else 0
     except sp.PolynomialError:
-        return False
+        return None
+
+
+MOST_FLOAT_STORE_DEGREE = 1
+"""A store in float is affine in the element data (y = k·x + k', dx = a·dy + b·x̂ + c): its float
+rounding is then a few ulps of its terms. A higher power (a fourth-moment norm's (x − μ)³) would
+lose more, and stays in double."""
+MOST_FLOAT_SUM_DEGREE = 2
+"""A summand or parameter gradient in float is at most a product of two element values (dy·x̂),
+each rounded once: a few ulps per term, summed in float over at most SYMBN_FLOAT_TERMS terms per
+partial sum, then in double."""
 
 
 def _single(k: Kernel, ps: Pass, loads: list, framed_x: bool) -> dict | None:
     """The pass's element code in float, for float32 x, or None where it runs in double: a pass
-    of the first order that only stores element outputs (y; dx), affine in the element data
-    (:func:`_affine`), its inputs and outputs in x's dtype, x measured from the shift. The sums
-    and parameter gradients, and every order above the first, stay in double."""
+    of the first order, its inputs and outputs in x's dtype, x measured from the shift, its stores
+    affine in the element data and its sums and parameter gradients of degree at most 2
+    (:data:`MOST_FLOAT_STORE_DEGREE`, :data:`MOST_FLOAT_SUM_DEGREE`). ``accumulates``: it sums;
+    its partial sums are then float over short blocks, added up in double (where the loop shape
+    allows: the drivers' ``fl``). Every order above the first stays in double."""
     outputs = [k.arg(s.name) for s in ps.stores]
-    if len(k.transforms) > 1 or not ps.stores or ps.sums or ps.params or any(o.double for o in outputs) \
+    data = [v for v, a in loads if a.role == DATA]
+
+    def within(exprs, most: int) -> bool:
+        return all((d := _degree(e, ps, data)) is not None and d <= most for e in exprs)
+
+    if len(k.transforms) > 1 or not (ps.stores or ps.sums or ps.params) or any(o.double for o in outputs) \
             or any(a.double for _, a in loads) or (any(v == X for v, _ in loads) and not framed_x) \
-            or not all(_affine(s.expr, ps, [v for v, a in loads if a.role == DATA]) for s in ps.stores):
+            or not within([s.expr for s in ps.stores], MOST_FLOAT_STORE_DEGREE) \
+            or not within([a.expr for a in (*ps.sums, *ps.params)], MOST_FLOAT_SUM_DEGREE):
         return None
     doprint = _PRINT_FLOAT
     return {"loads": [{"name": v.name, "code": _load(a, single=True, framed=v == X)} for v, a in loads],
             "element": [{"name": a.name, "code": doprint(a.expr)} for a in ps.element],
-            "stores": [f"((float *)a->{s.name})[idx] = {doprint(s.expr)};" for s in ps.stores]}
+            "sums": [{"name": a.name, "code": doprint(a.expr)} for a in ps.sums],
+            "params": [{"name": a.name, "code": doprint(a.expr)} for a in ps.params],
+            "stores": [f"((float *)a->{s.name})[idx] = {doprint(s.expr)};" for s in ps.stores],
+            "accumulates": bool(ps.sums or ps.params)}
 
 
 def _load(a: Arg, element: bool = True, single: bool = False, framed: bool = False) -> str:
