@@ -469,13 +469,17 @@ SYMBN_INLINE void symbn_ahead(int step, const void *arrays, int single, ptrdiff_
         }
 }
 
-/* Partial sums in float, strand[j][k] for j < reduced: added up in double into total[j], and zeroed. */
+/* Partial sums in float, strand[j][k] for j < reduced: added up in double into total[j], pairwise (a
+   few vector additions, where one after the other would be a chain of SYMBN_STRANDS latencies per
+   stretch: NCHW batch norm's backward 1.14x slower). */
 SYMBN_INLINE void symbn_fold(float strand[][SYMBN_STRANDS], int reduced, double *total)
 {
     for (int j = 0; j < reduced; ++j) {
-        double sum = 0.0;
-        for (int k = 0; k < SYMBN_STRANDS; ++k) sum += strand[j][k], strand[j][k] = 0.0f;
-        total[j] += sum;
+        double wide[SYMBN_STRANDS];
+        for (int k = 0; k < SYMBN_STRANDS; ++k) wide[k] = strand[j][k];
+        for (int width = SYMBN_STRANDS / 2; width > 0; width /= 2)
+            for (int k = 0; k < width; ++k) wide[k] += wide[k + width];
+        total[j] += wide[0];
     }
 }
 
@@ -504,10 +508,15 @@ SYMBN_INLINE void symbn_strands(const struct symbn_call *c, int step, int single
     }
     double strand[SYMBN_REDUCED + 1][SYMBN_STRANDS];
     float fstrand[SYMBN_REDUCED + 1][SYMBN_STRANDS];
-    for (int j = 0; j < reduced; ++j)
-        for (int k = 0; k < SYMBN_STRANDS; ++k) strand[j][k] = 0.0, fstrand[j][k] = 0.0f;
-    if (fl) SYMBN_OPAQUE(fstrand);
-    else SYMBN_OPAQUE(strand);
+    if (fl) {
+        for (int j = 0; j < reduced; ++j)
+            for (int k = 0; k < SYMBN_STRANDS; ++k) fstrand[j][k] = 0.0f;
+        SYMBN_OPAQUE(fstrand);
+    } else {
+        for (int j = 0; j < reduced; ++j)
+            for (int k = 0; k < SYMBN_STRANDS; ++k) strand[j][k] = 0.0;
+        SYMBN_OPAQUE(strand);
+    }
     for (; i + SYMBN_STRANDS <= count; i += SYMBN_STRANDS) {
         if (ahead) symbn_ahead(step, c->arrays, single, first + i + ahead, SYMBN_STRANDS);
         SYMBN_PRAGMA(omp simd)
@@ -538,9 +547,13 @@ SYMBN_INLINE void symbn_span(const struct symbn_call *c, int step, int single, i
                              const double *gv, const float *fv, ptrdiff_t first, ptrdiff_t count, ptrdiff_t pidx,
                              ptrdiff_t ahead, double *total, double *param, float *fparam)
 {
-    const ptrdiff_t stretch = fl ? (ptrdiff_t)SYMBN_FLOAT_TERMS * SYMBN_STRANDS : count;
+    const ptrdiff_t stretch = SYMBN_FLOAT_TERMS * SYMBN_STRANDS;
+    if (!fl) { /* in one go, outside a loop of stretches (layer norm's forward 1.03x slower inside one) */
+        symbn_strands(c, step, single, 0, ns, np, in_memory, gv, fv, first, count, pidx, ahead, total, param, fparam);
+        return;
+    }
     for (ptrdiff_t b = 0; b < count; b += stretch)
-        symbn_strands(c, step, single, fl, ns, np, in_memory, gv, fv, first + b, count - b < stretch ? count - b : stretch,
+        symbn_strands(c, step, single, 1, ns, np, in_memory, gv, fv, first + b, count - b < stretch ? count - b : stretch,
                       in_memory ? pidx + b : pidx, ahead, total, param, fparam);
 }
 
@@ -576,33 +589,38 @@ SYMBN_INLINE void symbn_over_group(const struct symbn_call *c, int step, int sin
 }
 
 /* The `width` groups of one q from p0 over the rows n0..n1 (lane k the group of p0 + k): their sums
-   and parameter gradients in acc[j][k], in registers across the rows. Full blocks get a constant
+   and parameter gradients in acc[j][k], in registers across the rows; `fl` (at most
+   SYMBN_FLOAT_TERMS rows): summed in float, then rounded up to double. Full blocks get a constant
    trip count. */
-SYMBN_INLINE void symbn_block(const struct symbn_call *c, int step, int single, int ns, int np, ptrdiff_t q, ptrdiff_t n0,
+SYMBN_INLINE void symbn_block(const struct symbn_call *c, int step, int single, int fl, int ns, int np, ptrdiff_t q, ptrdiff_t n0,
                               ptrdiff_t n1, ptrdiff_t p0, ptrdiff_t width, double acc[][SYMBN_LANES])
 {
     const ptrdiff_t g0 = q * c->p_count + p0;
     const double *const gv = c->table + g0; /* [column][group] */
     const float *const fv = c->ftable + g0;
+    float facc[SYMBN_REDUCED + 1][SYMBN_LANES];
     for (int j = 0; j < ns + np; ++j)
-        for (int k = 0; k < SYMBN_LANES; ++k) acc[j][k] = 0.0;
+        for (int k = 0; k < SYMBN_LANES; ++k) acc[j][k] = 0.0, facc[j][k] = 0.0f;
     if (width == SYMBN_LANES) {
         for (ptrdiff_t n = n0; n < n1; ++n) {
             const ptrdiff_t row = (n * c->q_count + q) * c->p_count + p0;
             SYMBN_PRAGMA(omp simd)
             for (int k = 0; k < SYMBN_LANES; ++k)
-                symbn_member(step, c->arrays, single, 0, gv + k, fv + k, c->groups, row + k, p0 + k, &acc[0][k], NULL, SYMBN_LANES,
-                             &acc[ns][k], NULL, SYMBN_LANES);
+                symbn_member(step, c->arrays, single, fl, gv + k, fv + k, c->groups, row + k, p0 + k, &acc[0][k], &facc[0][k],
+                             SYMBN_LANES, &acc[ns][k], &facc[ns][k], SYMBN_LANES);
         }
     } else {
         for (ptrdiff_t n = n0; n < n1; ++n) {
             const ptrdiff_t row = (n * c->q_count + q) * c->p_count + p0;
             SYMBN_PRAGMA(omp simd)
             for (ptrdiff_t k = 0; k < width; ++k)
-                symbn_member(step, c->arrays, single, 0, gv + k, fv + k, c->groups, row + k, p0 + k, &acc[0][k], NULL, SYMBN_LANES,
-                             &acc[ns][k], NULL, SYMBN_LANES);
+                symbn_member(step, c->arrays, single, fl, gv + k, fv + k, c->groups, row + k, p0 + k, &acc[0][k], &facc[0][k],
+                             SYMBN_LANES, &acc[ns][k], &facc[ns][k], SYMBN_LANES);
         }
     }
+    if (fl)
+        for (int j = 0; j < ns + np; ++j)
+            for (int k = 0; k < SYMBN_LANES; ++k) acc[j][k] = facc[j][k];
 }
 
 /* LANES: one pass over the `width` groups of one q from p0, every n (symbn_block); the sums into
@@ -611,7 +629,7 @@ SYMBN_INLINE void symbn_lanes(const struct symbn_call *c, int step, int single, 
                               ptrdiff_t q, ptrdiff_t p0, ptrdiff_t width, double *mine)
 {
     double acc[SYMBN_REDUCED + 1][SYMBN_LANES];
-    symbn_block(c, step, single, ns, np, q, 0, c->outer, p0, width, acc);
+    symbn_block(c, step, single, 0, ns, np, q, 0, c->outer, p0, width, acc); /* every row: in double */
     for (ptrdiff_t k = 0; k < width; ++k) {
         for (int j = 0; j < ns; ++j) symbn_group(c, q * c->p_count + p0 + k)[(red + j) * c->cs] = acc[j][k];
         for (int j = 0; j < np; ++j) mine[j * c->pl + p0 + k] += acc[ns + j][k];
@@ -620,11 +638,11 @@ SYMBN_INLINE void symbn_lanes(const struct symbn_call *c, int step, int single, 
 
 /* ROWS, runs of one element and one q (x is (N, C)): rows u0..u1 of the `width` channels from p0
    (symbn_block), added into this thread's part[j][g] and mine. */
-SYMBN_INLINE void symbn_tile(const struct symbn_call *c, int step, int single, int ns, int np, ptrdiff_t u0, ptrdiff_t u1,
+SYMBN_INLINE void symbn_tile(const struct symbn_call *c, int step, int single, int fl, int ns, int np, ptrdiff_t u0, ptrdiff_t u1,
                              ptrdiff_t p0, ptrdiff_t width, double *part, double *mine)
 {
     double acc[SYMBN_REDUCED + 1][SYMBN_LANES];
-    symbn_block(c, step, single, ns, np, 0, u0, u1, p0, width, acc);
+    symbn_block(c, step, single, fl, ns, np, 0, u0, u1, p0, width, acc);
     for (ptrdiff_t k = 0; k < width; ++k) {
         for (int j = 0; j < ns; ++j) part[j * c->groups + p0 + k] += acc[j][k];
         for (int j = 0; j < np; ++j) mine[j * c->pl + p0 + k] += acc[ns + j][k];
@@ -633,9 +651,9 @@ SYMBN_INLINE void symbn_tile(const struct symbn_call *c, int step, int single, i
 
 /* ROWS: one pass over this thread's rows (n, q); the sums into its partial[j][g], the parameter
    gradients into mine. Runs of one element: with one q and something to sum, tiles of SYMBN_TILE
-   rows, the sums in registers (symbn_tile); else row by row, `ahead` asking for the row
-   SYMBN_AHEAD_ROWS on. */
-SYMBN_INLINE void symbn_rows(const struct symbn_call *c, int step, int single, int ns, int np, int ahead, double *mine)
+   rows, the sums in registers (symbn_tile; `fl`: in float over a tile); else row by row, `ahead`
+   asking for the row SYMBN_AHEAD_ROWS on. */
+SYMBN_INLINE void symbn_rows(const struct symbn_call *c, int step, int single, int fl, int ns, int np, int ahead, double *mine)
 {
     double *const part = c->partial + (ptrdiff_t)symbn_thread(c->team) * (c->sums + 1) * c->groups;
     ptrdiff_t first, last;
@@ -645,7 +663,7 @@ SYMBN_INLINE void symbn_rows(const struct symbn_call *c, int step, int single, i
         for (ptrdiff_t u0 = first; u0 < last; u0 += SYMBN_TILE) {
             const ptrdiff_t u1 = last - u0 < SYMBN_TILE ? last : u0 + SYMBN_TILE;
             for (ptrdiff_t p0 = 0; p0 < c->p_count; p0 += SYMBN_LANES)
-                symbn_tile(c, step, single, ns, np, u0, u1, p0, c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES, part, mine);
+                symbn_tile(c, step, single, fl, ns, np, u0, u1, p0, c->p_count - p0 < SYMBN_LANES ? c->p_count - p0 : SYMBN_LANES, part, mine);
         }
         return;
     }
@@ -765,7 +783,7 @@ SYMBN_INLINE void symbn_backward2_train_run(const struct symbn_call *c, int sing
             symbn_backward2_train_group_0(symbn_group(c, g), c->cs, single);
         }
         SYMBN_BARRIER(c->team);
-        symbn_rows(c, SYMBN_STEP_BACKWARD2_TRAIN_0, single, 7, 0, 0, mine + 0 * c->pl);
+        symbn_rows(c, SYMBN_STEP_BACKWARD2_TRAIN_0, single, 0, 7, 0, 0, mine + 0 * c->pl);
         SYMBN_BARRIER(c->team);
         symbn_add_up(c, 7, 5);
         symbn_share(c->team, c->groups, &first, &last); /* the same share of the groups every time */
@@ -773,7 +791,7 @@ SYMBN_INLINE void symbn_backward2_train_run(const struct symbn_call *c, int sing
             symbn_backward2_train_group_1(symbn_group(c, g), c->cs, single);
         }
         SYMBN_BARRIER(c->team);
-        symbn_rows(c, SYMBN_STEP_BACKWARD2_TRAIN_1, single, 0, 1, 0, mine + 0 * c->pl);
+        symbn_rows(c, SYMBN_STEP_BACKWARD2_TRAIN_1, single, 0, 0, 1, 0, mine + 0 * c->pl);
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) flagged |= symbn_backward2_train_final(c, c->table + g, c->groups, g);
     }
@@ -867,7 +885,7 @@ SYMBN_INLINE void symbn_backward2_eval_run(const struct symbn_call *c, int singl
             symbn_backward2_eval_group_0(symbn_group(c, g), c->cs, single);
         }
         SYMBN_BARRIER(c->team);
-        symbn_rows(c, SYMBN_STEP_BACKWARD2_EVAL_0, single, 0, 1, 0, mine + 0 * c->pl);
+        symbn_rows(c, SYMBN_STEP_BACKWARD2_EVAL_0, single, 0, 0, 1, 0, mine + 0 * c->pl);
         symbn_share(c->team, c->groups, &first, &last);
         for (ptrdiff_t g = first; g < last; ++g) flagged |= symbn_backward2_eval_final(c, c->table + g, c->groups, g);
     }
