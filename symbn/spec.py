@@ -64,6 +64,7 @@ _KERNEL_NAMES = frozenset("""
     keyed anchor anchor_g fv ftable u0 u1 n0 n1
     in_memory labels last limit mode ns outputs param parameters params ps red reduced rows single ss
     staticmethod strand symbols table flagged flags
+    facc fl fl_params flushed fmine fparam fpgrad fstrand fsum since stretch wide
 """.split())
 """Every identifier the generated Python and C use (arguments, locals, functions, keyword
 arguments; tests/test_security.py checks the list against ``generated/``). A statistic's name
