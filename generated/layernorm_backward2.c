@@ -247,8 +247,8 @@ static inline int symbn_unflagged(const struct symbn_call *c)
    symbn_<kernel>_<pass>(a, single, fl, gv, fv, gs, idx, pidx, sum, fsum, ss, param, fparam, ps): the
    member at idx, its parameter at pidx; the group's values gv[column * gs] (fv: rounded to float);
    its sums into sum[j * ss], its parameter gradients into param[j * ps], or where `fl` (float x, a
-   pass whose sums may be float, a loop shape that adds them up in double: GROUPS) computed in float
-   into fsum[j * ss] and fparam[j * ps]; its stores. */
+   pass whose sums may be float, a loop shape that adds them up in double: GROUPS' stretches, ROWS'
+   tiles) computed in float into fsum[j * ss] and fparam[j * ps]; its stores. */
 
 /* ---- backward2_train ---- */
 
@@ -656,6 +656,7 @@ SYMBN_INLINE void symbn_tile(const struct symbn_call *c, int step, int single, i
 SYMBN_INLINE void symbn_rows(const struct symbn_call *c, int step, int single, int fl, int ns, int np, int ahead, double *mine)
 {
     double *const part = c->partial + (ptrdiff_t)symbn_thread(c->team) * (c->sums + 1) * c->groups;
+    float *const fmine = symbn_fmine(c); /* a valid pointer for symbn_run; never written (fl is 0 here) */
     ptrdiff_t first, last;
     symbn_share(c->team, c->units, &first, &last);
     for (ptrdiff_t k = 0; k < ns * c->groups; ++k) part[k] = 0.0;
@@ -683,7 +684,7 @@ SYMBN_INLINE void symbn_rows(const struct symbn_call *c, int step, int single, i
                 double gv[SYMBN_COLUMNS], total[SYMBN_REDUCED + 1] = {0.0};
                 float fv[SYMBN_COLUMNS];
                 for (int v = 0; v < c->columns; ++v) gv[v] = symbn_group(c, g)[v * c->cs], fv[v] = symbn_fgroup(c, g)[v * c->cs];
-                symbn_run(c, step, single, 0, ns, np, gv, fv, (u * c->p_count + p) * c->ls, p, 0, total, mine, symbn_fmine(c));
+                symbn_run(c, step, single, 0, ns, np, gv, fv, (u * c->p_count + p) * c->ls, p, 0, total, mine, fmine);
                 for (int j = 0; j < ns; ++j) part[j * c->groups + g] += total[j];
             }
         }
@@ -763,7 +764,6 @@ SYMBN_INLINE void symbn_backward2_train_run(const struct symbn_call *c, int sing
             flagged |= symbn_backward2_train_final(c, gv, 1, g);
             for (int v = 0; v < c->columns; ++v) symbn_group(c, g)[v] = gv[v];
         }
-        (void)fmine;
     } else if (c->shape == SYMBN_SCHEDULE_LANES) {
         const ptrdiff_t blocks = (c->p_count + SYMBN_LANES - 1) / SYMBN_LANES;
         symbn_share(c->team, c->q_count * blocks, &first, &last);
@@ -867,7 +867,6 @@ SYMBN_INLINE void symbn_backward2_eval_run(const struct symbn_call *c, int singl
             flagged |= symbn_backward2_eval_final(c, gv, 1, g);
             for (int v = 0; v < c->columns; ++v) symbn_group(c, g)[v] = gv[v];
         }
-        (void)fmine;
     } else if (c->shape == SYMBN_SCHEDULE_LANES) {
         const ptrdiff_t blocks = (c->p_count + SYMBN_LANES - 1) / SYMBN_LANES;
         symbn_share(c->team, c->q_count * blocks, &first, &last);

@@ -315,7 +315,8 @@ def _pass(k: Kernel, j: int, ps: Pass, index: dict[str, int], element_inputs: di
         "stores": stores,
         "single": single, "floats": floats,
         # the drivers' fl for this pass in GROUPS: sums in float for float x, parameter gradients
-        # where the layout allows (the kernel's fl_params)
+        # where the layout allows (the kernel's fl_params); ROWS' tiles, whose parameter gradients
+        # stay in registers, take `single` for any pass not "0"
         "fl": ("fl_params" if ps.params else "single") if in_float else "0",
         "unused": " ".join(f"(void){n};" for n, u in used_params.items() if not u),
         "ns": len(ps.sums), "np": len(ps.params), "red": red, "pbase": pbase,
